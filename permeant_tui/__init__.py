@@ -1,0 +1,3 @@
+"""Permeant: a terminal workspace for persistent, portable LLM agents."""
+
+__version__ = "0.1.0"

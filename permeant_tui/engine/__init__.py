@@ -1,0 +1,1 @@
+"""The engine: models, agents, KV caches, persistence and USXF. Never imports Textual."""

@@ -1,0 +1,110 @@
+"""Agent: role, system prompt, transcript, and the KV cache that mirrors it.
+
+Invariant at rest: the token ids in an agent's KV cache equal `expected_ids()`: the
+conversation rendered with the chat template up to the last user message, followed by the ids
+the model generated for the last reply (exactly as generated, so nothing is re-tokenized). The
+transcript (with each reply's generated ids) is the source of truth; the KV cache, in memory or
+in a snapshot, is a cache of it.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass, field
+
+DEFAULT_AGENTS = (
+    # The seed's three agents and their system prompts (exactly as in the fixtures).
+    ("technical", "technical", "Technical",
+     "You are a technical expert specializing in API debugging and system architecture."),
+    ("business", "business", "Business",
+     "You are a business analyst focused on ROI, market impact, and strategy."),
+    ("coordinator", "coordinator", "Coordinator",
+     "You are a coordinator who synthesizes technical and business perspectives."),
+)
+
+
+@dataclass(frozen=True)
+class Turn:
+    user: str
+    reply: str
+    generated_ids: tuple[int, ...]
+    ts: float = 0.0
+
+    def to_json(self) -> dict:
+        return {"user": self.user, "reply": self.reply,
+                "generated_ids": list(self.generated_ids), "ts": self.ts}
+
+    @classmethod
+    def from_json(cls, d: dict) -> Turn:
+        return cls(str(d["user"]), str(d["reply"]), tuple(int(i) for i in d["generated_ids"]),
+                   float(d.get("ts", 0.0)))
+
+
+@dataclass
+class Agent:
+    agent_id: str
+    role: str
+    title: str
+    system: str
+    turns: list[Turn] = field(default_factory=list)
+    # KV state (None when not resident). cache_ids are the ids whose K/V the cache holds.
+    cache: list | None = None
+    cache_ids: list[int] = field(default_factory=list)
+    dirty: bool = False
+    source: str = "new"  # where the current KV state came from: new|memory|snapshot|prefill|usxf
+    last_used: float = field(default_factory=time.time)
+    restore_ms: float = 0.0
+    tokens_on_disk: int = 0  # tokens in the snapshot on disk (for gauges when not resident)
+    # Figures for gauges.
+    state: str = "idle"
+    last_tok_s: float = 0.0
+    last_ttft_ms: float = 0.0
+    tok_s_history: list[float] = field(default_factory=list)
+
+    @property
+    def resident(self) -> bool:
+        return self.cache is not None
+
+    def messages(self, next_user: str | None = None) -> list[dict]:
+        msgs = [{"role": "system", "content": self.system}]
+        for t in self.turns:
+            msgs.append({"role": "user", "content": t.user})
+            msgs.append({"role": "assistant", "content": t.reply})
+        if next_user is not None:
+            msgs.append({"role": "user", "content": next_user})
+        return msgs
+
+    def prompt_ids(self, tokenizer, next_user: str) -> list[int]:
+        return list(tokenizer.apply_chat_template(self.messages(next_user),
+                                                  add_generation_prompt=True))
+
+    def expected_ids(self, tokenizer) -> list[int]:
+        """The ids the KV cache holds at rest (see module docstring); [] before the first turn."""
+        if not self.turns:
+            return []
+        last = self.turns[-1]
+        before = Agent(self.agent_id, self.role, self.title, self.system, self.turns[:-1])
+        return before.prompt_ids(tokenizer, last.user) + list(last.generated_ids)
+
+    def turn_spans(self, tokenizer) -> list[tuple[int, int]]:
+        """Each turn's [start, end) token span in expected_ids()."""
+        spans, start = [], None
+        for i in range(len(self.turns)):
+            head = Agent(self.agent_id, self.role, self.title, self.system, self.turns[:i])
+            s = len(tokenizer.apply_chat_template(head.messages(), add_generation_prompt=False))
+            if spans:
+                spans[-1] = (spans[-1][0], s)
+            spans.append((s if start is None else s, 0))
+            start = s
+        if spans:
+            spans[-1] = (spans[-1][0], len(self.expected_ids(tokenizer)))
+        return spans
+
+    def cache_bytes(self) -> int:
+        if self.cache is None:
+            return 0
+        return sum(c.nbytes for c in self.cache)
+
+    def release(self) -> None:
+        self.tokens_on_disk = len(self.cache_ids)
+        self.cache, self.cache_ids = None, []

