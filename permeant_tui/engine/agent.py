@@ -52,6 +52,7 @@ class Agent:
     cache_ids: list[int] = field(default_factory=list)
     dirty: bool = False
     source: str = "new"  # where the current KV state came from: new|memory|snapshot|prefill|usxf
+    attach_used: bool = False  # a turn has run since the state was attached
     last_used: float = field(default_factory=time.time)
     restore_ms: float = 0.0
     tokens_on_disk: int = 0  # tokens in the snapshot on disk (for gauges when not resident)
@@ -106,5 +107,6 @@ class Agent:
         return sum(c.nbytes for c in self.cache)
 
     def release(self) -> None:
+        self.attach_used = False
         self.tokens_on_disk = len(self.cache_ids)
         self.cache, self.cache_ids = None, []

@@ -176,7 +176,7 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     if offset != len(agent.cache_ids):  # defensive: never let ids and K/V disagree
         agent.cache_ids = agent.cache_ids[:offset]
         trim_to(agent, min(offset, len(agent.cache_ids)))
-    reply = tokenizer.decode([t for t in generated if t not in eos])
+    reply = detok.text  # exactly what was streamed (a leading space is trimmed, as mlx_lm does)
     agent.turns.append(Turn(text, reply, tuple(generated), time.time()))
     agent.dirty = True
     agent.last_used = time.time()

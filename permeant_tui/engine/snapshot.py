@@ -108,6 +108,7 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")  # mlx appends nothing: ends .tmp
     tmp_st = tmp.with_suffix(".safetensors")
+    remove_stale_temps(path)
     try:
         mx.save_safetensors(str(tmp_st), arrays, metadata=meta)
         with open(tmp_st, "rb+") as f:
@@ -118,6 +119,25 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
         tmp_st.unlink(missing_ok=True)
         raise
     return SnapshotInfo(path, n, path.stat().st_size, (time.perf_counter() - t0) * 1000)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files a process killed mid-write left beside `path` (never renamed, so never
+    a snapshot; each can be as large as one). Files of a live process are left alone."""
+    import psutil
+
+    removed = []
+    prefix = f".{path.name}."
+    for p in path.parent.glob(f"{prefix}*.safetensors"):
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
+            continue
+        try:
+            p.unlink()
+            removed.append(p)
+        except OSError:
+            pass
+    return removed
 
 
 def read_header(path: Path) -> dict:
@@ -180,7 +200,8 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
         raise SnapshotCorrupt(str(path), "checksum", "tensor bytes do not match the recorded "
                               "checksum (bit rot or a partial write)")
     ids = _np(ids_arr).astype(np.int64).tolist()
-    if ids_digest(ids) != meta.get("tokens_digest") or len(ids) != int(meta.get("tokens", -1)):
+    # str compare: a damaged count ("4x") must fail this check, not raise ValueError
+    if ids_digest(ids) != meta.get("tokens_digest") or str(len(ids)) != meta.get("tokens"):
         raise SnapshotCorrupt(str(path), "tokens", "token ids do not match their digest")
     if n_layers != identity.n_layers or any(k.shape[2] != len(ids) for k, _ in pairs):
         raise SnapshotCorrupt(str(path), "layout", "tensor shapes do not match the token count")

@@ -51,7 +51,8 @@ class Engine:
     def __init__(self, workspace: str | Path | None = None, model: str | None = None,
                  on_event: EventSink | None = None, max_resident: int | None = None,
                  memory_budget_mb: int | None = None, eager_restore: bool = True,
-                 rebuild: bool = False, context_limit: int | None = None):
+                 rebuild: bool = False, context_limit: int | None = None,
+                 loaded=None):
         self.folder = resolve_workspace(workspace)
         self.ws = Workspace.open(self.folder)
         if max_resident is not None:
@@ -60,6 +61,7 @@ class Engine:
             self.ws.settings.memory_budget_mb = memory_budget_mb
         self.model_spec = model if model is not None else self.ws.settings.model
         self.loaded = None
+        self._preloaded = loaded  # a LoadedModel to use instead of loading (tests, benchmarks)
         self._sink = on_event
         self._eager = eager_restore
         self._rebuild = rebuild
@@ -253,7 +255,7 @@ class Engine:
 
         t0 = time.perf_counter()
         try:
-            self.loaded = load_model(
+            self.loaded = self._preloaded or load_model(
                 self.model_spec, digest_cache=cache_dir() / "digests",
                 context_limit=self._context_limit,
                 progress=lambda stage, f: self._emit(ModelLoading(stage, f)))
@@ -345,6 +347,7 @@ class Engine:
             self._first_turn = False
             result = replace(result, timing_ms=timing)
             agent.state = "done"
+            agent.attach_used = True
             self._emit(TurnDone(agent.agent_id, job.turn_id, result))
             job.future.set_result(result)
         except TurnCancelled as exc:

@@ -24,7 +24,7 @@ from ..config import AgentSpec, Settings, load_settings, save_settings
 from .agent import Agent, Turn
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .generation import new_cache, prefill, sync_to_transcript
-from .snapshot import attach, fsync_dir, read_header, read_snapshot, write_snapshot
+from .snapshot import attach, fsync_dir, ids_digest, read_header, read_snapshot, write_snapshot
 
 TRANSCRIPT = "transcript.jsonl"
 SNAPSHOT = "kv.safetensors"
@@ -124,6 +124,8 @@ class Workspace:
         d.mkdir(parents=True, exist_ok=True)
         path = d / TRANSCRIPT
         new = not path.exists()
+        if not new:
+            heal_tail(path)
         with open(path, "a", encoding="utf-8") as f:
             f.write(json.dumps(turn.to_json(), ensure_ascii=False) + "\n")
             f.flush()
@@ -141,6 +143,7 @@ class Workspace:
             p.unlink(missing_ok=True)
         agent.turns.clear()
         agent.cache, agent.cache_ids, agent.dirty, agent.source = None, [], False, "new"
+        agent.attach_used = False
 
     # ---- KV residency (worker thread only) -----------------------------------------------
     def ensure_resident(self, agent: Agent, loaded, *, rebuild: bool = False,
@@ -150,12 +153,16 @@ class Workspace:
         t0 = time.perf_counter()
         agent.last_used = time.time()
         if agent.cache is not None and not rebuild:
-            agent.source = "memory"
-            return Restore("memory", 0.0, len(agent.cache_ids))
+            # The first turn after an attach reports where the state came from; later ones,
+            # memory.
+            if agent.attach_used:
+                agent.source = "memory"
+            return Restore(agent.source, 0.0, len(agent.cache_ids))
         tok = loaded.tokenizer
         expected = agent.expected_ids(tok)
         if not expected:
             agent.cache, agent.cache_ids, agent.source = new_cache(loaded.model), [], "new"
+            self.enforce_residency(loaded, keep=agent)
             return Restore("new", (time.perf_counter() - t0) * 1000, 0)
         reason = "--rebuild asked for it" if rebuild else None
         if not rebuild:
@@ -172,7 +179,10 @@ class Workspace:
                 self.enforce_residency(loaded, keep=agent)
                 return Restore(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
             except SnapshotInvalid as exc:
-                reason = f"{exc.check} check failed: {exc.detail}" \
+                detail = exc.detail
+                if exc.check == "tokens" and type(exc) is SnapshotInvalid:
+                    detail = self._stale_detail(agent, tok) or detail
+                reason = f"{exc.check} check failed: {detail}" \
                     if exc.check != "exists" else "no snapshot on disk"
             except PermeantError as exc:  # a USXF import that no longer verifies
                 reason = str(exc)
@@ -181,6 +191,21 @@ class Workspace:
         agent.source, agent.dirty = "prefill", True
         self.enforce_residency(loaded, keep=agent)
         return Restore("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
+
+    def _stale_detail(self, agent: Agent, tok, max_back: int = 8) -> str | None:
+        """When a verified snapshot holds an earlier point of this transcript (a turn finished
+        after the last save, e.g. a crash between the two), say how many turns behind it is.
+        The ids' digest in the header was verified by read_snapshot before this is asked."""
+        try:
+            meta = read_header(self.snapshot_path(agent.agent_id)).get("__metadata__") or {}
+        except SnapshotInvalid:
+            return None
+        for k in range(1, min(max_back, len(agent.turns)) + 1):
+            head = Agent(agent.agent_id, agent.role, agent.title, agent.system, agent.turns[:-k])
+            if ids_digest(head.expected_ids(tok)) == meta.get("tokens_digest"):
+                return (f"stale: the snapshot is {k} turn{'s' if k > 1 else ''} behind the "
+                        f"transcript (a turn finished after the last save)")
+        return None
 
     def _attach_usxf(self, agent: Agent, loaded, path: Path, expected: list[int]) -> None:
         import mlx.core as mx
@@ -194,7 +219,7 @@ class Workspace:
             raise UsxfInvalid("tokens", "the imported token ids differ from the transcript",
                               str(path))
         kv = f.load_kv()
-        pairs = [(mx.array(k)[None], mx.array(v)[None]) for k, v in zip(kv.keys, kv.values)]
+        pairs = [(mx.array(k)[None], mx.array(v)[None]) for k, v in zip(kv.keys, kv.values, strict=True)]
         dt = getattr(mx, loaded.identity.kv_dtype)
         pairs = [(k.astype(dt), v.astype(dt)) for k, v in pairs]
         agent.cache, agent.cache_ids = attach(loaded.model, pairs), list(f.token_ids)
@@ -233,6 +258,40 @@ class Workspace:
 
     def delete_agent_files(self, agent_id: str) -> None:
         shutil.rmtree(self.agent_dir(agent_id), ignore_errors=True)
+
+
+def heal_tail(path: Path) -> None:
+    """Make the transcript end with a newline before appending to it. An unfinished last line
+    (a crash mid-append, which read_transcript ignored) is cut off and kept in transcript.torn;
+    a complete last line that only lacks its newline gets one. Without this, the next append
+    would glue the new turn onto the fragment and the transcript would no longer open."""
+    size = path.stat().st_size
+    if size == 0:
+        return
+    with open(path, "rb+") as f:
+        f.seek(size - 1)
+        if f.read(1) == b"\n":
+            return
+        f.seek(0)
+        data = f.read()
+        cut = data.rfind(b"\n") + 1
+        tail = data[cut:]
+        try:
+            Turn.from_json(json.loads(tail))
+            complete = True
+        except (ValueError, KeyError, TypeError):
+            complete = False
+        if complete:
+            f.seek(size)
+            f.write(b"\n")
+        else:
+            with open(path.with_name("transcript.torn"), "ab") as t:
+                t.write(tail + b"\n")
+                t.flush()
+                os.fsync(t.fileno())
+            f.truncate(cut)
+        f.flush()
+        os.fsync(f.fileno())
 
 
 def read_transcript(path: Path) -> tuple[list[Turn], str | None]:
