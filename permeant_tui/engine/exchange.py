@@ -72,7 +72,7 @@ def make_fidelity(engine, agent: Agent, n: int = PROBE_N):
 
 
 def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
-                 fidelity: bool = True, progress=None):
+                 fidelity: bool = True, progress=None, chunk_size: int | None = None):
     from . import runtime
     from .usxf import AgentRecord, KVPayload, write_usxf
     from .usxf.keys import WorkspaceKeys
@@ -102,6 +102,7 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
         path, identity=lm.identity, token_ids=list(agent.cache_ids),
         kv=KVPayload(keys_np, values_np, dtype), agent=record, keys=keys, quant=quant,
         fidelity=fid, progress=progress,
+        **({"chunk_size": chunk_size} if chunk_size else {}),  # migration tests use small chunks
         provenance={"runtime": "mlx", "runtime_version": mx.__version__,
                     "device": runtime.device_label(), "weights": lm.weights_mode},
     )
@@ -125,7 +126,12 @@ def import_usxf(engine, path: str, name: str | None = None) -> dict:
         if "generated_ids" not in t:
             raise UsxfInvalid("agent", f"turn {i} has no generated_ids: this file cannot be "
                               "continued as a chat agent", str(path))
-        turns.append(Turn(t["user"], t["reply"], tuple(int(x) for x in t["generated_ids"])))
+        gen = t["generated_ids"]
+        if not isinstance(gen, list) or not all(
+                isinstance(x, int) and 0 <= x < lm.identity.vocab_size for x in gen):
+            raise UsxfInvalid("agent", f"turn {i}: generated_ids must be token ids below "
+                              f"{lm.identity.vocab_size}", str(path))
+        turns.append(Turn(t["user"], t["reply"], tuple(gen)))
     probe = Agent(agent_id, f.agent.role, f.agent.title, f.agent.system, turns)
     if probe.expected_ids(lm.tokenizer) != list(f.token_ids):
         raise UsxfInvalid("tokens", "the token ids do not match the transcript rendered with "
