@@ -85,7 +85,24 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("pubkey")
     q = ks.add_parser("list", help="list trusted keys")
     q.add_argument("--workspace", metavar="DIR")
+    _plugin_commands(sub, us)
     return ap
+
+
+def _plugin_commands(sub, usxf_sub) -> None:
+    """Subcommands that live beside their subsystem: each module's add_commands(sub) sets
+    `handler` on its parsers."""
+    import importlib
+
+    for module, target in (("permeant_tui.migrate.commands", sub),
+                           ("permeant_tui.engine.crossruntime_cli", usxf_sub)):
+        try:
+            mod = importlib.import_module(module)
+        except ModuleNotFoundError as exc:
+            if exc.name and module.startswith(exc.name):
+                continue  # subsystem not present in this build
+            raise
+        mod.add_commands(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -96,7 +113,7 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import PermeantError
 
     try:
-        handler = globals()[f"cmd_{args.cmd or 'tui'}"]
+        handler = getattr(args, "handler", None) or globals()[f"cmd_{args.cmd or 'tui'}"]
         return int(handler(args) or 0)
     except PermeantError as exc:
         print(f"permeant: error: {exc}", file=sys.stderr)
@@ -244,6 +261,8 @@ def cmd_import(args) -> int:
 def cmd_usxf(args) -> int:
     from .engine import exchange
 
+    if getattr(args, "handler", None):
+        return args.handler(args)
     return getattr(exchange, f"cli_{args.usxf_cmd}")(args)
 
 
