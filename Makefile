@@ -6,7 +6,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 ARGS ?=
 
-.PHONY: run test setup blas lint bench demo clean
+.PHONY: run test setup blas tmux lint bench demo clean
 
 run: setup
 	$(BIN)/permeant $(ARGS)
@@ -20,7 +20,7 @@ lint: setup
 setup: $(STAMP)
 
 $(STAMP): pyproject.toml
-	@$(MAKE) --no-print-directory blas
+	@$(MAKE) --no-print-directory blas tmux
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q -e ".[test]"
@@ -40,6 +40,14 @@ blas:
 	    echo "hint: 'sudo apt-get install libopenblas0-pthread' makes MLX on CPU much faster (optional)"; \
 	  fi; \
 	fi
+
+# The end-to-end UI test drives the real app in tmux.
+tmux:
+	@command -v tmux >/dev/null 2>&1 || { \
+	  if [ "$$(id -u)" = "0" ] && command -v apt-get >/dev/null; then \
+	    apt-get install -y -q tmux >/dev/null 2>&1 || (apt-get update -q >/dev/null 2>&1 && \
+	      apt-get install -y -q tmux >/dev/null 2>&1) || echo "could not install tmux"; \
+	  else echo "hint: install tmux for the end-to-end UI test"; fi; }
 
 bench: setup
 	$(BIN)/python bench/decode.py

@@ -150,12 +150,11 @@ def _engine(args, **kw):
 
 
 def cmd_chat(args) -> int:
-    from .engine.events import Notice
     from .engine.generation import TurnParams
 
     engine = _engine(args, rebuild=args.rebuild)
     notices: list[str] = []
-    engine.connect(lambda ev: notices.append(ev.message) if isinstance(ev, Notice) else None)
+    engine.connect(lambda ev: _collect_notice(ev, notices))
     try:
         agent = engine.ws.agent(args.agent)
         params = TurnParams(max_tokens=args.max_tokens or engine.ws.settings.max_tokens,
@@ -171,6 +170,17 @@ def cmd_chat(args) -> int:
     else:
         print(result.reply)
     return 0
+
+
+def _collect_notice(ev, out: list[str]) -> None:
+    """What a person running a headless command should see on stderr."""
+    from .engine.events import AgentRestored, Notice
+
+    if isinstance(ev, Notice):
+        out.append(ev.message)
+    elif isinstance(ev, AgentRestored) and ev.reason:
+        out.append(f"{ev.agent_id}: snapshot not used ({ev.reason}); rebuilt {ev.tokens} tokens "
+                   f"by prefill in {ev.ms:.0f} ms")
 
 
 def cmd_status(args) -> int:

@@ -92,7 +92,7 @@ class Engine:
     def agents(self) -> list[AgentView]:
         out = []
         for a in self.ws.agents.values():
-            turns = tuple(TurnView(t.user, t.reply) for t in a.turns[-20:])
+            turns = tuple(TurnView(t.user, t.reply) for t in a.turns)  # the UI shows the last 20
             out.append(AgentView(a.agent_id, a.role, a.title, a.system, turns))
         return out
 
@@ -284,10 +284,6 @@ class Engine:
         self.timings["restore"] = r.ms
         if not was_resident:
             self._emit(AgentRestored(agent.agent_id, r.source, r.ms, r.tokens, r.reason))
-            if r.reason:
-                self._emit(Notice("warning", f"{agent.title}: snapshot not used ({r.reason}); "
-                                  f"rebuilt {r.tokens} tokens by prefill in {r.ms:.0f} ms",
-                                  agent.agent_id))
         return r
 
     def _need_model(self) -> None:

@@ -1,0 +1,127 @@
+"""What the workspace UI costs the engine: decode tok/s with the Textual app attached against the
+headless engine, on the same loaded model, in the same run (target: under 5% slower).
+
+    .venv/bin/python bench/ui_overhead.py [--turns 3] [--max-tokens 64]
+
+Each measurement is one greedy turn of a fresh agent (same prompt, so the same tokens), the
+headless and UI runs interleaved so machine load drifts equally on both. The UI run is the real
+`PermeantApp` run headless (`App.run_test`): the message goes through the pane's input, tokens
+stream into the Markdown widget and the gauges timer samples stats, as in a terminal.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import os
+import statistics
+import sys
+import tempfile
+import time
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+
+PROMPT = ("Explain step by step how a key-value cache speeds up transformer decoding, "
+          "and what it costs in memory.")
+
+
+def headless_turn(lm, max_tokens: int) -> tuple[float, float, int]:
+    from permeant_tui.engine.worker import Engine
+
+    with tempfile.TemporaryDirectory() as folder:
+        events = []
+        engine = Engine(folder, loaded=lm)
+        engine.connect(events.append)
+        engine.start()
+        engine.wait_ready(120)
+        t0 = time.perf_counter()
+        _, future = engine.submit_future("technical", PROMPT, max_tokens)
+        result = future.result(600)
+        wall = time.perf_counter() - t0
+        engine.shutdown()
+        batches = sum(type(e).__name__ == "Tokens" for e in events)
+        return result.decode_tok_s, wall, batches
+
+
+async def ui_turn(lm, max_tokens: int) -> tuple[float, float, int]:
+    from permeant_tui.app import EngineEvent, PermeantApp
+    from permeant_tui.engine.events import Tokens, TurnDone, TurnFailed
+    from permeant_tui.engine.worker import Engine
+
+    with tempfile.TemporaryDirectory() as folder:
+        engine = Engine(folder, loaded=lm)
+        engine.ws.settings.max_tokens = max_tokens
+        done: list[TurnDone | TurnFailed] = []
+        batches = 0
+
+        def hook(message) -> None:
+            nonlocal batches
+            if isinstance(message, EngineEvent):
+                if isinstance(message.event, (TurnDone, TurnFailed)):
+                    done.append(message.event)
+                elif isinstance(message.event, Tokens):
+                    batches += 1
+
+        app = PermeantApp(engine, folder)
+        async with app.run_test(size=(160, 45), message_hook=hook) as pilot:
+            await asyncio.to_thread(engine.wait_ready, 120)
+            pane = app.workspace.pane("technical")
+            pane.input.value = PROMPT
+            t0, cpu0 = time.perf_counter(), time.thread_time()
+            await pilot.press("enter")
+            while not done:
+                await asyncio.sleep(0.05)
+            wall = time.perf_counter() - t0
+            ui_cpu = time.thread_time() - cpu0  # the app's thread only, not the engine's
+        await asyncio.to_thread(engine.shutdown)
+        event = done[0]
+        if isinstance(event, TurnFailed):
+            raise RuntimeError(f"UI turn failed: {event.kind}: {event.message}")
+        ui_cpu_share.append(ui_cpu / wall)
+        return event.result.decode_tok_s, wall, batches
+
+
+ui_cpu_share: list[float] = []
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--turns", type=int, default=3, help="measurements of each kind")
+    ap.add_argument("--max-tokens", type=int, default=64)
+    args = ap.parse_args()
+
+    from permeant_tui.engine import runtime
+
+    blas = runtime.prepare()
+    from permeant_tui.engine.models import load_model
+
+    lm = load_model(None)
+    print(f"model {lm.identity.name} · {runtime.device_label()} · {blas}")
+    headless_turn(lm, 8)  # warm-up: first-call compilation and caches, not measured
+
+    headless, ui = [], []
+    for i in range(args.turns):
+        for kind in (("headless", "ui") if i % 2 == 0 else ("ui", "headless")):
+            if kind == "headless":
+                tok_s, wall, batches = headless_turn(lm, args.max_tokens)
+                headless.append(tok_s)
+            else:
+                tok_s, wall, batches = asyncio.run(ui_turn(lm, args.max_tokens))
+                ui.append(tok_s)
+            print(f"  {kind:8s} turn {i + 1}: decode {tok_s:6.2f} tok/s, "
+                  f"turn {wall:5.1f} s, {batches} token batches")
+
+    h, u = statistics.median(headless), statistics.median(ui)
+    # Each pair ran back to back, so its ratio cancels most of the machine's load drift.
+    paired = statistics.median(b / a for a, b in zip(headless, ui, strict=True))
+    share = statistics.median(ui_cpu_share)
+    print(f"headless engine decode: {h:.2f} tok/s (median of {len(headless)})")
+    print(f"with the UI attached:   {u:.2f} tok/s (median of {len(ui)})")
+    print(f"UI thread CPU while decoding: {100 * share:.1f}% of one core "
+          f"({os.cpu_count()} cores here)")
+    print(f"ratio UI/headless: {paired:.3f} (median of paired runs; "
+          f"UI overhead {100 * (1 - paired):+.1f}%, target < 5%)")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,322 @@
+"""The Textual app: wiring between the workspace screen and an `EngineClient`. Nothing else.
+
+Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
+them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
+notifications. Widgets post what the person asked for; the handlers below call the engine.
+Gauges are fed by one timer that samples `engine.stats()`.
+"""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+from typing import Any, TypeVar
+
+from textual.app import App
+from textual.binding import Binding
+from textual.message import Message
+from textual.worker import Worker, WorkerState
+
+from .commands import WorkspaceCommands
+from .engine.client import AgentView, EngineClient
+from .engine.events import (
+    AgentReset,
+    AgentRestored,
+    Event,
+    ExportDone,
+    ExportFailed,
+    ExportProgress,
+    ModelFailed,
+    ModelLoading,
+    ModelReady,
+    Notice,
+    PrefillProgress,
+    Saved,
+    Stopped,
+    Tokens,
+    TurnCancelled,
+    TurnDone,
+    TurnFailed,
+    TurnQueued,
+    TurnStarted,
+)
+from .screens.confirm import ConfirmScreen
+from .screens.workspace import WorkspaceScreen
+from .widgets.agent_pane import RECENT_TURNS, AgentPane
+from .widgets.gauges import format_bytes
+from .widgets.team_prompt import TeamPrompt
+
+T = TypeVar("T")
+
+DEFAULT_AGENTS = (("technical", "Technical"), ("business", "Business"), ("coordinator", "Coordinator"))
+# What to do next, by error class name (engine/errors.py).
+ADVICE = {
+    "ContextExhausted": "Reset the agent with ctrl+r (its transcript is archived) "
+    "or ask for a shorter answer.",
+    "ModelLoadError": "Check the model path, or start permeant with the default model.",
+}
+RESTORED_BY = {"snapshot": "snapshot", "usxf": "USXF file"}
+
+
+class EngineEvent(Message):
+    """An engine event, carried from the worker thread into the app's message queue."""
+
+    def __init__(self, event: Event) -> None:
+        super().__init__()
+        self.event = event
+
+
+class PermeantApp(App[None]):
+    TITLE = "Permeant"
+    # The default screen's CSS_PATH is not read by Textual (only pushed screens'), so the
+    # workspace's stylesheet is loaded here.
+    CSS_PATH = ["styles/app.tcss", "styles/workspace.tcss"]
+    COMMANDS = App.COMMANDS | {WorkspaceCommands}
+    STATS_INTERVAL = 0.5
+    BINDINGS = [
+        Binding("ctrl+e", "export", "Export", id="export", priority=True,
+                tooltip="Export the focused agent's KV state as a USXF file"),
+        Binding("ctrl+s", "save", "Save", id="save", priority=True,
+                tooltip="Save every agent's KV snapshot now"),
+        Binding("escape", "cancel_turn", "Cancel", id="cancel",
+                tooltip="Cancel the focused agent's turn (from the team prompt: the team's turns)"),
+        Binding("ctrl+r", "reset", "Reset", id="reset", priority=True,
+                tooltip="Forget the focused agent's conversation and KV cache (asks first)"),
+        Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
+                tooltip="Finish or cancel the turn in flight, save every agent, quit"),
+    ]
+    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset"})
+
+    def __init__(self, engine: EngineClient, workspace_label: str = "") -> None:
+        super().__init__()
+        self.engine = engine
+        self.workspace_label = workspace_label
+        self.engine_stopped = False
+        self._quitting = False
+        self._save_requested = False
+        self._titles: dict[str, str] = {}
+
+    # start-up
+
+    def get_default_screen(self) -> WorkspaceScreen:
+        views = self._call(self.engine.agents) or [
+            AgentView(agent_id, agent_id, title, "", ()) for agent_id, title in DEFAULT_AGENTS
+        ]
+        self._titles = {view.agent_id: view.title for view in views}
+        return WorkspaceScreen(views, self.workspace_label)
+
+    @property
+    def workspace(self) -> WorkspaceScreen:
+        return self.screen_stack[0]  # type: ignore[return-value]
+
+    def on_ready(self) -> None:
+        # After the first paint: the workspace is on screen before the model starts loading.
+        self.engine.connect(self._sink)
+        self._call(self.engine.start)
+        self._sample_stats()
+        self.set_interval(self.STATS_INTERVAL, self._sample_stats)
+
+    def _sink(self, event: Event) -> None:
+        # Runs on the engine's thread: post and return, nothing else.
+        self.post_message(EngineEvent(event))
+
+    def _sample_stats(self) -> None:
+        stats = self._call(self.engine.stats, quiet=True)
+        if stats is not None:
+            self.workspace.show_stats(stats)
+
+    # engine events -> widgets
+
+    async def on_engine_event(self, message: EngineEvent) -> None:
+        try:
+            await self._route(message.event)
+        except Exception as error:  # a display problem must never take the workspace down
+            self.notify(f"{type(message.event).__name__}: {error}", title="Display error",
+                        severity="error", markup=False)
+
+    async def _route(self, event: Event) -> None:
+        screen = self.workspace
+        pane = screen.pane(getattr(event, "agent_id", None))
+        title = self._title(getattr(event, "agent_id", None))
+        match event:
+            case ModelLoading():
+                screen.status.loading(event.stage, event.fraction)
+            case ModelReady():
+                screen.status.ready(event.name, event.device, event.blas, event.weights_dtype,
+                                    event.context_limit)
+                for each in screen.panes:
+                    each.model_ready()
+            case ModelFailed():
+                screen.status.failed(event.message)
+                for each in screen.panes:
+                    each.model_failed()
+                self._tell(f"{event.message}\n{ADVICE['ModelLoadError']}",
+                           "Model failed to load", "error", timeout=30)
+            case AgentRestored():
+                self._notify_restored(event, title)
+            case TurnQueued() if pane:
+                await pane.turn_queued(event.turn_id, event.user)
+            case TurnStarted() if pane:
+                await pane.turn_started(event.turn_id, event.user, event.to_prefill)
+            case PrefillProgress() if pane:
+                pane.prefill_progress(event.done, event.total)
+            case Tokens() if pane:
+                await pane.tokens(event.turn_id, event.text)
+            case TurnDone() if pane:
+                await pane.turn_done(event.turn_id, event.result)
+            case TurnFailed():
+                if pane:
+                    await pane.turn_failed(event.turn_id, event.kind)
+                advice = ADVICE.get(event.kind, "")
+                self._tell(f"{event.message}\n{advice}".strip(), f"{title}: {event.kind}",
+                           "error", timeout=15)
+            case TurnCancelled() if pane:
+                await pane.turn_cancelled(event.turn_id)
+            case AgentReset() if pane:
+                await pane.reset()
+                self._tell("Conversation and KV cache cleared; the transcript was archived.",
+                           f"{title} reset")
+            case ExportProgress() if pane:
+                pane.export_progress(event.fraction)
+            case ExportDone():
+                if pane:
+                    pane.export_progress(None)
+                self._tell(f"{event.path}\n{format_bytes(event.size)} in {event.ms:,.0f} ms\n"
+                           f"hash {event.digest}", f"Exported {title}", timeout=20)
+            case ExportFailed():
+                if pane:
+                    pane.export_progress(None)
+                self._tell(f"{event.message}\nCheck the exports folder has room and is "
+                           "writable, then press ctrl+e again.", f"Export of {title} failed",
+                           "error", timeout=20)
+            case Saved():
+                if self._save_requested:
+                    self._save_requested = False
+                    names = ", ".join(self._title(a) for a in event.agent_ids) or "nothing to save"
+                    self._tell(f"{names} ({event.ms:,.0f} ms)", "Saved")
+            case Notice():
+                self._tell(event.message, title if event.agent_id else "",
+                           event.level if event.level in ("warning", "error") else "information",
+                           timeout=15 if event.level != "information" else 5)
+            case Stopped():
+                self.engine_stopped = True
+
+    def _notify_restored(self, event: AgentRestored, title: str) -> None:
+        if event.source in RESTORED_BY:
+            self._tell(f"restored from {RESTORED_BY[event.source]} in {event.ms:,.0f} ms, "
+                       f"{event.tokens:,} tokens reused", title, timeout=8)
+        elif event.source == "prefill":
+            self._tell(f"rebuilt by prefill: {event.reason or 'no usable snapshot'}", title,
+                       "warning", timeout=15)
+
+    # what the person asks for -> engine
+
+    def on_agent_pane_submitted(self, message: AgentPane.Submitted) -> None:
+        self._call(self.engine.submit, message.agent_id, message.text)
+
+    def on_team_prompt_asked(self, message: TeamPrompt.Asked) -> None:
+        self._call(self.engine.ask_team, message.question)
+
+    async def on_agent_pane_load_more(self, message: AgentPane.LoadMore) -> None:
+        turns = self._call(self.engine.load_more, message.agent_id, message.before, RECENT_TURNS)
+        pane = self.workspace.pane(message.agent_id)
+        if turns is not None and pane is not None:
+            await pane.prepend_history(turns, message.before - len(turns))
+
+    def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
+        if action in self.WORKSPACE_ACTIONS and isinstance(self.screen, ConfirmScreen):
+            return False
+        return True
+
+    def action_export(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is not None:
+            pane.export_progress(0.0)
+            self._call(self.engine.export, pane.agent_id)
+
+    def action_save(self) -> None:
+        self._save_requested = True
+        self._call(self.engine.save)
+
+    def action_cancel_turn(self) -> None:
+        screen = self.workspace
+        if screen.team_focused:
+            agents = [pane.agent_id for pane in screen.panes if pane.busy]
+        else:
+            agents = [screen.active_agent] if screen.active_agent else []
+        for agent_id in agents:
+            self._call(self.engine.cancel, agent_id)
+
+    def action_reset(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is None:
+            return
+
+        def reset(confirmed: bool | None) -> None:
+            if confirmed:
+                self._call(self.engine.reset, pane.agent_id)
+            pane.input.focus()
+
+        self.push_screen(
+            ConfirmScreen(
+                f"Reset {pane.agent_title}?",
+                "Its conversation and KV cache are forgotten; the transcript is archived.",
+                confirm_label="Reset",
+            ),
+            reset,
+        )
+
+    async def action_quit(self) -> None:
+        if self._quitting:
+            return
+        self._quitting = True
+        self._tell("Finishing the turn in flight and saving every agent…", "Quitting")
+        self.run_worker(self._shutdown_engine, name="engine-shutdown", thread=True,
+                        exit_on_error=False)
+
+    def _shutdown_engine(self) -> None:
+        self.engine.shutdown()
+        self.engine_stopped = True
+        self.call_from_thread(self.exit, return_code=0)
+
+    def on_worker_state_changed(self, event: Worker.StateChanged) -> None:
+        if event.state == WorkerState.ERROR and event.worker.name == "engine-shutdown":
+            self.exit(return_code=1, message=f"permeant: could not stop the engine cleanly: "
+                                             f"{event.worker.error}")
+
+    # small things
+
+    def _title(self, agent_id: str | None) -> str:
+        return self._titles.get(agent_id or "", agent_id or "")
+
+    def _tell(self, text: str, title: str = "", severity: str = "information",
+              timeout: float | None = None) -> None:
+        self.notify(text, title=title, severity=severity, timeout=timeout, markup=False)  # type: ignore[arg-type]
+
+    def _call(self, method: Callable[..., T], *args: Any, quiet: bool = False) -> T | None:
+        """Call the engine; a failure becomes a notification, never a crash."""
+        try:
+            return method(*args)
+        except Exception as error:
+            if not quiet:
+                self._tell(str(error) or type(error).__name__,
+                           f"{method.__name__.replace('_', ' ')} failed", "error", timeout=15)
+            return None
+
+
+def run_tui(engine: EngineClient, workspace_label: str = "") -> int:
+    """Run the workspace until the person quits; returns the process exit code.
+
+    The app connects and starts the engine itself. However the app ends, the engine is shut
+    down (turn in flight cancelled, dirty agents saved) before this returns.
+    """
+    app = PermeantApp(engine, workspace_label)
+    try:
+        app.run()
+    finally:
+        if not app.engine_stopped:
+            try:
+                engine.shutdown()
+            except Exception as error:
+                print(f"permeant: could not stop the engine cleanly: {error}", file=sys.stderr)
+    return app.return_code or 0

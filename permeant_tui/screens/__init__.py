@@ -1,0 +1,1 @@
+"""Screens: the workspace (three agent panes) and its modals. One screen per file."""

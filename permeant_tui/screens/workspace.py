@@ -1,0 +1,157 @@
+"""The workspace: status bar, one pane per agent, the team prompt and the footer.
+
+Wide terminals show the panes side by side. Below `WIDE` columns they stack: the active pane
+takes the room and the others shrink to their title and state (click one, or alt+1..3).
+Its stylesheet, styles/workspace.tcss, is loaded by the app. The screen knows which agent is "focused" (the last pane that had focus), for the app's
+export, cancel and reset actions.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual.app import ComposeResult
+from textual.binding import Binding
+from textual.containers import Horizontal
+from textual.events import Click, DescendantFocus
+from textual.reactive import reactive
+from textual.screen import Screen
+from textual.widgets import Footer
+
+from ..engine.client import AgentView
+from ..engine.events import EngineStats
+from ..widgets.agent_pane import AgentPane
+from ..widgets.status_bar import StatusBar
+from ..widgets.team_prompt import TeamPrompt
+
+WIDE = 100
+TEAM = "team"
+PANES = Binding.Group("Pane")
+
+
+class WorkspaceScreen(Screen):
+    HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE, "-wide")]
+    BINDINGS = [
+        Binding("tab", "cycle(1)", "Next pane", id="pane.next", show=False,
+                tooltip="Move to the next agent pane (then the team prompt)"),
+        Binding("shift+tab", "cycle(-1)", "Previous pane", id="pane.previous", show=False,
+                tooltip="Move to the previous agent pane"),
+        Binding("alt+1", "focus_pane(0)", "Technical", id="pane.1", group=PANES,
+                tooltip="Focus the first agent's input"),
+        Binding("alt+2", "focus_pane(1)", "Business", id="pane.2", group=PANES,
+                tooltip="Focus the second agent's input"),
+        Binding("alt+3", "focus_pane(2)", "Coordinator", id="pane.3", group=PANES,
+                tooltip="Focus the third agent's input"),
+        Binding("ctrl+t", "focus_team", "Team", id="team.focus",
+                tooltip="Ask the team: technical and business answer, then the coordinator"),
+    ]
+
+    active_agent: reactive[str] = reactive("", init=False)
+
+    def __init__(self, views: Sequence[AgentView], workspace_label: str = "") -> None:
+        super().__init__()
+        self._views = list(views)
+        self._workspace_label = workspace_label
+        # Looked up on every engine event: a dict, not a DOM query over every Markdown block.
+        self._panes = {view.agent_id: AgentPane(view) for view in self._views}
+        self._status = StatusBar(workspace_label)
+        self._team = TeamPrompt()
+        self.set_reactive(WorkspaceScreen.active_agent, views[0].agent_id if views else "")
+
+    def compose(self) -> ComposeResult:
+        yield self._status
+        with Horizontal(id="panes"):
+            for pane in self._panes.values():
+                pane.set_class(pane.agent_id == self.active_agent, "-active")
+                yield pane
+        yield self._team
+        yield Footer()
+
+    def on_mount(self) -> None:
+        if self.panes:
+            self.panes[0].input.focus()
+
+    # lookups the app uses
+
+    @property
+    def status(self) -> StatusBar:
+        return self._status
+
+    @property
+    def panes(self) -> list[AgentPane]:
+        return list(self._panes.values())
+
+    @property
+    def team_prompt(self) -> TeamPrompt:
+        return self._team
+
+    def pane(self, agent_id: str | None) -> AgentPane | None:
+        return self._panes.get(agent_id or "")
+
+    @property
+    def active_pane(self) -> AgentPane | None:
+        return self.pane(self.active_agent)
+
+    @property
+    def team_focused(self) -> bool:
+        focused = self.focused
+        return focused is not None and self.team_prompt in focused.ancestors_with_self
+
+    def show_stats(self, stats: EngineStats) -> None:
+        self.status.show(stats)
+        for agent in stats.agents:
+            pane = self.pane(agent.agent_id)
+            if pane is not None:
+                pane.show_stats(agent)
+
+    # moving between panes
+
+    def activate(self, agent_id: str) -> None:
+        """Make `agent_id` the focused agent and put the cursor in its input."""
+        pane = self.pane(agent_id)
+        if pane is None:
+            return
+        self.active_agent = agent_id
+        # In the stacked layout the pane only becomes visible with the class change above.
+        self.call_after_refresh(pane.input.focus)
+
+    def watch_active_agent(self, agent_id: str) -> None:
+        for pane in self.panes:
+            pane.set_class(pane.agent_id == agent_id, "-active")
+
+    def on_descendant_focus(self, event: DescendantFocus) -> None:
+        for node in event.widget.ancestors_with_self:
+            if isinstance(node, AgentPane):
+                self.active_agent = node.agent_id
+                return
+
+    def on_click(self, event: Click) -> None:
+        # A stacked (collapsed) pane opens when clicked.
+        widget = event.widget
+        while widget is not None and not isinstance(widget, AgentPane):
+            widget = widget.parent if widget.parent is not self else None
+        if isinstance(widget, AgentPane) and widget.agent_id != self.active_agent:
+            self.activate(widget.agent_id)
+
+    def action_focus_pane(self, index: int) -> None:
+        panes = self.panes
+        if 0 <= index < len(panes):
+            self.activate(panes[index].agent_id)
+
+    def action_focus_team(self) -> None:
+        self.team_prompt.input.focus()
+
+    def action_cycle(self, step: int) -> None:
+        stops = [pane.agent_id for pane in self.panes] + [TEAM]
+        here = TEAM if self.team_focused else self.active_agent
+        index = stops.index(here) if here in stops else 0
+        target = stops[(index + step) % len(stops)]
+        if target == TEAM:
+            self.action_focus_team()
+        else:
+            self.activate(target)
+
+    def action_load_more(self) -> None:
+        pane = self.active_pane
+        if pane is not None:
+            pane.request_more()

@@ -1,0 +1,254 @@
+"""One agent's pane: its conversation (streamed Markdown), its turn state, gauges and input.
+
+The pane never calls the engine. It posts what the person asked for (`Submitted`, `LoadMore`)
+and the app calls the engine; the app's event router calls the methods below as engine events
+arrive. The turn state (queued, prefilling n/m, generating, done, ...) is the border subtitle.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+
+from textual import on
+from textual.app import ComposeResult
+from textual.containers import Vertical, VerticalScroll
+from textual.markup import escape
+from textual.message import Message
+from textual.reactive import reactive
+from textual.widgets import Button, Input, ProgressBar
+
+from ..engine.client import AgentView, TurnView
+from ..engine.events import AgentStats, TurnResult
+from .chat_turn import ChatTurn
+from .gauges import AgentGauges
+
+RECENT_TURNS = 20
+BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
+STATE_LABELS = {
+    "loading": "waiting for the model",
+    "idle": "ready",
+    "queued": "queued",
+    "prefilling": "prefilling",
+    "generating": "generating",
+    "done": "done",
+    "failed": "failed",
+    "cancelled": "cancelled",
+    "unavailable": "no model",
+}
+STATE_STYLES = {
+    "queued": "$text-warning",
+    "prefilling": "$text-warning",
+    "generating": "bold $text-success",
+    "failed": "$text-error",
+    "unavailable": "$text-error",
+}
+
+
+def turn_note(result: TurnResult) -> str:
+    parts = [f"{result.generated} tokens", f"{result.decode_tok_s:.1f} tok/s"]
+    if result.cached:
+        parts.append(f"{result.cached:,} reused")
+    if result.prefilled:
+        parts.append(f"{result.prefilled:,} prefilled")
+    if result.finish_reason not in ("stop", ""):
+        parts.append(f"stopped: {result.finish_reason}")
+    return " · ".join(parts)
+
+
+class AgentPane(Vertical):
+    """Title in the border, conversation, gauges, input."""
+
+    class Submitted(Message):
+        """The person pressed Enter in this pane's input."""
+
+        def __init__(self, agent_id: str, text: str) -> None:
+            super().__init__()
+            self.agent_id = agent_id
+            self.text = text
+
+    class LoadMore(Message):
+        """Older turns are wanted: transcript indices before `before`."""
+
+        def __init__(self, agent_id: str, before: int) -> None:
+            super().__init__()
+            self.agent_id = agent_id
+            self.before = before
+
+    state: reactive[str] = reactive("loading")
+    detail: reactive[str] = reactive("")
+
+    def __init__(self, view: AgentView, *, recent: int = RECENT_TURNS) -> None:
+        super().__init__(id=f"pane-{view.agent_id}")
+        self.agent_id = view.agent_id
+        self.agent_title = view.title
+        self.border_title = view.title
+        self._initial = view.turns[-recent:] if recent else ()
+        self.first_index = len(view.turns) - len(self._initial)
+        self._turns: dict[int, ChatTurn] = {}
+        # Kept, not queried: events and the stats timer reach these many times a second.
+        self._conversation = VerticalScroll(classes="conversation")
+        self._load_more_button = Button(self._load_more_label(), id="load-more", compact=True)
+        self._export_bar = ProgressBar(total=1.0, show_eta=False, id="export-progress")
+        self._gauges = AgentGauges()
+        self._message_input = Input(
+            placeholder=f"Message {self.agent_title} (Enter to send)", compact=True, id="message"
+        )
+
+    def compose(self) -> ComposeResult:
+        with self._conversation:
+            yield self._load_more_button
+            for turn in self._initial:
+                yield ChatTurn(turn.user, turn.reply)
+        yield self._export_bar
+        yield self._gauges
+        yield self._message_input
+
+    def on_mount(self) -> None:
+        self._conversation.anchor()
+        self._sync_load_more()
+        self._show_state()
+
+    # what the person does
+
+    @property
+    def input(self) -> Input:
+        return self._message_input
+
+    @property
+    def busy(self) -> bool:
+        return self.state in BUSY_STATES
+
+    @on(Input.Submitted, "#message")
+    def _submit(self, event: Input.Submitted) -> None:
+        event.stop()
+        text = event.value.strip()
+        if text:
+            event.input.clear()
+            self.post_message(self.Submitted(self.agent_id, text))
+
+    @on(Button.Pressed, "#load-more")
+    def _load_more(self, event: Button.Pressed) -> None:
+        event.stop()
+        self.request_more()
+
+    def request_more(self) -> None:
+        if self.first_index > 0:
+            self.post_message(self.LoadMore(self.agent_id, self.first_index))
+
+    async def prepend_history(self, turns: Sequence[TurnView], first_index: int) -> None:
+        """Show older turns above the ones already shown."""
+        self.first_index = max(first_index, 0) if turns else 0
+        if turns:
+            await self._conversation.mount_all(
+                [ChatTurn(turn.user, turn.reply) for turn in turns],
+                after="#load-more",
+            )
+        self._sync_load_more()
+
+    def _load_more_label(self) -> str:
+        return f"▲ load earlier turns ({self.first_index} more)"
+
+    def _sync_load_more(self) -> None:
+        button = self._load_more_button
+        button.display = self.first_index > 0
+        button.label = self._load_more_label()
+
+    # what the engine reports
+
+    def model_ready(self) -> None:
+        if self.state in ("loading", "unavailable"):
+            self.state = "idle"
+
+    def model_failed(self) -> None:
+        self.state = "unavailable"
+
+    async def turn_queued(self, turn_id: int, user: str) -> None:
+        turn = ChatTurn(user, turn_id=turn_id, pending=True)
+        self._turns[turn_id] = turn
+        await self._conversation.mount(turn)
+        self.set_state("queued")
+
+    async def turn_started(self, turn_id: int, user: str, to_prefill: int) -> None:
+        turn = await self._turn(turn_id, user)
+        turn.set_user(user)
+        self.set_state("prefilling", f"0/{to_prefill:,}" if to_prefill else "")
+
+    def prefill_progress(self, done: int, total: int) -> None:
+        self.set_state("prefilling", f"{done:,}/{total:,}")
+
+    async def tokens(self, turn_id: int, text: str) -> None:
+        if self.state != "generating":
+            self.set_state("generating")
+        turn = await self._turn(turn_id)
+        await turn.append(text)
+
+    async def turn_done(self, turn_id: int, result: TurnResult) -> None:
+        turn = await self._turn(turn_id, result.user)
+        await turn.finish(result.reply, turn_note(result))
+        self._turns.pop(turn_id, None)
+        self.set_state("done")
+
+    async def turn_failed(self, turn_id: int, kind: str) -> None:
+        turn = await self._turn(turn_id)
+        await turn.finish(note=f"failed: {kind}", state="failed")
+        self._turns.pop(turn_id, None)
+        self.set_state("failed", kind)
+
+    async def turn_cancelled(self, turn_id: int) -> None:
+        turn = self._turns.pop(turn_id, None)
+        if turn is not None:
+            await turn.finish(note="cancelled", state="cancelled")
+        if not self._turns:
+            self.set_state("cancelled")
+
+    async def reset(self) -> None:
+        self._turns.clear()
+        self.first_index = 0
+        await self.query(ChatTurn).remove()
+        self._sync_load_more()
+        self.set_state("idle")
+
+    def export_progress(self, fraction: float | None) -> None:
+        """Show export progress; None hides the bar."""
+        self.set_class(fraction is not None, "-exporting")
+        if fraction is not None:
+            self._export_bar.update(progress=fraction)
+
+    def show_stats(self, stats: AgentStats) -> None:
+        self._gauges.show(stats)
+
+    # internals
+
+    def set_state(self, state: str, detail: str = "") -> None:
+        # Queued turns behind this one keep the pane busy after one ends.
+        if state in ("done", "failed", "cancelled") and self._turns:
+            state, detail = "queued", ""
+        self.state = state
+        self.detail = detail
+
+    async def _turn(self, turn_id: int, user: str = "") -> ChatTurn:
+        """The widget for `turn_id`, created if its TurnQueued was never seen."""
+        turn = self._turns.get(turn_id)
+        if turn is None:
+            turn = ChatTurn(user, turn_id=turn_id, pending=True)
+            self._turns[turn_id] = turn
+            await self._conversation.mount(turn)
+        return turn
+
+    def watch_state(self) -> None:
+        self._show_state()
+
+    def watch_detail(self) -> None:
+        self._show_state()
+
+    @property
+    def state_label(self) -> str:
+        """What the border shows, without colour: "prefilling 120/300"."""
+        return f"{STATE_LABELS.get(self.state, self.state)} {self.detail}".strip()
+
+    def _show_state(self) -> None:
+        # Coloured with markup, not a CSS class: a class change would restyle every widget
+        # in the pane (each Markdown block of its history) several times per turn.
+        style = STATE_STYLES.get(self.state)
+        label = escape(self.state_label)
+        self.border_subtitle = f"[{style}]{label}[/]" if style else label

@@ -1,0 +1,100 @@
+"""One exchange in an agent pane: the user's message, then the reply streamed as Markdown.
+
+Tokens are written through `Markdown.get_stream` (as Toad does), at most every FLUSH_SECONDS,
+and the stream coalesces fragments when they arrive faster than the widget renders; the whole
+message is never re-parsed per batch. When the turn ends the stream is stopped and, only if the engine's final reply differs
+from what was streamed, the document is replaced once with `Markdown.update` (as oterm does).
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Vertical
+from textual.timer import Timer
+from textual.widgets import Label, Markdown, Static
+from textual.widgets.markdown import MarkdownStream
+
+# Token batches are written to the Markdown at most this often: each write re-lays the screen
+# out, and a person cannot read faster than ten updates a second anyway.
+FLUSH_SECONDS = 0.1
+# A coordinator's brief quotes both colleagues' answers, which are already on screen.
+USER_PREVIEW_CHARS = 400
+
+
+def preview(text: str, limit: int = USER_PREVIEW_CHARS) -> str:
+    text = text.strip()
+    return text if len(text) <= limit else text[:limit].rstrip() + " …"
+
+
+class ChatTurn(Vertical):
+    """The user's message, the agent's reply and a one-line footnote (tokens, speed)."""
+
+    def __init__(
+        self,
+        user: str,
+        reply: str = "",
+        *,
+        turn_id: int | None = None,
+        note: str = "",
+        pending: bool = False,
+    ) -> None:
+        super().__init__(classes="-pending" if pending else "")
+        self.turn_id = turn_id
+        self._user = user
+        self._reply = reply
+        self._stream: MarkdownStream | None = None
+        self._unwritten = ""
+        self._flush_timer: Timer | None = None
+        self._user_view = Static(preview(user) or "…", classes="user", markup=False)
+        self._reply_view = Markdown(reply, classes="reply")
+        self._note_view = Label(note, classes="note", markup=False)
+        self._note_view.display = bool(note)
+
+    def compose(self) -> ComposeResult:
+        yield self._user_view
+        yield self._reply_view
+        yield self._note_view
+
+    @property
+    def reply(self) -> str:
+        return self._reply
+
+    def set_user(self, user: str) -> None:
+        if user and user != self._user:
+            self._user = user
+            self._user_view.update(preview(user))
+
+    async def append(self, text: str) -> None:
+        """Add a batch of generated text to the reply (shown within FLUSH_SECONDS)."""
+        if not text:
+            return
+        self._reply += text
+        self._unwritten += text
+        if self._flush_timer is None:
+            self._flush_timer = self.set_timer(FLUSH_SECONDS, self._flush)
+
+    async def _flush(self) -> None:
+        self._flush_timer = None
+        text, self._unwritten = self._unwritten, ""
+        if not text:
+            return
+        self.remove_class("-pending")
+        if self._stream is None:
+            self._stream = Markdown.get_stream(self._reply_view)
+        await self._stream.write(text)
+
+    async def finish(self, reply: str | None = None, note: str = "", state: str = "done") -> None:
+        """Stop streaming; show the final reply (one update at most) and the footnote."""
+        if self._flush_timer is not None:
+            self._flush_timer.stop()
+        await self._flush()
+        if self._stream is not None:
+            await self._stream.stop()
+            self._stream = None
+        self.remove_class("-pending")
+        self.add_class(f"-{state}")
+        if reply is not None and reply != self._reply:
+            self._reply = reply
+            await self._reply_view.update(reply)
+        self._note_view.update(note)
+        self._note_view.display = bool(note)

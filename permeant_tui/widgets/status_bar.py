@@ -1,0 +1,72 @@
+"""The status bar: model loading progress, then model, device, BLAS, memory and workspace.
+
+Loading progress comes from ModelLoading events; the rest from `EngineStats` on the app's stats
+timer. Labels are only rewritten when their text changes.
+"""
+
+from __future__ import annotations
+
+from textual.app import ComposeResult
+from textual.containers import Horizontal
+from textual.reactive import reactive
+from textual.widgets import Label, ProgressBar
+
+from ..engine.events import EngineStats
+from .gauges import format_bytes
+
+
+class StatusBar(Horizontal):
+    """One line: `model · device · BLAS   RSS · MLX active/peak   workspace`."""
+
+    phase: reactive[str] = reactive("loading")  # loading | ready | failed
+
+    def __init__(self, workspace: str = "") -> None:
+        super().__init__()
+        self._workspace = workspace
+        # Kept, not queried: the stats timer writes here twice a second.
+        self._model_label = Label("Loading model…", id="model", markup=False)
+        self._loading_bar = ProgressBar(total=1.0, show_eta=False, id="loading")
+        self._memory_label = Label("", id="memory", markup=False)
+        self._memory_label.tooltip = "process resident memory · MLX memory active/peak"
+        self._path_label = Label(workspace, id="workspace", markup=False)
+
+    def compose(self) -> ComposeResult:
+        yield self._model_label
+        yield self._loading_bar
+        yield self._memory_label
+        yield self._path_label
+
+    def watch_phase(self, old: str, new: str) -> None:
+        self.remove_class(f"-{old}")
+        self.add_class(f"-{new}")
+
+    def loading(self, stage: str, fraction: float) -> None:
+        if self.phase == "ready":
+            return
+        self.phase = "loading"
+        _set(self._model_label, f"Loading model: {stage}")
+        self._loading_bar.update(progress=max(0.0, min(fraction, 1.0)))
+
+    def ready(self, name: str, device: str, blas: str, dtype: str, context_limit: int) -> None:
+        self.phase = "ready"
+        _set(self._model_label, " · ".join(p for p in (name, device, blas) if p))
+        window = f", context window {context_limit:,} tokens" if context_limit else ""
+        self._model_label.tooltip = f"weights {dtype}{window}"
+
+    def failed(self, message: str) -> None:
+        self.phase = "failed"
+        _set(self._model_label, f"Model failed to load: {message}")
+
+    def show(self, stats: EngineStats) -> None:
+        if stats.ready and self.phase != "ready":
+            self.ready(stats.model, stats.device, stats.blas, stats.weights_dtype, 0)
+        active = format_bytes(stats.mlx_active_bytes).removesuffix(" MB")
+        _set(self._memory_label,
+             f"RSS {format_bytes(stats.rss_bytes)} · MLX {active}/{format_bytes(stats.mlx_peak_bytes)}")
+        if stats.workspace and not self._workspace:
+            _set(self._path_label, stats.workspace)
+
+
+def _set(label: Label, text: str) -> None:
+    if str(label.content) != text:
+        label.update(text)

@@ -1,0 +1,112 @@
+"""Snapshots of the workspace at fixed terminal sizes (pytest-textual-snapshot).
+
+Deterministic: the FakeEngine's stats are fixed, events are emitted and handled before the
+screenshot, and the cursor does not blink. Regenerate with `--snapshot-update`, then look at
+the SVGs in tests/__snapshots__/.
+"""
+
+from __future__ import annotations
+
+import asyncio
+
+from fake_engine import (  # noqa: F401 (no_cursor_blink is an autouse fixture)
+    FakeEngine,
+    no_cursor_blink,
+    settle,
+    views,
+)
+
+from permeant_tui.app import PermeantApp
+from permeant_tui.engine.events import (
+    AgentRestored,
+    PrefillProgress,
+    Tokens,
+    TurnQueued,
+    TurnStarted,
+)
+
+WIDE = (150, 36)
+NARROW = (80, 24)
+LABEL = "~/.local/share/permeant/default"
+
+
+def resumed_engine(**options) -> FakeEngine:
+    return FakeEngine(views(3), restored=[
+        AgentRestored("technical", "snapshot", 14.2, 2048),
+        AgentRestored("business", "snapshot", 9.8, 1536),
+        AgentRestored("coordinator", "prefill", 3100.0, 0,
+                      reason="snapshot made by another model"),
+    ], **options)
+
+
+def settled(engine: FakeEngine, then=None):
+    async def run_before(pilot) -> None:
+        await settle(pilot, engine)
+        if then is not None:
+            await then(pilot)
+            await settle(pilot, engine)
+        await asyncio.sleep(0.3)  # token text is written to the Markdown every 0.1 s
+        await pilot.pause()
+
+    return run_before
+
+
+def test_fresh_workspace(snap_compare):
+    engine = FakeEngine()
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
+                        run_before=settled(engine))
+
+
+def test_resumed_workspace(snap_compare):
+    engine = resumed_engine()
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
+                        run_before=settled(engine))
+
+
+def test_mid_stream(snap_compare):
+    engine = FakeEngine(views(3))
+
+    async def streaming(pilot) -> None:
+        engine.emit(TurnQueued("technical", 41, "How do we cache the KV state?"))
+        engine.emit(TurnQueued("business", 42, "What does it cost?"))
+        engine.emit(TurnStarted("technical", 41, "snapshot", 2048, 12,
+                                "How do we cache the KV state?"))
+        engine.emit(PrefillProgress("technical", 41, 12, 12))
+        for text in ("Keep one **safetensors** snapshot", " per agent and write it\n\n",
+                     "1. atomically (temp file,", " fsync, rename)\n2. after"):
+            engine.emit(Tokens("technical", 41, text, ()))
+        engine.emit(TurnStarted("coordinator", 43, "snapshot", 900, 300, "brief"))
+        engine.emit(PrefillProgress("coordinator", 43, 120, 300))
+
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
+                        run_before=settled(engine, streaming))
+
+
+def test_export_notification(snap_compare):
+    engine = FakeEngine(views(1))
+
+    async def export(pilot) -> None:
+        await pilot.press("ctrl+e")
+
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
+                        run_before=settled(engine, export))
+
+
+def test_reset_confirmation(snap_compare):
+    engine = FakeEngine(views(1))
+
+    async def reset(pilot) -> None:
+        await pilot.press("alt+2", "ctrl+r")
+
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
+                        run_before=settled(engine, reset))
+
+
+def test_narrow_80_columns(snap_compare):
+    engine = resumed_engine()
+
+    async def business(pilot) -> None:
+        await pilot.press("alt+2")
+
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=NARROW,
+                        run_before=settled(engine, business))
