@@ -145,7 +145,8 @@ def import_usxf(engine, path: str, name: str | None = None) -> dict:
             os.fsync(fh.fileno())
         os.replace(tmp, dest)
         fsync_dir(dest.parent)
-        ws.add_agent(AgentSpec(agent_id, f.agent.role, f.agent.title, f.agent.system), turns)
+        title = f.agent.title if agent_id == f.agent.agent_id else agent_id.capitalize()
+        ws.add_agent(AgentSpec(agent_id, f.agent.role, title, f.agent.system), turns)
     except BaseException:
         tmp.unlink(missing_ok=True)
         if agent_id not in ws.agents:
