@@ -45,7 +45,8 @@ def test_cached_turns_equal_fresh_reprefill(which, request):
     cached = _agent()
     r1 = _turn(lm, cached, "We have a critical API bug affecting payment processing.")
     r2 = _turn(lm, cached, "What should we fix first?")
-    assert r2.cached > 0 and r2.prefilled < r2.cached  # the second turn reused the cache
+    # The second turn reused everything the first left in the cache, reply included.
+    assert r2.cached == r1.in_cache and r2.prefilled < r2.cached
     assert cached.cache_ids == cached.expected_ids(lm.tokenizer)
     assert cached.cache[0].offset == len(cached.cache_ids)
 
@@ -116,7 +117,7 @@ def test_tokens_are_batched_not_per_token(tiny_model):
     batches = [e for e in events if isinstance(e, Tokens)]
     assert sum(len(b.ids) for b in batches) == len([t for t in r.generated_ids
                                                     if t not in tiny_model.tokenizer.eos_token_ids])
-    assert "".join(b.text for b in batches) == r.reply
+    assert "".join(b.text for b in batches) == r.reply.lstrip(" ")
 
 
 def test_engine_worker_runs_turns_on_one_thread_and_emits_events(tiny_model, tmp_path):

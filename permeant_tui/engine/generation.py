@@ -176,7 +176,10 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     if offset != len(agent.cache_ids):  # defensive: never let ids and K/V disagree
         agent.cache_ids = agent.cache_ids[:offset]
         trim_to(agent, min(offset, len(agent.cache_ids)))
-    reply = detok.text  # exactly what was streamed (a leading space is trimmed, as mlx_lm does)
+    # The reply keeps a leading space the streaming detokenizer trims for display: re-rendered
+    # in the next prompt it must re-tokenize to the generated ids, or the next turn would
+    # re-read the whole reply instead of reusing it from the cache.
+    reply = tokenizer.decode([t for t in generated if t not in eos])
     agent.turns.append(Turn(text, reply, tuple(generated), time.time()))
     agent.dirty = True
     agent.last_used = time.time()

@@ -74,6 +74,10 @@ class Workspace:
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
                 except (SnapshotInvalid, ValueError):
                     pass  # reported when the agent is restored
+            elif agent.turns:
+                agent.last_used = max(t.ts for t in agent.turns)
+            else:
+                agent.last_used = 0.0  # never used: last in line for eager restore
             agents[spec.id] = agent
         return cls(folder, settings, agents, warnings)
 
