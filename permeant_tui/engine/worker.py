@@ -21,10 +21,28 @@ from .agent import Agent
 from .client import AgentView, EventSink, TurnView
 from .errors import PermeantError, TurnCancelled
 from .events import (
-    AgentReset, AgentRestored, AgentStats, EngineStats, Event, ExportDone, ExportFailed,
-    ExportProgress, ModelFailed, ModelLoading, ModelReady, Notice, PrefillProgress, Saved,
-    Stopped, TurnCancelled as TurnCancelledEvent, TurnDone, TurnFailed, TurnQueued,
-    TurnResult, TurnStarted,
+    AgentReset,
+    AgentRestored,
+    AgentStats,
+    EngineStats,
+    Event,
+    ExportDone,
+    ExportFailed,
+    ExportProgress,
+    ModelFailed,
+    ModelLoading,
+    ModelReady,
+    Notice,
+    PrefillProgress,
+    Saved,
+    Stopped,
+    TurnDone,
+    TurnFailed,
+    TurnQueued,
+    TurnStarted,
+)
+from .events import (
+    TurnCancelled as TurnCancelledEvent,
 )
 from .generation import TurnParams, run_turn
 from .workspace import Workspace
@@ -172,6 +190,10 @@ class Engine:
         self._put(job)
         return job.future
 
+    def restore(self, agent_id: str) -> Future:
+        """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
+        return self.call(lambda e: e._restore(e.ws.agent(agent_id)))
+
     def wait_ready(self, timeout: float | None = None) -> None:
         if not self._ready.wait(timeout):
             raise TimeoutError("model did not load in time")
@@ -199,8 +221,10 @@ class Engine:
             if cancel_running and self._running is not None:
                 self._running.cancel.set()
         self._put(_Job("stop"))
+        tid = self._thread.native_id
         self._thread.join(timeout)
         self._thread = None
+        _wait_native_exit(tid)
 
     # ---- worker thread -------------------------------------------------------------------
     def _put(self, job: _Job) -> None:
@@ -424,6 +448,23 @@ class Engine:
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
+
+
+def _wait_native_exit(tid: int | None, timeout: float = 5.0) -> None:
+    """Thread.join() returns before the C runtime runs the thread's TLS destructors; MLX's take
+    the GIL there, and if the interpreter is finalizing by then the process aborts ("terminate
+    called without an active exception", exit 134, seen in about half of quick CLI exits on
+    Linux). Waiting for the OS thread to vanish (a few ms) avoids it."""
+    import os
+
+    if tid is None:
+        return
+    deadline = time.monotonic() + timeout
+    if os.path.isdir("/proc/self/task"):
+        while os.path.exists(f"/proc/self/task/{tid}") and time.monotonic() < deadline:
+            time.sleep(0.005)
+    else:
+        time.sleep(0.05)
 
 
 def _snapshot_tokens(agent: Agent) -> int:
