@@ -258,14 +258,17 @@ def _as_heads(t, what: str, i: int) -> np.ndarray:
 
 def build_seq_state(positions: Sequence[int], keys: Sequence[np.ndarray],
                     values: Sequence[np.ndarray], *, kv_dtype: str = "f16", v_trans: bool,
-                    seq_id: int = 0, n_stream: int = 1, stream: int = 0) -> bytes:
+                    seq_id: int = 0, n_stream: int = 1, stream: int = 0) -> bytearray:
     """The exact inverse of `parse_seq_state`: a blob `llama_state_seq_set_data` accepts.
 
     keys / values: per layer (n_kv_heads, seq, head_dim) (a leading batch axis of 1 is
     dropped), any float dtype; K post-RoPE in llama.cpp's interleaved layout. `kv_dtype` and
     `v_trans` must match the target context (its type_k / type_v, and v_trans = flash attention
     off), or llama.cpp refuses the blob. `n_stream` / `stream`: the target's stream count and
-    the stream of the target sequence (1 / 0 with a unified KV cache)."""
+    the stream of the target sequence (1 / 0 with a unified KV cache).
+
+    Returns a bytearray (compares equal to the bytes llama.cpp writes; `bytes(blob)` for an
+    immutable copy): the tensors are converted straight into it, one pass, no concatenation."""
     if kv_dtype not in _TYPE_OF:
         raise ValueError(f"kv_dtype must be one of {sorted(_TYPE_OF)}, got {kv_dtype!r}")
     if len(keys) != len(values):
@@ -276,36 +279,77 @@ def build_seq_state(positions: Sequence[int], keys: Sequence[np.ndarray],
     el = _ELEM_BYTES[t]
     n = len(positions)
     n_layer = len(keys)
-    parts: list = [struct.pack("<IiI", SEQ_STATE_MAGIC, seq_id, n_stream)]
-    parts.extend(struct.pack("<I", 0) for _ in range(stream))
-    parts.append(struct.pack("<I", n))
+    segs: list = [struct.pack("<IiI", SEQ_STATE_MAGIC, seq_id, n_stream)]
+    segs.extend(struct.pack("<I", 0) for _ in range(stream))
+    segs.append(struct.pack("<I", n))
     if n:
         cells = np.empty((n, 3), dtype="<i4")
         cells[:, 0] = np.asarray(positions, dtype=np.int64)
         cells[:, 1] = 1
         cells[:, 2] = seq_id
-        parts.append(cells.tobytes())
-        parts.append(struct.pack("<II", 1 if v_trans else 0, n_layer))
+        segs.append(cells.tobytes())
+        segs.append(struct.pack("<II", 1 if v_trans else 0, n_layer))
         for i, k in enumerate(keys):
             k = _as_heads(k, "keys", i)
             hk, sk, d = k.shape
             if sk != n:
                 raise ValueError(f"keys[{i}] holds {sk} positions, positions has {n}")
-            parts.append(struct.pack("<iQ", t, hk * d * el))
-            parts.append(_store(k.transpose(1, 0, 2), t).tobytes())
+            segs.append(struct.pack("<iQ", t, hk * d * el))
+            segs.append(k.transpose(1, 0, 2))  # rows = cells
         for i, v in enumerate(values):
             v = _as_heads(v, "values", i)
             hv, sv, d = v.shape
             if sv != n:
                 raise ValueError(f"values[{i}] holds {sv} positions, positions has {n}")
             if v_trans:
-                parts.append(struct.pack("<iII", t, el, hv * d))
-                parts.append(_store(v.transpose(0, 2, 1), t).tobytes())
+                segs.append(struct.pack("<iII", t, el, hv * d))
+                segs.append(v.transpose(0, 2, 1))  # rows = channels, each across all cells
             else:
-                parts.append(struct.pack("<iQ", t, hv * d * el))
-                parts.append(_store(v.transpose(1, 0, 2), t).tobytes())
-    parts.extend(struct.pack("<I", 0) for _ in range(stream + 1, n_stream))
-    return b"".join(parts)
+                segs.append(struct.pack("<iQ", t, hv * d * el))
+                segs.append(v.transpose(1, 0, 2))
+    segs.extend(struct.pack("<I", 0) for _ in range(stream + 1, n_stream))
+    total = sum(len(x) if isinstance(x, bytes) else x.size * el for x in segs)
+    out = bytearray(total)
+    off = 0
+    for x in segs:
+        if isinstance(x, bytes):
+            out[off:off + len(x)] = x
+            off += len(x)
+            continue
+        dst = np.frombuffer(out, dtype=_NP_STORE[t], count=x.size, offset=off).reshape(x.shape)
+        if t == GGML_TYPE_BF16:
+            dst[...] = _store(np.asarray(x, dtype=np.float32), t)
+        else:
+            dst[...] = x  # numpy's cast: round to nearest even for f16
+        off += x.size * el
+    return out
+
+
+def seq_state_nbytes(n_cells: int, n_layers: int, n_embd_k: int, n_embd_v: int,
+                     kv_dtype: str = "f16", n_stream: int = 1) -> int:
+    """Size of a single-sequence blob (for cost models and progress bars)."""
+    if n_cells == 0:
+        return 12 + 4 * n_stream
+    el = _ELEM_BYTES[_TYPE_OF[kv_dtype]]
+    return (12 + 4 * n_stream + 12 * n_cells + 8
+            + n_layers * (24 + n_cells * (n_embd_k + n_embd_v) * el))
+
+
+def kv_from_mlx_cache(cache) -> tuple[list[np.ndarray], list[np.ndarray]]:
+    """An mlx_lm prompt cache (list of KVCache, batch 1) -> per-layer float32 numpy K and V
+    shaped (n_kv_heads, offset, head_dim), ready for `build_seq_state`."""
+    import mlx.core as mx
+
+    ks, vs = [], []
+    for c in cache:
+        n = int(c.offset)
+        k = c.keys[0, :, :n, :]
+        v = c.values[0, :, :n, :]
+        if k.dtype != mx.float32:
+            k, v = k.astype(mx.float32), v.astype(mx.float32)
+        ks.append(np.array(k))
+        vs.append(np.array(v))
+    return ks, vs
 
 
 # --- RoPE layout ----------------------------------------------------------------------------
@@ -330,6 +374,13 @@ def _u8_ptr(buf):
 
 
 def _import_llama_cpp():
+    import sys
+
+    if "llama_cpp" not in sys.modules:
+        # llama.cpp's OpenMP workers spin at every barrier by default; with 2 threads on 2 cores
+        # shared with MLX or anything else, a decode step measured 20x slower (2 vs 50 tok/s).
+        # libgomp reads this when llama.cpp's CPU library loads, i.e. on the first import.
+        os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")
     try:
         import llama_cpp
     except ImportError as exc:  # pragma: no cover - depends on the optional extra
@@ -518,8 +569,18 @@ class LlamaCppRuntime:
             raise RuntimeError("llama_state_seq_get_data failed")
         return bytes(memoryview(out)[:n])
 
-    def set_seq_state(self, blob: bytes, token_ids: Sequence[int] | None = None) -> int:
-        """Fresh context, then load the sequence state into seq 0. Returns bytes read.
+    def clear(self):
+        """Empty this context's KV cache (data too) without making a new context."""
+        self._L.llama_memory_clear(self._L.llama_get_memory(self._ctx), True)
+        self.n_past = 0
+        self.tokens = []
+        self._logits = None
+
+    def set_seq_state(self, blob, token_ids: Sequence[int] | None = None, *,
+                      fresh: bool = True) -> int:
+        """Load a sequence state into seq 0 of a fresh context (default) or of this context
+        emptied by `clear()` (fresh=False: skips re-allocating the KV buffer, which costs
+        ~0.2 s at n_ctx 4096 f32). Either way no earlier cell survives. Returns bytes read.
 
         The position continues after the highest cell position; `token_ids` (optional, for
         bookkeeping) are the tokens the cells hold."""
@@ -531,7 +592,10 @@ class LlamaCppRuntime:
                 f"{self.kv_dtype} v_trans={self.v_trans}")
         if info.n_cells > self.n_ctx:
             raise SeqStateError(f"{info.n_cells} cells exceed n_ctx {self.n_ctx}")
-        self.reset()
+        if fresh:
+            self.reset()
+        else:
+            self.clear()
         n = L.llama_state_seq_set_data(self._ctx, _u8_ptr(blob), len(blob), 0)
         if n == 0:
             self.reset()
@@ -541,12 +605,12 @@ class LlamaCppRuntime:
         return int(n)
 
     def attach_kv(self, positions: Sequence[int], keys, values,
-                  token_ids: Sequence[int] | None = None) -> int:
+                  token_ids: Sequence[int] | None = None, *, fresh: bool = True) -> int:
         """Build a blob from per-layer (n_kv_heads, seq, head_dim) tensors for this context's
-        dtype and V layout, and set it into a fresh context."""
+        dtype and V layout, and set it (into a fresh context by default)."""
         blob = build_seq_state(positions, keys, values, kv_dtype=self.kv_dtype,
                                v_trans=self.v_trans)
-        return self.set_seq_state(blob, token_ids)
+        return self.set_seq_state(blob, token_ids, fresh=fresh)
 
     def save_state(self) -> bytes:
         """llama.cpp's own whole-context state (llama_state_get_data), for timing baselines."""
@@ -556,9 +620,12 @@ class LlamaCppRuntime:
         n = L.llama_state_get_data(self._ctx, _u8_ptr(out), size)
         return bytes(memoryview(out)[:n])
 
-    def load_state(self, blob: bytes, n_past: int) -> None:
+    def load_state(self, blob: bytes, n_past: int, *, fresh: bool = True) -> None:
         L = self._L
-        self.reset()
+        if fresh:
+            self.reset()
+        else:
+            self.clear()
         if L.llama_state_set_data(self._ctx, _u8_ptr(blob), len(blob)) != len(blob):
             raise RuntimeError("llama_state_set_data failed")
         self.n_past = n_past
