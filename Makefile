@@ -12,6 +12,7 @@ run: setup
 	$(BIN)/permeant $(ARGS)
 
 test: setup
+	$(BIN)/ruff check permeant_tui tests bench demo
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup

@@ -75,7 +75,7 @@ def main():
 
                 target = Agent("x", "technical", "Technical", "")
                 target.cache = attach(lm.model, [(mx.array(k)[None], mx.array(v)[None])
-                                                 for k, v in zip(kv.keys, kv.values)])
+                                                 for k, v in zip(kv.keys, kv.values, strict=False)])
                 target.cache_ids = list(f.token_ids)
                 mx.eval([c.keys for c in target.cache])
                 import_ms = (time.perf_counter() - t) * 1000

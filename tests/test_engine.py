@@ -107,7 +107,7 @@ def test_prefill_is_chunked_with_progress(tiny_model):
     _turn(tiny_model, agent, "word " * 1200, max_tokens=2, events=events)
     progress = [e for e in events if isinstance(e, PrefillProgress)]
     assert len(progress) >= 2 and progress[-1].done < progress[-1].total
-    assert all(a.done < b.done for a, b in zip(progress, progress[1:]))
+    assert all(a.done < b.done for a, b in zip(progress, progress[1:], strict=False))
 
 
 def test_tokens_are_batched_not_per_token(tiny_model):

@@ -5,11 +5,10 @@ import sys
 
 import numpy as np
 import pytest
+from conftest import make_tiny_model
 
 from permeant_tui.engine.errors import UsxfInvalid
 from permeant_tui.engine.worker import Engine
-
-from conftest import make_tiny_model
 
 
 def _engine(path, lm):
@@ -121,7 +120,7 @@ def test_perturbed_payload_is_caught_and_changes_the_probe(source, tmp_path, tin
         kvp = file.load_kv()
         a = Agent("p", "p", "p", "")
         a.cache = attach(tiny_model.model, [(mx.array(k)[None], mx.array(v)[None])
-                                            for k, v in zip(kvp.keys, kvp.values)])
+                                            for k, v in zip(kvp.keys, kvp.values, strict=False)])
         a.cache_ids = list(file.token_ids)
         return compare_probe(tiny_model, a, file.fidelity)
 

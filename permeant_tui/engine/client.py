@@ -8,8 +8,9 @@ callback given at construction.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable, Protocol
+from typing import Protocol
 
 from .events import EngineStats, Event
 

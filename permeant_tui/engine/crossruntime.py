@@ -153,7 +153,7 @@ def attach_usxf(path: str, gguf: Path, n_continue: int, trusted, *, threads: int
                                    v_trans=rt.v_trans)
         rt.set_seq_state(blob_all, ids)
         mine = rt.greedy(f.fidelity.n, from_ids_tail=f.fidelity.probe_prompt_ids)
-        k = next((i for i, (a, b) in enumerate(zip(mine, f.fidelity.expected_ids)) if a != b),
+        k = next((i for i, (a, b) in enumerate(zip(mine, f.fidelity.expected_ids, strict=False)) if a != b),
                  f.fidelity.n)
         probe = f"{k}/{f.fidelity.n} of the exporter's probe tokens reproduced in llama.cpp"
         out(f"cross-runtime probe: {probe} (llama.cpp's 8-bit activations can flip a close "
@@ -209,7 +209,7 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
     record = AgentRecord(agent_id, agent.role, agent.title, system,
                          [{"user": t_.user, "reply": t_.reply, "span": list(s),
                            "generated_ids": list(t_.generated_ids)}
-                          for t_, s in zip(agent.turns, spans)])
+                          for t_, s in zip(agent.turns, spans, strict=False)])
     dtype = ident.kv_dtype
     cast = (lambda a: a.astype(dtype)) if dtype in ("float32", "float16") else (lambda a: a)
     info = write_usxf(out_path, identity=ident, token_ids=state_ids,

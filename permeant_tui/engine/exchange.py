@@ -12,7 +12,6 @@ import os
 import shutil
 import sys
 import time
-from pathlib import Path
 
 import numpy as np
 
@@ -89,7 +88,7 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
     fid = make_fidelity(engine, agent) if fidelity else None
     spans = agent.turn_spans(lm.tokenizer)
     turns = [{"user": t.user, "reply": t.reply, "span": list(s),
-              "generated_ids": list(t.generated_ids)} for t, s in zip(agent.turns, spans)]
+              "generated_ids": list(t.generated_ids)} for t, s in zip(agent.turns, spans, strict=False)]
     record = AgentRecord(agent.agent_id, agent.role, agent.title, agent.system, turns)
     if path is None:
         ws.exports_dir.mkdir(parents=True, exist_ok=True)
@@ -181,7 +180,7 @@ def compare_probe(lm, agent: Agent, fid) -> str:
     if room < len(fid.probe_prompt_ids) + fid.n:
         return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + fid.n}"
     got = greedy_probe(lm.model, agent, fid.probe_prompt_ids, fid.n)
-    k = next((i for i, (a, b) in enumerate(zip(got, fid.expected_ids)) if a != b), None)
+    k = next((i for i, (a, b) in enumerate(zip(got, fid.expected_ids, strict=False)) if a != b), None)
     return f"exact {fid.n}/{fid.n}" if k is None else f"diverged at {k} ({k}/{fid.n} matched)"
 
 
@@ -263,7 +262,7 @@ def fidelity_of_file(args) -> str:
     kv = f.load_kv()
     dt = getattr(mx, lm.identity.kv_dtype)
     pairs = [(mx.array(k)[None].astype(dt), mx.array(v)[None].astype(dt))
-             for k, v in zip(kv.keys, kv.values)]
+             for k, v in zip(kv.keys, kv.values, strict=False)]
     agent = Agent("probe", "probe", "probe", "")
     agent.cache, agent.cache_ids = attach(lm.model, pairs), list(f.token_ids)
     return compare_probe(lm, agent, f.fidelity)
