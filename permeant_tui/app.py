@@ -26,6 +26,9 @@ from .engine.events import (
     ExportDone,
     ExportFailed,
     ExportProgress,
+    MigrationDone,
+    MigrationFailed,
+    MigrationProgress,
     ModelFailed,
     ModelLoading,
     ModelReady,
@@ -41,6 +44,7 @@ from .engine.events import (
     TurnStarted,
 )
 from .screens.confirm import ConfirmScreen
+from .screens.migrate import MigrateScreen, MigrationRequest
 from .screens.workspace import WorkspaceScreen
 from .widgets.agent_pane import RECENT_TURNS, AgentPane
 from .widgets.gauges import format_bytes
@@ -189,6 +193,14 @@ class PermeantApp(App[None]):
                 self._tell(f"{event.message}\nCheck the exports folder has room and is "
                            "writable, then press ctrl+e again.", f"Export of {title} failed",
                            "error", timeout=20)
+            case MigrationProgress() if event.stage in ("decision", "verify", "commit"):
+                self._tell(f"{event.stage}: {event.detail}", f"Migrating {title}", timeout=6)
+            case MigrationDone():
+                self._tell(f"committed on {event.target}; fidelity probe: {event.summary}",
+                           f"Migrated {title}", timeout=20)
+            case MigrationFailed():
+                self._tell(f"{event.message}\nNothing was attached on the target and {title} is "
+                           "unchanged here.", f"Migration of {title} failed", "error", timeout=20)
             case Saved():
                 if self._save_requested:
                     self._save_requested = False
@@ -224,7 +236,7 @@ class PermeantApp(App[None]):
             await pane.prepend_history(turns, message.before - len(turns))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in self.WORKSPACE_ACTIONS and isinstance(self.screen, ConfirmScreen):
+        if action in self.WORKSPACE_ACTIONS and isinstance(self.screen, (ConfirmScreen, MigrateScreen)):
             return False
         return True
 
@@ -265,6 +277,21 @@ class PermeantApp(App[None]):
             ),
             reset,
         )
+
+    def action_migrate(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is None:
+            return
+
+        def go(request: MigrationRequest | None) -> None:
+            if request is not None:
+                self._tell(f"to {request.target} (quant {request.quant})",
+                           f"Migrating {pane.agent_title}")
+                self._call(self.engine.migrate, pane.agent_id, request.target, request.pin,
+                           request.quant, request.move)
+            pane.input.focus()
+
+        self.push_screen(MigrateScreen(pane.agent_title), go)
 
     async def action_quit(self) -> None:
         if self._quitting:

@@ -28,6 +28,12 @@ class WorkspaceCommands(Provider):
             seen.add(binding.id)
             title = f"{binding.description} ({app.get_key_display(binding)})"
             yield title, binding.tooltip, partial(app.run_action, binding.action, active.node)
+        if hasattr(app, "action_migrate"):
+            yield (
+                "Migrate agent to...",
+                "Move the focused agent's live KV state to a `permeant serve` host",
+                app.action_migrate,
+            )
         if hasattr(screen, "action_load_more"):
             yield (
                 "Load earlier turns",

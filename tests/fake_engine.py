@@ -27,6 +27,9 @@ from permeant_tui.engine.events import (
     ExportDone,
     ExportFailed,
     ExportProgress,
+    MigrationDone,
+    MigrationFailed,
+    MigrationProgress,
     ModelLoading,
     ModelReady,
     PrefillProgress,
@@ -123,6 +126,7 @@ class FakeEngine:
         self._thread = threading.Thread(target=self._work, name="fake-engine", daemon=True)
         self.agent_stats: dict[str, AgentStats] = {}
         self.replies: dict[int, str] = {}
+        self.migrations: list[tuple] = []
 
     # EngineClient
 
@@ -187,6 +191,19 @@ class FakeEngine:
             else:
                 self.emit(ExportProgress(agent_id, 1.0))
                 self.emit(ExportDone(agent_id, target, 3_355_443, DIGEST, 42.0))
+
+        self._queue(Job(job))
+
+    def migrate(self, agent_id: str, target: str, pin: str | None = None,
+                quant: str = "none", move: bool = False) -> None:
+        self.migrations.append((agent_id, target, pin, quant, move))
+
+        def job() -> None:
+            self.emit(MigrationProgress(agent_id, "decision", "migrate 0.4 s vs re-prefill 6.1 s"))
+            if target.startswith("bad"):
+                self.emit(MigrationFailed(agent_id, "certificate fingerprint mismatch"))
+            else:
+                self.emit(MigrationDone(agent_id, target, "exact 16/16"))
 
         self._queue(Job(job))
 

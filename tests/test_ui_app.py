@@ -386,3 +386,40 @@ def test_the_ui_never_imports_mlx():
     )
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert result.returncode == 0, result.stdout + result.stderr
+
+
+async def _migrate_via_palette(pilot, engine, target: str) -> None:
+    await settle(pilot, engine)
+    await pilot.press("alt+2")
+    await pilot.press("ctrl+p")
+    await pilot.pause()
+    for character in "migrate":
+        await pilot.press(character)
+    await pilot.pause(0.3)
+    await pilot.press("enter")
+    await pilot.pause(0.3)
+    for character in target:
+        await pilot.press(character)
+    await pilot.press("enter")
+    await settle(pilot, engine)
+
+
+async def test_palette_migrates_the_focused_agent():
+    engine = FakeEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await _migrate_via_palette(pilot, engine, "10.0.0.2:8765")
+        await wait_until(pilot, lambda: any(t == "Migrated Business" for t, _, _ in notes(app)))
+        assert engine.migrations == [("business", "10.0.0.2:8765", None, "none", False)]
+        assert any("exact 16/16" in text for t, text, _ in notes(app) if t == "Migrated Business")
+
+
+async def test_failed_migration_is_explained():
+    engine = FakeEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await _migrate_via_palette(pilot, engine, "bad:1")
+        await wait_until(pilot, lambda: any(s == "error" for _, _, s in notes(app)))
+        errors = [(t, text) for t, text, s in notes(app) if s == "error"]
+        assert errors[0][0] == "Migration of Business failed"
+        assert "fingerprint mismatch" in errors[0][1] and "unchanged" in errors[0][1]

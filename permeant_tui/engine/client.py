@@ -56,6 +56,11 @@ class EngineClient(Protocol):
     def export(self, agent_id: str, path: str | None = None, quant: str = "none") -> None:
         """Write a USXF file for the agent (default: the workspace's exports folder)."""
 
+    def migrate(self, agent_id: str, target: str, pin: str | None = None,
+                quant: str = "none", move: bool = False) -> None:
+        """Move the agent's live state to a `permeant serve` target (HOST:PORT). Emits
+        MigrationProgress per stage, then MigrationDone or MigrationFailed."""
+
     def save(self) -> None:
         """Save every dirty agent's KV snapshot now. Emits Saved."""
 

@@ -166,6 +166,28 @@ class ExportFailed(Event):
 
 
 @dataclass(frozen=True)
+class MigrationProgress(Event):
+    """A stage of `permeant migrate` run from a front end: capabilities, decision, transfer..."""
+
+    agent_id: str
+    stage: str
+    detail: str
+
+
+@dataclass(frozen=True)
+class MigrationDone(Event):
+    agent_id: str
+    target: str
+    summary: str
+
+
+@dataclass(frozen=True)
+class MigrationFailed(Event):
+    agent_id: str
+    message: str
+
+
+@dataclass(frozen=True)
 class Saved(Event):
     agent_ids: tuple[str, ...]
     ms: float

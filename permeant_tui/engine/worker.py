@@ -174,6 +174,30 @@ class Engine:
         self._put(job)
         return job.future
 
+    def migrate(self, agent_id: str, target: str, pin: str | None = None,
+                quant: str = "none", move: bool = False) -> None:
+        """Run a live migration on its own thread (it waits on the network and on this
+        engine's worker for the export, so it must not run on the worker)."""
+        from .events import MigrationDone, MigrationFailed, MigrationProgress
+
+        def progress(stage: str, info: dict) -> None:
+            if stage == "transfer":
+                return  # per chunk: too chatty for notifications
+            detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
+            self._emit(MigrationProgress(agent_id, stage, detail[:300]))
+
+        def run() -> None:
+            from ..migrate import migrate_agent
+
+            try:
+                report = migrate_agent(self, agent_id, target, pin, quant, move, progress)
+                self._emit(MigrationDone(agent_id, target, str(getattr(report, "fidelity", ""))
+                                         or "committed"))
+            except Exception as exc:  # noqa: BLE001 - reported to the person
+                self._emit(MigrationFailed(agent_id, str(exc) or type(exc).__name__))
+
+        threading.Thread(target=run, name=f"migrate-{agent_id}", daemon=True).start()
+
     def save(self) -> Future:
         job = _Job("save")
         self._put(job)
