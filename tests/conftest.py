@@ -54,21 +54,6 @@ def tiny_model(real_model):
 
 
 def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
-    import mlx.core as mx
-    from mlx_lm.models import llama
+    from permeant_tui.engine.models import random_llama
 
-    from permeant_tui.engine.models import LoadedModel, _identity, _kv_dtype
-
-    mx.random.seed(seed)
-    args = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": layers,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": len(tokenizer._tokenizer),
-        "rope_theta": 10000.0, "rope_traditional": True, "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    }
-    model = llama.Model(llama.ModelArgs.from_dict(args))
-    mx.eval(model.parameters())
-    identity = _identity(f"tiny-random-{seed}", "llama", args, f"random-seed-{seed}-{layers}",
-                         tokenizer, _kv_dtype(model), 2048)
-    return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})
+    return random_llama(tokenizer, seed, layers)

@@ -71,26 +71,9 @@ def model_override_for_tests():
     seed = os.environ.get("PERMEANT_TEST_TINY_MODEL")
     if not seed:
         return None
-    import mlx.core as mx
-    from mlx_lm.models import llama
+    from ..engine.models import load_model, random_llama
 
-    from ..engine.models import LoadedModel, _identity, _kv_dtype, load_model
-
-    tokenizer = load_model(None).tokenizer
-    seed_i, layers = int(seed), 2
-    mx.random.seed(seed_i)
-    args = {
-        "model_type": "llama", "hidden_size": 64, "num_hidden_layers": layers,
-        "intermediate_size": 128, "num_attention_heads": 4, "num_key_value_heads": 2,
-        "head_dim": 16, "rms_norm_eps": 1e-5, "vocab_size": len(tokenizer._tokenizer),
-        "rope_theta": 10000.0, "rope_traditional": True, "max_position_embeddings": 2048,
-        "tie_word_embeddings": True,
-    }
-    model = llama.Model(llama.ModelArgs.from_dict(args))
-    mx.eval(model.parameters())
-    identity = _identity(f"tiny-random-{seed_i}", "llama", args, f"random-seed-{seed_i}-{layers}",
-                         tokenizer, _kv_dtype(model), 2048)
-    return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})
+    return random_llama(load_model(None).tokenizer, int(seed), 2)
 
 
 # ---- staged migrations ----------------------------------------------------------------------------
