@@ -58,11 +58,9 @@ def engine_turn(lm, ids, n_decode):
 
     agent = Fixed("bench", "bench", "Bench", "")
     events = []
-    t0 = time.perf_counter()
     r = run_turn(lm.model, lm.tokenizer, agent, "x", TurnParams(max_tokens=n_decode),
                  context_limit=lm.context_limit, turn_id=1, emit=events.append,
                  cancel=threading.Event(), source="new")
-    del t0
     return len(ids) / (r.timing_ms["ttft"] / 1000), r.decode_tok_s
 
 
@@ -71,11 +69,9 @@ def measure_here(args):
     from permeant_tui.engine.models import load_model
 
     blas = runtime.prepare()
-    t = time.perf_counter()
     lm = load_model(None)
     load = {k: round(v) for k, v in lm.timings_ms.items()}
     load["process_to_ready"] = round((time.perf_counter() - T0) * 1000)
-    del t
     ids = prompt_ids(lm.tokenizer, args.prompt_tokens)
     # Force EOS never to stop early: both paths decode exactly n tokens (ignore_eos-like).
     lm.tokenizer._eos_token_ids = {-1}

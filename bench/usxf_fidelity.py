@@ -32,11 +32,13 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="512,2048,4096")
     args = ap.parse_args()
+    import mlx.core as mx
+
     from permeant_tui.engine.agent import Agent, Turn
     from permeant_tui.engine.exchange import compare_probe, export_agent
     from permeant_tui.engine.generation import prefill
     from permeant_tui.engine.models import load_model
-    from permeant_tui.engine.snapshot import attach
+    from permeant_tui.engine.snapshot import attach_payload
     from permeant_tui.engine.usxf import read_usxf
     from permeant_tui.engine.usxf.keys import WorkspaceKeys
     from permeant_tui.engine.workspace import Workspace
@@ -71,19 +73,15 @@ def main():
                 t = time.perf_counter()
                 f = read_usxf(out, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)
                 kv = f.load_kv()
-                import mlx.core as mx
-
                 target = Agent("x", "technical", "Technical", "")
-                target.cache = attach(lm.model, [(mx.array(k)[None], mx.array(v)[None])
-                                                 for k, v in zip(kv.keys, kv.values, strict=False)])
+                target.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype,
+                                              lm.identity.kv_dtype)
                 target.cache_ids = list(f.token_ids)
                 mx.eval([c.keys for c in target.cache])
                 import_ms = (time.perf_counter() - t) * 1000
                 result = compare_probe(lm, target, f.fidelity)
-                err = f.manifest.get("quantization", {}).get("error", {}) \
-                    if isinstance(f.manifest.get("quantization"), dict) else {}
                 rows.append((len(ids), quant, info.size / 1e6, export_ms, import_ms, prefill_ms,
-                             result, err.get("max_abs", 0.0) if isinstance(err, dict) else 0.0))
+                             result))
                 print(f"{rows[-1][0]:>6} {quant:<5} {rows[-1][2]:7.1f} MB  export {export_ms:7.0f}"
                       f" ms (incl. probe)  import {import_ms:6.0f} ms  re-prefill {prefill_ms:7.0f}"
                       f" ms  x{prefill_ms / import_ms:5.1f}  probe: {result}", flush=True)
@@ -91,7 +89,7 @@ def main():
     print("| tokens | quant | file MB | export ms (incl. 16-token probe) | import ms (verify + "
           "attach) | re-prefill ms | re-prefill / import | probe on the import |")
     print("|---:|---|---:|---:|---:|---:|---:|---|")
-    for n, q, mb, e, i, p, r, _ in rows:
+    for n, q, mb, e, i, p, r in rows:
         print(f"| {n} | {q} | {mb:.1f} | {e:.0f} | {i:.0f} | {p:.0f} | {p / i:.1f} | {r} |")
 
 

@@ -270,8 +270,6 @@ def cmd_import(args) -> int:
 def cmd_usxf(args) -> int:
     from .engine import exchange
 
-    if getattr(args, "handler", None):
-        return args.handler(args)
     return getattr(exchange, f"cli_{args.usxf_cmd}")(args)
 
 

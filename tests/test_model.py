@@ -116,3 +116,34 @@ def test_cli_bad_model_exits_nonzero_without_traceback(tmp_path):
                        capture_output=True, text=True)
     assert r.returncode != 0
     assert "Traceback" not in r.stderr and "model not found" in r.stderr
+
+
+def test_mlx_model_directory_loads_and_generates(tmp_path, real_model):
+    """`--model DIR`: an MLX/HF-layout directory (config.json, safetensors, tokenizer.json),
+    loaded through mlx_lm.load. A tiny random llama written here stands in for a real one."""
+    import json
+
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+
+    from permeant_tui.engine.models import random_llama
+
+    tiny = random_llama(real_model.tokenizer, seed=3)
+    d = tmp_path / "tiny-mlx"
+    d.mkdir()
+    mx.save_safetensors(str(d / "model.safetensors"), dict(tree_flatten(tiny.model.parameters())))
+    config = {k: v for k, v in vars(tiny.model.args).items() if not k.startswith("_")}
+    config["rope_traditional"] = False
+    (d / "config.json").write_text(json.dumps(config))
+    inner = real_model.tokenizer._tokenizer
+    inner._tok.save(str(d / "tokenizer.json"))
+    (d / "tokenizer_config.json").write_text(json.dumps({
+        "chat_template": inner.chat_template, "eos_token": "<|im_end|>",
+        "bos_token": "<|im_start|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
+
+    lm = load_model(str(d))
+    ident = lm.identity
+    assert (ident.n_layers, ident.n_kv_heads, ident.head_dim) == (2, 2, 16)
+    assert ident.rope_layout == "half-split" and lm.weights_mode == "float32"
+    assert ident.fingerprint != tiny.identity.fingerprint  # another weights digest and layout
+    assert len(_greedy(lm.model, [1, 9690, 198, 2683], 4)) == 4

@@ -79,27 +79,25 @@ class Agent:
         return list(tokenizer.apply_chat_template(self.messages(next_user),
                                                   add_generation_prompt=True))
 
+    def _first_turns(self, n: int) -> Agent:
+        return Agent(self.agent_id, self.role, self.title, self.system, self.turns[:n])
+
     def expected_ids(self, tokenizer) -> list[int]:
         """The ids the KV cache holds at rest (see module docstring); [] before the first turn."""
         if not self.turns:
             return []
         last = self.turns[-1]
-        before = Agent(self.agent_id, self.role, self.title, self.system, self.turns[:-1])
-        return before.prompt_ids(tokenizer, last.user) + list(last.generated_ids)
+        return (self._first_turns(len(self.turns) - 1).prompt_ids(tokenizer, last.user)
+                + list(last.generated_ids))
 
     def turn_spans(self, tokenizer) -> list[tuple[int, int]]:
-        """Each turn's [start, end) token span in expected_ids()."""
-        spans, start = [], None
-        for i in range(len(self.turns)):
-            head = Agent(self.agent_id, self.role, self.title, self.system, self.turns[:i])
-            s = len(tokenizer.apply_chat_template(head.messages(), add_generation_prompt=False))
-            if spans:
-                spans[-1] = (spans[-1][0], s)
-            spans.append((s if start is None else s, 0))
-            start = s
-        if spans:
-            spans[-1] = (spans[-1][0], len(self.expected_ids(tokenizer)))
-        return spans
+        """Each turn's [start, end) token span in expected_ids(): a turn starts where the
+        conversation before it ends, and ends where the next one starts."""
+        starts = [len(tokenizer.apply_chat_template(self._first_turns(i).messages(),
+                                                    add_generation_prompt=False))
+                  for i in range(len(self.turns))]
+        ends = starts[1:] + [len(self.expected_ids(tokenizer))] if starts else []
+        return list(zip(starts, ends, strict=True))
 
     def cache_bytes(self) -> int:
         if self.cache is None:

@@ -110,13 +110,15 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
 def import_usxf(engine, path: str, name: str | None = None) -> dict:
     """Verify everything, check the identity, then register the agent. On any failure nothing
     in the workspace changes."""
-    from .usxf import read_usxf
+    from .usxf import verify_usxf
     from .usxf.keys import WorkspaceKeys
 
     lm, ws = engine.loaded, engine.ws
     keys = WorkspaceKeys(ws.keys_dir)
     keys.ensure()
-    f = read_usxf(path, trusted=keys, expected_identity=lm.identity)
+    # Every check, in bounded memory: the tensors are loaded (and verified again) when the
+    # agent is first attached.
+    f = verify_usxf(path, trusted=keys, expected_identity=lm.identity)
     agent_id = name or f.agent.agent_id
     if agent_id in ws.agents:
         raise WorkspaceError(f"an agent named {agent_id!r} exists already; import with --as NAME")
@@ -158,7 +160,7 @@ def import_usxf(engine, path: str, name: str | None = None) -> dict:
 def replay_fidelity(engine, agent_id: str) -> str:
     """Replay the exporter's probe on an imported agent: exact N/N, diverged at k, or not
     checked (context exhaustion is reported as such, never as a migration defect)."""
-    from .usxf import read_usxf
+    from .usxf import verify_usxf
     from .usxf.keys import WorkspaceKeys
 
     ws, lm = engine.ws, engine.loaded
@@ -166,7 +168,7 @@ def replay_fidelity(engine, agent_id: str) -> str:
     src = ws.imported_path(agent_id)
     if not src.exists():
         raise PermeantError(f"{agent_id} has no imported USXF file to check")
-    f = read_usxf(src, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)
+    f = verify_usxf(src, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)
     engine._restore(agent)
     return compare_probe(lm, agent, f.fidelity)
 
@@ -251,18 +253,14 @@ def cli_verify(args) -> int:
 
 def fidelity_of_file(args) -> str:
     """Attach the file to a scratch agent (not in any workspace) and replay its probe."""
-    import mlx.core as mx
-
     from .models import load_model
-    from .snapshot import attach
+    from .snapshot import attach_payload
     from .usxf import read_usxf
 
     lm = load_model(args.model)
     f = read_usxf(args.file, trusted=None, expected_identity=lm.identity)
     kv = f.load_kv()
-    dt = getattr(mx, lm.identity.kv_dtype)
-    pairs = [(mx.array(k)[None].astype(dt), mx.array(v)[None].astype(dt))
-             for k, v in zip(kv.keys, kv.values, strict=False)]
     agent = Agent("probe", "probe", "probe", "")
-    agent.cache, agent.cache_ids = attach(lm.model, pairs), list(f.token_ids)
+    agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype)
+    agent.cache_ids = list(f.token_ids)
     return compare_probe(lm, agent, f.fidelity)

@@ -131,9 +131,9 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
             name = str(meta.get("general.name") or path.stem)
         arch = str(meta.get("general.architecture"))
     else:
-        model, tok, args, digest = _load_mlx(spec, path, mode, digest_cache, report, timings)
+        model, tok, args, digest, mode = _load_mlx(spec, path, mode, digest_cache, report,
+                                                   timings)
         arch = args.get("model_type", "unknown")
-        mode = "as stored (mlx_lm.load)" if weights_mode is None else mode
     report("identity", 0.9)
     t = time.perf_counter()
     limit = int(context_limit or args.get("max_position_embeddings") or 4096)
@@ -168,11 +168,10 @@ def _load_gguf(path: Path, mode, digest_cache, report, timings):
 
 
 def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):
-    """An MLX model directory or a Hugging Face repo id, through mlx_lm.load."""
-    import json
-
+    """An MLX model directory or a Hugging Face repo id, through mlx_lm.load.
+    -> (model, tokenizer, config, weights digest, weights mode actually used)."""
     from mlx_lm import load
-    from mlx_lm.utils import get_model_path  # noqa: F401  (resolves repo ids)
+    from mlx_lm.utils import _download  # what mlx_lm.load itself uses to resolve a repo id
 
     report("weights", 0.15)
     t = time.perf_counter()
@@ -183,13 +182,11 @@ def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):
     if path.is_dir() and not (path / "config.json").exists():
         raise ModelLoadError(f"{path} is a directory without config.json: not an MLX model")
     try:
-        model, tok = load(spec)
-        local = Path(get_model_path(spec)[0] if isinstance(get_model_path(spec), tuple)
-                     else get_model_path(spec))
+        local = Path(_download(spec))
+        model, tok, config = load(str(local), return_config=True)
     except Exception as exc:
         raise ModelLoadError(f"could not load {spec} with mlx_lm: {exc}") from exc
     timings["weights"] = (time.perf_counter() - t) * 1000
-    config = json.loads((local / "config.json").read_text())
     args = dict(config)
     args.setdefault("rope_traditional", False)
     if mode == "float32" and "quantization" not in config:
@@ -197,10 +194,12 @@ def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):
         from mlx.utils import tree_map
 
         model.update(tree_map(lambda a: a.astype(mx.float32), model.parameters()))
+    else:
+        mode = "as stored"
     t = time.perf_counter()
     digest = tree_digest(sorted(local.glob("*.safetensors")), digest_cache)
     timings["digest"] = (time.perf_counter() - t) * 1000
-    return model, tok, args, digest
+    return model, tok, args, digest, mode
 
 
 def random_llama(tokenizer, seed: int = 0, layers: int = 2) -> LoadedModel:

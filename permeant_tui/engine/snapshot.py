@@ -225,3 +225,20 @@ def attach(model, pairs) -> list:
         if k.shape[2]:
             c.keys, c.values, c.offset = k, v, k.shape[2]
     return cache
+
+
+def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype: str) -> list:
+    """Build mlx_lm KV caches from numpy K/V shaped (kv_heads, seq, head_dim), as a USXF
+    payload carries them (bfloat16 as raw uint16 bits), cast to the model's KV dtype."""
+    import mlx.core as mx
+
+    target = getattr(mx, kv_dtype)
+
+    def arr(a):
+        x = mx.array(a)
+        if source_dtype == "bfloat16":
+            x = x.view(mx.bfloat16)  # raw bits, not numbers
+        return x[None].astype(target)
+
+    return attach(model, [(arr(k), arr(v)) for k, v in zip(keys, values, strict=True)])
+

@@ -36,6 +36,7 @@ from .events import (
     PrefillProgress,
     Saved,
     Stopped,
+    Tokens,
     TurnDone,
     TurnFailed,
     TurnQueued,
@@ -93,8 +94,12 @@ class Engine:
         self._ready = threading.Event()
         self._load_error: str | None = None
         self._mem = runtime.MemoryFigures(0, 0, 0)
-        self._stats = self._make_stats()
+        self._last_mem = 0.0
+        self._device = ""  # runtime.device_label(), once the model is loaded
+        self.autosave = True  # tests turn it off: then only eviction and shutdown write snapshots
+        self._first_turn = True  # the first turn's timing_ms reports the model load
         self.timings: dict[str, float] = {}
+        self._stats = self._make_stats()
 
     # ---- front-end API (any thread) --------------------------------------------------------
     def connect(self, sink: EventSink) -> None:
@@ -120,7 +125,7 @@ class Engine:
         return [TurnView(t.user, t.reply) for t in turns[lo:before]]
 
     def submit(self, agent_id: str, text: str, max_tokens: int | None = None,
-               params: TurnParams | None = None, user_shown: str | None = None) -> int:
+               params: TurnParams | None = None) -> int:
         return self.submit_future(agent_id, text, max_tokens, params)[0]
 
     def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
@@ -263,9 +268,9 @@ class Engine:
         return job
 
     def _emit(self, event: Event) -> None:
-        if isinstance(event, (PrefillProgress,)) or type(event).__name__ == "Tokens":
+        if isinstance(event, (PrefillProgress, Tokens)):
             now = time.perf_counter()
-            if now - getattr(self, "_last_mem", 0.0) > 0.5:  # refresh gauges while decoding
+            if now - self._last_mem > 0.5:  # refresh gauges while decoding
                 self._last_mem = now
                 self._refresh_stats(memory=True)
         sink = self._sink
@@ -314,7 +319,8 @@ class Engine:
             raise
         self.timings["model_load"] = (time.perf_counter() - t0) * 1000
         lm = self.loaded
-        self._emit(ModelReady(lm.identity.name, runtime.device_label(), runtime.blas_label(),
+        self._device = runtime.device_label()
+        self._emit(ModelReady(lm.identity.name, self._device, runtime.blas_label(),
                               lm.weights_mode, lm.context_limit, self.timings["model_load"]))
         for w in self.ws.warnings:
             self._emit(Notice("warning", w))
@@ -372,7 +378,7 @@ class Engine:
                 self._emit(TurnStarted(agent.agent_id, job.turn_id, source, cached, todo, text))
 
             def emit(ev):
-                if type(ev).__name__ == "Tokens":
+                if isinstance(ev, Tokens):
                     agent.state = "generating"
                 self._emit(ev)
 
@@ -383,11 +389,12 @@ class Engine:
             self.ws.append_turn(agent, agent.turns[-1])
             t = time.perf_counter()
             self.ws.enforce_residency(self.loaded, keep=agent)
-            save_ms = self.ws.save_agent(agent, self.loaded) if self.autosave else None
+            if self.autosave:
+                self.ws.save_agent(agent, self.loaded)
             timing = dict(result.timing_ms)
             timing["model_load"] = self.timings.get("model_load", 0.0) if self._first_turn else 0.0
             timing["restore"] = restore.ms
-            timing["save"] = save_ms if save_ms is not None else (time.perf_counter() - t) * 1000
+            timing["save"] = (time.perf_counter() - t) * 1000  # this agent's and any evictee's
             self._first_turn = False
             result = replace(result, timing_ms=timing)
             agent.state = "done"
@@ -405,9 +412,6 @@ class Engine:
         finally:
             with self._lock:
                 self._running = None
-
-    autosave = True
-    _first_turn = True
 
     def _do_save(self, job: _Job) -> None:
         if self.loaded is None:
@@ -463,12 +467,12 @@ class Engine:
         limit = lm.context_limit if lm else 0
         agents = tuple(
             AgentStats(a.agent_id, a.role, a.title, len(a.cache_ids) if a.resident
-                       else _snapshot_tokens(a), a.cache_bytes(), a.resident, a.state, limit,
+                       else a.tokens_on_disk, a.cache_bytes(), a.resident, a.state, limit,
                        a.last_used, a.last_tok_s, a.last_ttft_ms, tuple(a.tok_s_history))
             for a in self.ws.agents.values())
         return EngineStats(
             ready=lm is not None, model=lm.identity.name if lm else "loading...",
-            device=runtime.device_label() if lm else "", blas=runtime.blas_label(),
+            device=self._device, blas=runtime.blas_label(),
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
@@ -490,6 +494,3 @@ def _wait_native_exit(tid: int | None, timeout: float = 5.0) -> None:
     else:
         time.sleep(0.05)
 
-
-def _snapshot_tokens(agent: Agent) -> int:
-    return agent.tokens_on_disk

@@ -23,8 +23,16 @@ from pathlib import Path
 from ..config import AgentSpec, Settings, load_settings, save_settings
 from .agent import Agent, Turn
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
-from .generation import new_cache, prefill, sync_to_transcript
-from .snapshot import attach, fsync_dir, ids_digest, read_header, read_snapshot, write_snapshot
+from .generation import new_cache, prefill
+from .snapshot import (
+    attach,
+    attach_payload,
+    fsync_dir,
+    ids_digest,
+    read_header,
+    read_snapshot,
+    write_snapshot,
+)
 
 TRANSCRIPT = "transcript.jsonl"
 SNAPSHOT = "kv.safetensors"
@@ -212,8 +220,6 @@ class Workspace:
         return None
 
     def _attach_usxf(self, agent: Agent, loaded, path: Path, expected: list[int]) -> None:
-        import mlx.core as mx
-
         from .errors import UsxfInvalid
         from .usxf import read_usxf
         from .usxf.keys import WorkspaceKeys
@@ -223,16 +229,17 @@ class Workspace:
             raise UsxfInvalid("tokens", "the imported token ids differ from the transcript",
                               str(path))
         kv = f.load_kv()
-        pairs = [(mx.array(k)[None], mx.array(v)[None]) for k, v in zip(kv.keys, kv.values, strict=True)]
-        dt = getattr(mx, loaded.identity.kv_dtype)
-        pairs = [(k.astype(dt), v.astype(dt)) for k, v in pairs]
-        agent.cache, agent.cache_ids = attach(loaded.model, pairs), list(f.token_ids)
+        agent.cache = attach_payload(loaded.model, kv.keys, kv.values, kv.dtype,
+                                     loaded.identity.kv_dtype)
+        agent.cache_ids = list(f.token_ids)
 
     def save_agent(self, agent: Agent, loaded) -> float | None:
         """Write the agent's snapshot if it changed. Returns ms, or None when nothing to do."""
         if agent.cache is None or not agent.dirty:
             return None
-        sync_to_transcript(loaded.model, loaded.tokenizer, agent)
+        # No re-render here: cache_ids equal the transcript's ids by construction (run_turn,
+        # restore and cancel keep that invariant), and a snapshot whose ids do not match is
+        # rejected when it is loaded, never attached.
         info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
                               loaded.identity, agent.agent_id)
         agent.tokens_on_disk = info.tokens
