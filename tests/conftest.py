@@ -12,9 +12,8 @@ from permeant_tui.engine import runtime
 
 runtime.prepare()  # OpenBLAS before the first mlx import, as the CLI does
 
-FIXTURES = Path(__file__).resolve().parents[1].parent / "shared" / "fixtures"
-if not FIXTURES.exists():  # CI clones main with shared/ beside it; a dev checkout may differ
-    FIXTURES = Path("/work/shared/fixtures")
+# llama.cpp's outputs for the embedded GGUF, kept in the repository (tests/data/README.md)
+FIXTURES = Path(__file__).resolve().parent / "data"
 
 
 @pytest.fixture(autouse=True)
@@ -25,7 +24,7 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
 
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
-    assert FIXTURES.exists(), f"shared fixtures not found at {FIXTURES}"
+    assert FIXTURES.is_dir(), f"test data not found at {FIXTURES}"
     return FIXTURES
 
 

@@ -1,0 +1,93 @@
+"""Durable file writes, in one place: every writer of the project goes through here.
+
+`write_atomic` writes to a temp file beside the target, fsyncs it, renames it over the target
+and fsyncs the folder: a crash leaves the old file or the new one, never half of one.
+`write_private` does the same with mode 0600 from the first byte (keys, TLS material).
+Temp files are named `.<name>.<pid>.tmp` so a later writer can tell a dead process's leftovers
+(`remove_stale_temps`) from a live one's.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Callable
+from pathlib import Path
+from typing import BinaryIO
+
+
+def fsync_dir(folder: str | Path) -> None:
+    """Make a rename in `folder` durable (no-op where the platform cannot open folders)."""
+    try:
+        fd = os.open(folder, os.O_RDONLY)
+    except OSError:
+        return
+    try:
+        os.fsync(fd)
+    except OSError:
+        pass  # some filesystems refuse fsync on a directory
+    finally:
+        os.close(fd)
+
+
+def temp_path(path: Path, suffix: str = ".tmp") -> Path:
+    return path.with_name(f".{path.name}.{os.getpid()}{suffix}")
+
+
+def refuse_non_regular(path: Path) -> None:
+    """A target that exists and is not a regular file (a device, a FIFO, a folder) is never
+    replaced: renaming over /dev/full would 'succeed' and lose nothing the user sees."""
+    try:
+        st = path.lstat()
+    except FileNotFoundError:
+        return
+    import stat
+
+    if not stat.S_ISREG(st.st_mode):
+        raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
+
+
+def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *,
+                 mode: int = 0o644, durable: bool = True) -> Path:
+    """Replace `path` with `data` (bytes, or a function that writes to the open file)."""
+    path = Path(path)
+    refuse_non_regular(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = temp_path(path)
+    fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, mode)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            if callable(data):
+                data(f)
+            else:
+                f.write(data)
+            f.flush()
+            if durable:
+                os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    if durable:
+        fsync_dir(path.parent)
+    return path
+
+
+def write_private(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """`write_atomic` with mode 0600 from creation (secrets never exist world-readable)."""
+    return write_atomic(path, data, mode=0o600)
+
+
+def commit_file(tmp: str | Path, path: str | Path) -> Path:
+    """Finish a write that a library made itself (mx.save_safetensors writes its own file):
+    fsync `tmp`, rename it over `path`, fsync the folder. Removes `tmp` on failure."""
+    tmp, path = Path(tmp), Path(path)
+    try:
+        refuse_non_regular(path)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    fsync_dir(path.parent)
+    return path
