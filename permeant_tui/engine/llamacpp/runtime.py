@@ -19,7 +19,13 @@ from collections.abc import Sequence
 
 import numpy as np
 
-from .codec import KV_TYPES, SeqStateError, SlidingWindowUnsupported, build_seq_state, seq_state_info
+from .codec import (
+    KV_TYPES,
+    SeqStateError,
+    SlidingWindowUnsupported,
+    build_seq_state,
+    seq_state_info,
+)
 
 
 def _u8_ptr(buf):
