@@ -13,6 +13,10 @@ import time
 
 T_START = time.perf_counter()
 
+# Until cli.py becomes the cli/ package (helper "front"): let `permeant_tui.cli.<module>`
+# resolve to the modules in cli/ beside this file. Dropped at merge.
+__path__ = [str(__import__("pathlib").Path(__file__).with_suffix(""))]
+
 
 def _add_common(p: argparse.ArgumentParser, workspace: bool = True) -> None:
     if workspace:
@@ -93,8 +97,10 @@ def _plugin_commands(sub, usxf_sub) -> None:
     `handler` on its parsers."""
     import importlib
 
-    for module, target in (("permeant_tui.migrate.commands", sub),
-                           ("permeant_tui.engine.crossruntime_cli", usxf_sub)):
+    from permeant_tui.cli import crossruntime
+
+    crossruntime.register(usxf_sub)
+    for module, target in (("permeant_tui.migrate.commands", sub),):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
@@ -112,7 +118,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import PermeantError
 
     try:
-        handler = getattr(args, "handler", None) or globals()[f"cmd_{args.cmd or 'tui'}"]
+        handler = (getattr(args, "func", None) or getattr(args, "handler", None)
+                   or globals()[f"cmd_{args.cmd or 'tui'}"])
         return int(handler(args) or 0)
     except PermeantError as exc:
         print(f"permeant: error: {exc}", file=sys.stderr)
