@@ -12,6 +12,7 @@ import sys
 import time
 
 T_START = time.perf_counter()
+__path__ = [__file__[:-3]]  # TEMP (wt-migrate only): cli/*.py importable beside this module
 
 
 def _add_common(p: argparse.ArgumentParser, workspace: bool = True) -> None:
@@ -93,7 +94,7 @@ def _plugin_commands(sub, usxf_sub) -> None:
     `handler` on its parsers."""
     import importlib
 
-    for module, target in (("permeant_tui.migrate.commands", sub),
+    for module, target in (("permeant_tui.cli.migrate", sub),
                            ("permeant_tui.engine.crossruntime_cli", usxf_sub)):
         try:
             mod = importlib.import_module(module)
@@ -101,7 +102,7 @@ def _plugin_commands(sub, usxf_sub) -> None:
             if exc.name and module.startswith(exc.name):
                 continue  # subsystem not present in this build
             raise
-        mod.add_commands(target)
+        (getattr(mod, "register", None) or mod.add_commands)(target)
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -112,7 +113,8 @@ def main(argv: list[str] | None = None) -> int:
     from .engine.errors import PermeantError
 
     try:
-        handler = getattr(args, "handler", None) or globals()[f"cmd_{args.cmd or 'tui'}"]
+        handler = (getattr(args, "func", None) or getattr(args, "handler", None)
+                   or globals()[f"cmd_{args.cmd or 'tui'}"])
         return int(handler(args) or 0)
     except PermeantError as exc:
         print(f"permeant: error: {exc}", file=sys.stderr)

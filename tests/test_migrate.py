@@ -28,8 +28,6 @@ import pytest
 from permeant_tui.engine.usxf.keys import WorkspaceKeys
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
-from permeant_tui.migrate.client import MigrationClient, _export, migrate_agent
-from permeant_tui.migrate.commands import shutdown_engine
 from permeant_tui.migrate.protocol import (
     CertificateMismatch,
     MigrationError,
@@ -37,6 +35,8 @@ from permeant_tui.migrate.protocol import (
     Unauthorized,
     b64,
 )
+from permeant_tui.migrate.source import export_for_migration, migrate_agent
+from permeant_tui.migrate.transport import MigrationClient
 
 CHUNK = 1 << 20  # ~100 tokens of the default model's KV (46 KB/token) = 5 chunks
 PYTHON = sys.executable
@@ -112,9 +112,9 @@ def source(tmp_path_factory, real_model):
     e.submit_future("technical", "We have a critical API bug: payments time out.",
                     max_tokens=12)[1].result(300)
     e.submit_future("technical", "What do we check first?", max_tokens=12)[1].result(300)
-    WorkspaceKeys(e.ws.keys_dir).ensure()
+    WorkspaceKeys(e.folder / "keys").ensure()
     yield e
-    shutdown_engine(e)
+    e.shutdown()
 
 
 def _target(tmp_path_factory, source, name: str, ttl: float) -> Server:
@@ -122,7 +122,7 @@ def _target(tmp_path_factory, source, name: str, ttl: float) -> Server:
     ws = root / "ws"
     keys = WorkspaceKeys(ws / "keys")
     keys.ensure()
-    keys.trust(WorkspaceKeys(source.ws.keys_dir).public_key_text)
+    keys.trust(WorkspaceKeys(source.folder / "keys").public_key_text)
     return Server(ws, root, ttl=ttl)
 
 
@@ -143,13 +143,14 @@ def short_ttl_server(tmp_path_factory, source):
 def _client(server: Server, source, keys=None) -> MigrationClient:
     host, port = server.address.split(":")
     return MigrationClient(host, int(port), server.fingerprint,
-                           keys or WorkspaceKeys(source.ws.keys_dir), timeout=120)
+                           keys or WorkspaceKeys(source.folder / "keys"), timeout=120)
 
 
 def _exported(source, tmp_path, quant="none") -> tuple[bytes, bytes, dict]:
     """(head, payload, manifest payload map) of the source's technical agent."""
     path = tmp_path / "t.usxf"
-    info = source.call(lambda e: _export(e, "technical", path, quant, CHUNK)).result(300)
+    info = source.call(
+        lambda ctx: export_for_migration(ctx, "technical", path, quant, CHUNK)).result(300)
     data = path.read_bytes()
     p = info.manifest["payload"]
     return data[:p["offset"]], data[p["offset"]:], p
@@ -184,7 +185,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
     assert caps["prefill_tok_s"] > 0 and caps["memory"]["available"] > 0
     assert rep.mode == "kv" and rep.chunks >= 3 and rep.fidelity == "exact 16/16"
     assert rep.target_result["restored_from"] == "usxf"  # the moved state, not a rebuild
-    assert not rep.moved and (source.ws.agent_dir("technical") / "transcript.jsonl").exists()
+    assert not rep.moved and (source.folder / "agents" / "technical" / "transcript.jsonl").exists()
     assert _staging(server) == []  # committed: the staged copy is gone
     name = rep.target_agent
     assert name in {a.id for a in Workspace.open(server.ws).settings.agents}
@@ -199,7 +200,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
     try:
         got = e.submit_future(name, "And then?", max_tokens=12)[1].result(300)
     finally:
-        shutdown_engine(e)
+        e.shutdown()
     assert got.source == "usxf"  # attached from the migrated state, not rebuilt
     assert got.cached == ref.cached  # every migrated token reused
     assert got.generated_ids == ref.generated_ids
@@ -466,7 +467,7 @@ def test_target_killed_between_prepare_and_commit_attaches_nothing(source, short
     assert ei.value.status == 404
     assert c.capabilities()["migrations"]["active"] == 0
     c.close()
-    assert source.ws.agent("technical").turns  # the source agent is intact
+    assert source.agent("technical").turns  # the source agent is intact
 
 
 def test_source_killed_mid_transfer_staged_data_expires(source, short_ttl_server, tmp_path):
