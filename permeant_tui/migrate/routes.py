@@ -14,6 +14,7 @@ from contextlib import asynccontextmanager
 
 from ..engine.errors import PermeantError, UsxfInvalid
 from ..engine.names import AGENT_NAME_RULE, is_agent_name
+from ..engine.text import printable
 from . import staging
 from .commit import check_record, commit_staged, verify_staged
 from .guard import (
@@ -81,7 +82,7 @@ class TargetRoutes:
         return exc.response
 
     async def on_error(self, request, exc: Exception):
-        log.exception("unexpected error on %s %s", request.method, request.url.path)
+        log.exception("unexpected error on %s %s", request.method, printable(request.url.path))
         return err(500, "internal")
 
     def reply(self, m: Staged, status: int = 200, **extra):
