@@ -181,7 +181,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         if chunk <= 0 or chunk & (chunk - 1) or not 4 <= args.chunk_kib <= 256 * 1024:
             raise MigrationError("--chunk-kib must be a power of two from 4 to 262144")
     if args.name is not None:
-        check_agent_name(args.name)
+        check_agent_name(args.name)  # before the model loads
     t = time.perf_counter()
     engine = open_engine(args, loaded=model_override_for_tests())
     try:

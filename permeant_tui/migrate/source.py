@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.atomic import write_atomic
+from ..engine.names import check_agent_name
 from ..engine.text import printable
 from .protocol import (
     PROTOCOL,
@@ -169,6 +170,8 @@ def migrate_agent(engine, agent_id: str, target: str, pin: str | None = None,
         raise MigrationError(f"--quant must be one of {', '.join(QUANTS)}")
     if force and reprefill:
         raise MigrationError("--force (move the KV state) and --reprefill exclude each other")
+    if name is not None:
+        check_agent_name(name)
     host, port = parse_hostport(target)
     t_all = time.perf_counter()
     engine.wait_ready(600)
