@@ -236,3 +236,16 @@ def test_many_junk_connections_at_once_leave_signed_requests_served(server, sour
         t.join(60)
         for s in junk:
             s.close()
+
+
+def test_cli_migrate_refuses_a_bad_target_name_in_one_line(tmp_path):
+    import subprocess
+    import sys
+
+    r = subprocess.run(
+        [sys.executable, "-m", "permeant_tui.cli", "migrate", "technical", "--to", "127.0.0.1:1",
+         "--as", "../agents/x\x1b[2J", "--workspace", str(tmp_path / "ws")],
+        capture_output=True, text=True, timeout=120)
+    assert r.returncode == 2, r.stderr
+    assert r.stderr.count("\n") == 1 and "invalid agent name" in r.stderr
+    assert "\x1b" not in r.stderr and "Traceback" not in r.stderr
