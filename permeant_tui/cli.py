@@ -100,14 +100,14 @@ def _plugin_commands(sub, usxf_sub) -> None:
     from permeant_tui.cli import crossruntime
 
     crossruntime.register(usxf_sub)
-    for module, target in (("permeant_tui.migrate.commands", sub),):
+    for module, target in (("permeant_tui.cli.migrate", sub),):
         try:
             mod = importlib.import_module(module)
         except ModuleNotFoundError as exc:
             if exc.name and module.startswith(exc.name):
                 continue  # subsystem not present in this build
             raise
-        mod.add_commands(target)
+        (getattr(mod, "register", None) or mod.add_commands)(target)
 
 
 def main(argv: list[str] | None = None) -> int:
