@@ -17,7 +17,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from .commands import WorkspaceCommands
+from .engine.agent import DEFAULT_AGENTS
 from .engine.client import AgentView, EngineClient
 from .engine.events import (
     AgentReset,
@@ -43,6 +43,7 @@ from .engine.events import (
     TurnQueued,
     TurnStarted,
 )
+from .palette import WorkspaceCommands
 from .screens.confirm import ConfirmScreen
 from .screens.migrate import MigrateScreen, MigrationRequest
 from .screens.workspace import WorkspaceScreen
@@ -52,7 +53,6 @@ from .widgets.team_prompt import TeamPrompt
 
 T = TypeVar("T")
 
-DEFAULT_AGENTS = (("technical", "Technical"), ("business", "Business"), ("coordinator", "Coordinator"))
 # What to do next, by error class name (engine/errors.py).
 ADVICE = {
     "ContextExhausted": "Reset the agent with ctrl+r (its transcript is archived) "
@@ -72,9 +72,9 @@ class EngineEvent(Message):
 
 class PermeantApp(App[None]):
     TITLE = "Permeant"
-    # The default screen's CSS_PATH is not read by Textual (only pushed screens'), so the
-    # workspace's stylesheet is loaded here.
-    CSS_PATH = ["styles/app.tcss", "styles/workspace.tcss"]
+    # What is app-wide, then the workspace screen's stylesheet (beside it, as every screen's
+    # is): Textual reads the CSS_PATH of pushed screens only, not the default screen's.
+    CSS_PATH = ["styles/app.tcss", "screens/workspace.tcss"]
     COMMANDS = App.COMMANDS | {WorkspaceCommands}
     STATS_INTERVAL = 0.5
     BINDINGS = [
@@ -104,7 +104,8 @@ class PermeantApp(App[None]):
 
     def get_default_screen(self) -> WorkspaceScreen:
         views = self._call(self.engine.agents) or [
-            AgentView(agent_id, agent_id, title, "", ()) for agent_id, title in DEFAULT_AGENTS
+            AgentView(agent_id, role, title, system, ())
+            for agent_id, role, title, system in DEFAULT_AGENTS
         ]
         self._titles = {view.agent_id: view.title for view in views}
         return WorkspaceScreen(views, self.workspace_label)

@@ -380,7 +380,7 @@ async def test_quit_shuts_the_engine_down_and_exits_zero():
 
 def test_the_ui_never_imports_mlx():
     code = (
-        "import sys; import permeant_tui.app, permeant_tui.commands; "
+        "import sys; import permeant_tui.app, permeant_tui.palette; "
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )
