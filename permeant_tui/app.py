@@ -3,7 +3,8 @@
 Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
 them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
 notifications. Widgets post what the person asked for; the handlers below call the engine.
-Gauges are fed by one timer that samples `engine.stats()`.
+Gauges and each agent's state are fed by one timer that samples `engine.stats()` (sampled at
+once, too, when an event says a turn moved on).
 """
 
 from __future__ import annotations
@@ -60,6 +61,9 @@ ADVICE = {
     "ModelLoadError": "Check the model path, or start permeant with the default model.",
 }
 RESTORED_BY = {"snapshot": "snapshot", "usxf": "USXF file"}
+# Events after which an agent's state has changed: the stats are sampled then, not only on the
+# timer, so the panes follow the engine's state promptly.
+STATE_EVENTS = (TurnQueued, TurnStarted, TurnDone, TurnFailed, TurnCancelled, AgentReset)
 
 
 class EngineEvent(Message):
@@ -135,6 +139,8 @@ class PermeantApp(App[None]):
     async def on_engine_event(self, message: EngineEvent) -> None:
         try:
             await self._route(message.event)
+            if isinstance(message.event, STATE_EVENTS):
+                self._sample_stats()
         except Exception as error:  # a display problem must never take the workspace down
             self.notify(f"{type(message.event).__name__}: {error}", title="Display error",
                         severity="error", markup=False)
