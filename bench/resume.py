@@ -255,12 +255,12 @@ os._exit(0)  # measured; do not let shutdown write the rebuilt snapshots back
 def build_workspace(folder: Path, lm, ctx: dict) -> None:
     """Three agents with the same 4096-token conversation (one prefill builds all three
     snapshots; restore cost does not depend on what the tokens say)."""
-    from permeant_tui.config import AgentSpec, Settings, save_settings
+    from permeant_tui.engine.settings import AgentSpec, WorkspaceSettings, save_settings
     from permeant_tui.engine.snapshot import write_snapshot
     from permeant_tui.engine.workspace import Workspace
 
     agent = ctx["agent"]
-    settings = Settings(agents=[AgentSpec(i, i, i.title(), agent.system)
+    settings = WorkspaceSettings(agents=[AgentSpec(i, i, i.title(), agent.system)
                                 for i in ("technical", "business", "coordinator")])
     save_settings(folder, settings)
     ws = Workspace.open(folder)

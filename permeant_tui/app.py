@@ -1,4 +1,4 @@
-"""The Textual app: wiring between the workspace screen and an `EngineClient`. Nothing else.
+"""The Textual app: wiring between the workspace screen and the engine (`EngineAPI`). Nothing else.
 
 Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
 them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
@@ -18,7 +18,8 @@ from textual.message import Message
 from textual.worker import Worker, WorkerState
 
 from .commands import WorkspaceCommands
-from .engine.client import AgentView, EngineClient
+from .engine.agent import DEFAULT_AGENTS
+from .engine.api import AgentView, EngineAPI
 from .engine.events import (
     AgentReset,
     AgentRestored,
@@ -52,7 +53,6 @@ from .widgets.team_prompt import TeamPrompt
 
 T = TypeVar("T")
 
-DEFAULT_AGENTS = (("technical", "Technical"), ("business", "Business"), ("coordinator", "Coordinator"))
 # What to do next, by error class name (engine/errors.py).
 ADVICE = {
     "ContextExhausted": "Reset the agent with ctrl+r (its transcript is archived) "
@@ -91,7 +91,7 @@ class PermeantApp(App[None]):
     ]
     WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset"})
 
-    def __init__(self, engine: EngineClient, workspace_label: str = "") -> None:
+    def __init__(self, engine: EngineAPI, workspace_label: str = "") -> None:
         super().__init__()
         self.engine = engine
         self.workspace_label = workspace_label
@@ -104,7 +104,8 @@ class PermeantApp(App[None]):
 
     def get_default_screen(self) -> WorkspaceScreen:
         views = self._call(self.engine.agents) or [
-            AgentView(agent_id, agent_id, title, "", ()) for agent_id, title in DEFAULT_AGENTS
+            AgentView(agent_id, role, title, system, ())
+            for agent_id, role, title, system in DEFAULT_AGENTS
         ]
         self._titles = {view.agent_id: view.title for view in views}
         return WorkspaceScreen(views, self.workspace_label)
@@ -287,8 +288,14 @@ class PermeantApp(App[None]):
             if request is not None:
                 self._tell(f"to {request.target} (quant {request.quant})",
                            f"Migrating {pane.agent_title}")
-                self._call(self.engine.migrate, pane.agent_id, request.target, request.pin,
-                           request.quant, request.move)
+
+                def migrate() -> None:
+                    from .migrate import start_migration  # the network stack, only when used
+
+                    start_migration(self.engine, pane.agent_id, request.target, pin=request.pin,
+                                    quant=request.quant, move=request.move, on_event=self._sink)
+
+                self._call(migrate)
             pane.input.focus()
 
         self.push_screen(MigrateScreen(pane.agent_title), go)
@@ -331,7 +338,7 @@ class PermeantApp(App[None]):
             return None
 
 
-def run_tui(engine: EngineClient, workspace_label: str = "") -> int:
+def run_tui(engine: EngineAPI, workspace_label: str = "") -> int:
     """Run the workspace until the person quits; returns the process exit code.
 
     The app connects and starts the engine itself. However the app ends, the engine is shut

@@ -155,8 +155,8 @@ def cmd_chat(args) -> int:
     notices: list[str] = []
     engine.connect(lambda ev: _collect_notice(ev, notices))
     try:
-        agent = engine.ws.agent(args.agent)
-        params = TurnParams(max_tokens=args.max_tokens or engine.ws.settings.max_tokens,
+        agent = engine.agent(args.agent)
+        params = TurnParams(max_tokens=args.max_tokens or engine.settings().max_tokens,
                             temp=args.temp, seed=args.seed)
         _, fut = engine.submit_future(agent.agent_id, args.message, params=params)
         result = fut.result()
@@ -254,10 +254,7 @@ def cmd_import(args) -> int:
     try:
         report = engine.import_usxf(args.file, args.name).result()
         if args.check_fidelity:
-            from .engine.exchange import replay_fidelity
-
-            report["fidelity"] = engine.call(
-                lambda e: replay_fidelity(e, report["agent"])).result()
+            report["fidelity"] = engine.replay_fidelity(report["agent"]).result()
     finally:
         engine.shutdown()
     print(f"imported {args.file} as agent {report['agent']!r}: {report['tokens']} tokens, "

@@ -154,4 +154,4 @@ def test_engine_cancel_queued_turn(tiny_model, tmp_path):
     with pytest.raises(TurnCancelled):
         fut.result(30)
     engine.shutdown()
-    assert engine.ws.agent("technical").turns == []
+    assert engine.agent("technical").turns == ()

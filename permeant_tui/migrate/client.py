@@ -182,7 +182,7 @@ class KnownTargets:
         return e if isinstance(e, dict) else {}
 
     def update(self, host: str, port: int, **fields) -> None:
-        from ..config import write_atomic
+        from ..engine.atomic import write_atomic
 
         d = self._load()
         e = d.get(f"{host}:{port}") if isinstance(d.get(f"{host}:{port}"), dict) else {}
@@ -233,7 +233,7 @@ def _export(engine, agent_id: str, path: Path, quant: str, chunk_size: int | Non
 def mark_moved(engine, agent_id: str, marker: dict) -> dict:
     """After an acknowledged commit: archive the transcript (ws.reset renames it, never deletes),
     drop the local KV, and leave agents/<id>/moved.json saying where the agent went."""
-    from ..config import write_atomic
+    from ..engine.atomic import write_atomic
 
     ws = engine.ws
     agent = ws.agent(agent_id)

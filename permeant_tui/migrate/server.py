@@ -131,7 +131,7 @@ class Staged:
 def recover_staging(workspace: Path) -> list[str]:
     """On start: roll back any commit a crash cut short (its agent folder, if the agent never got
     registered), then remove every staged migration. Nothing staged is ever attached."""
-    from ..config import load_settings
+    from ..engine.settings import load_settings
 
     root = workspace / "migrate" / STAGING
     notes = []
@@ -322,10 +322,10 @@ def check_record(engine, parsed) -> list:
 def commit_on_worker(engine, m: Staged) -> dict:
     """Attach: the agent is registered last (one atomic settings write), so a failure before that
     leaves nothing; the fidelity probe then runs on the attached state and is reported."""
-    from ..config import AgentSpec
     from ..engine.agent import Agent
     from ..engine.exchange import compare_probe, import_usxf
     from ..engine.generation import new_cache, prefill
+    from ..engine.settings import AgentSpec
 
     t0 = time.perf_counter()
     out: dict = {"agent": m.name, "mode": m.mode, "tokens": len(m.parsed.token_ids)}
