@@ -205,7 +205,13 @@ class Engine:
         return self._put(Job("call", None, {"fn": fn}))
 
     def stats(self) -> EngineStats:
-        return replace(self._stats, rss_bytes=self._runner.rss() or self._stats.rss_bytes)
+        """The figures of the last refresh (after each job, twice a second while decoding),
+        with the agents' turn states as of now."""
+        s = self._stats
+        with self._lock:
+            agents = tuple(a if a.state == self._states[a.agent_id]
+                           else replace(a, state=self._states[a.agent_id]) for a in s.agents)
+        return replace(s, agents=agents, rss_bytes=self._runner.rss() or s.rss_bytes)
 
     def shutdown(self, cancel_running: bool = True, timeout: float = 60.0) -> None:
         if self._thread is None:

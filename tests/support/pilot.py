@@ -111,10 +111,10 @@ class ScriptedEngine:
                  fail_next: dict[str, tuple[str, str]] | None = None, hold_load: bool = False,
                  max_resident: int = 2) -> None:
         self.views = agent_views if agent_views is not None else views()
-        self._restored = list(restored)
+        self.restored_events = list(restored)
         self.runner = FakeRunner(
             restores={e.agent_id: RestoreReport(e.source, e.ms, e.tokens, e.reason)
-                      for e in self._restored},
+                      for e in self.restored_events},
             manual=manual, hold_load=True, chunk_words=chunk_words,
             export_error=OSError(export_error) if export_error else None,
             fail_next={a: scripted_error(kind, msg) for a, (kind, msg) in
@@ -245,6 +245,10 @@ class ScriptedEngine:
             time.sleep(0.005)
         return True
 
+    def override_stats(self, agent_id: str, changes: dict) -> None:
+        """Apply these AgentStats fields to the agent once the model is loaded."""
+        self._overrides[agent_id] = dict(changes)
+
     def shows_current_stats(self) -> bool:
         """The app was last handed the engine's current stats."""
         return self._shown is not None and self._shown == self.engine.stats()
@@ -265,7 +269,7 @@ class ScriptedEngine:
             on_disk(agent)
 
     def _after_load(self, ctx: WorkerContext) -> None:
-        for event in self._restored:  # scripted for an agent the engine did not restore
+        for event in self.restored_events:  # scripted for an agent the engine did not restore
             if self.runner.restores.pop(event.agent_id, None) is not None:
                 self.emit(event)
         for agent_id, changes in self._overrides.items():
@@ -289,7 +293,7 @@ class ScriptedEngine:
 
 def with_stats(engine: ScriptedEngine, agent_id: str, **changes) -> None:
     """Make the agent's gauges show these AgentStats fields once the model is loaded."""
-    engine._overrides[agent_id] = changes
+    engine.override_stats(agent_id, changes)
 
 
 async def settle(pilot, engine: ScriptedEngine, rounds: int = 3) -> None:
