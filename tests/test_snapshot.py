@@ -268,8 +268,8 @@ MAX_TOKENS = 10
 
 def kv_now(engine: Engine, agent_id: str) -> tuple[list[int], list]:
     """(token ids, [(K, V) per layer]) of the agent's live cache, copied off the worker."""
-    def grab(e):
-        a = e.ws.agent(agent_id)
+    def grab(ctx):
+        a = ctx.workspace.agent(agent_id)
         n = len(a.cache_ids)
         return list(a.cache_ids), [(np.array(c.keys[..., :n, :]), np.array(c.values[..., :n, :]))
                                    for c in a.cache]
@@ -307,7 +307,7 @@ def base(tmp_path_factory, tiny_model):
     e = Engine(root / "other", loaded=other, eager_restore=False)
     e.start()
     e.wait_ready(60)
-    e.call(lambda en: en.ws.ensure_resident(en.ws.agent("technical"), en.loaded)).result(60)
+    e.restore("technical").result(60)
     e.shutdown()  # saves the rebuilt agent with the other model's identity
     return {"root": root, "ref": ref, "ref_kv": ref_kv, "stale_line": stale_line,
             "other_snapshot": root / "other/agents/technical/kv.safetensors"}

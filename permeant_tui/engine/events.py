@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .states import AgentState
+
 
 @dataclass(frozen=True)
 class Event:
@@ -119,6 +121,16 @@ class TurnResult:
 
 
 @dataclass(frozen=True)
+class RestoreReport:
+    """How an agent's KV state became resident."""
+
+    source: str  # memory | new | snapshot | usxf | prefill
+    ms: float
+    tokens: int
+    reason: str | None = None  # why a snapshot was not used, when source == "prefill"
+
+
+@dataclass(frozen=True)
 class TurnDone(Event):
     agent_id: str
     turn_id: int
@@ -212,10 +224,10 @@ class AgentStats:
     agent_id: str
     role: str
     title: str
-    tokens: int
-    bytes: int
+    tokens: int  # in the cache, or in the snapshot on disk when not resident
+    bytes: int  # likewise
     resident: bool
-    state: str  # idle | queued | prefilling | generating | done | failed | loading
+    state: AgentState  # the engine's turn state of the agent (engine/states.py)
     context_limit: int
     last_used: float
     last_tok_s: float

@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 from .agent import Agent, Turn
 from .errors import ContextExhausted, TurnCancelled
-from .events import PrefillProgress, Tokens, TurnResult
+from .events import Event, PrefillProgress, Tokens, TurnResult
 
 PREFILL_CHUNK = 512
 BATCH_SECONDS = 0.04
@@ -92,7 +92,7 @@ def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
 
 
 def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
-             context_limit: int, turn_id: int, emit: Callable[[object], None],
+             context_limit: int, turn_id: int, emit: Callable[[Event], None],
              cancel: threading.Event, source: str,
              on_start: Callable[[int, int], None] | None = None) -> TurnResult:
     """Run one turn of `agent`; append the Turn to agent.turns only when it completes.

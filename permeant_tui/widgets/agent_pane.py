@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Button, Input, ProgressBar
 
-from ..engine.client import AgentView, TurnView
+from ..engine.api import AgentView, TurnView
 from ..engine.events import AgentStats, TurnResult
 from .chat_turn import ChatTurn
 from .gauges import AgentGauges
