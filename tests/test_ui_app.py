@@ -136,12 +136,13 @@ async def test_team_flow_runs_technical_and_business_before_coordinator():
         assert engine.calls.asks == ["launch plan"]
         await settle(pilot, engine)
         states = lambda: [pane(app, a).state for a in ("technical", "business", "coordinator")]  # noqa: E731
-        assert states() == ["queued", "queued", "queued"]
+        # the worker has taken technical's turn (held by the script); the others wait
+        await wait_until(pilot, lambda: states() == ["prefilling", "queued", "queued"])
 
         engine.release()
-        await wait_until(pilot, lambda: states() == ["done", "queued", "queued"])
+        await wait_until(pilot, lambda: states() == ["done", "prefilling", "queued"])
         engine.release()
-        await wait_until(pilot, lambda: states() == ["done", "done", "queued"])
+        await wait_until(pilot, lambda: states() == ["done", "done", "prefilling"])
         engine.release()
         await wait_until(pilot, lambda: states() == ["done", "done", "done"])
         assert started == ["technical", "business", "coordinator"]
@@ -157,11 +158,12 @@ async def test_pane_shows_prefill_progress_then_generating():
         engine.emit(TurnQueued("business", 7, "why?"))
         engine.emit(TurnStarted("business", 7, "snapshot", 100, 24, "why?"))
         engine.emit(PrefillProgress("business", 7, 12, 24))
-        await pilot.pause()
+        with_stats(engine, "business", state="prefilling")  # what the worker would say
         business = pane(app, "business")
-        assert business.state == "prefilling"
-        assert business.state_label == "prefilling 12/24"
+        await wait_until(pilot, lambda: business.state == "prefilling")
+        await wait_until(pilot, lambda: business.state_label == "prefilling 12/24")
         engine.emit(Tokens("business", 7, "Because", ()))
+        with_stats(engine, "business", state="generating")
         # The state is the engine's, read on the stats timer.
         await wait_until(pilot, lambda: business.state == "generating")
         assert business.state_label == "generating"
@@ -195,7 +197,7 @@ async def test_escape_cancels_the_focused_agents_turn():
         business = pane(app, "business")
         note = business.query(ChatTurn).last().query_one(".note", Label)
         await wait_until(pilot, lambda: str(note.content) == "cancelled")
-        await wait_until(pilot, lambda: business.state == "idle")  # the engine's state
+        await wait_until(pilot, lambda: business.state == "cancelled")  # the engine's state
         assert not business.busy
 
 
@@ -281,9 +283,8 @@ async def test_resume_shows_recent_turns_and_loads_more():
         first = technical.query(ChatTurn).first()
         assert "question 5" in str(first.query_one(".user").content)
         button.press()  # what a click on it does (it is scrolled above the anchored end)
-        await pilot.pause()
+        await wait_until(pilot, lambda: len(technical.query(ChatTurn)) == 25)
         assert engine.calls.load_more == [("technical", 5, 20)]
-        assert len(technical.query(ChatTurn)) == 25
         assert "question 0" in str(technical.query(ChatTurn).first().query_one(".user").content)
         assert not button.display
 

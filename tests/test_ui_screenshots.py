@@ -16,6 +16,7 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     no_cursor_blink,
     settle,
     views,
+    with_stats,
 )
 
 from permeant_tui.app import PermeantApp
@@ -79,6 +80,10 @@ def test_mid_stream(snap_compare):
             engine.emit(Tokens("technical", 41, text, ()))
         engine.emit(TurnStarted("coordinator", 43, "snapshot", 900, 300, "brief"))
         engine.emit(PrefillProgress("coordinator", 43, 120, 300))
+        # what the worker's state machine says at this moment (the runner cannot hold three)
+        for agent_id, state in (("technical", "generating"), ("business", "queued"),
+                                ("coordinator", "prefilling")):
+            with_stats(engine, agent_id, state=state)
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
                         run_before=settled(engine, streaming))

@@ -18,7 +18,7 @@ import threading
 import time
 from collections.abc import Callable, Iterable
 from concurrent.futures import Future
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
@@ -128,6 +128,7 @@ class ScriptedEngine:
         self.migrations: list[tuple] = []  # filled by the fake_migrations fixture
         self.sink: EventSink | None = None
         self._overrides: dict[str, dict] = {}
+        self._states: dict[str, str] = {}
         self._shown: EngineStats | None = None  # the stats the app was last handed
         self._hold_load = hold_load
         self.engine.call(self._earlier_session)
@@ -217,7 +218,11 @@ class ScriptedEngine:
         self._shown = self.engine.stats()
         if not self._hold_load:
             self.runner.release_load()
-        return self._shown
+        if not self._states:
+            return self._shown
+        # a state the test sets stands in for the worker's (screens the runner cannot produce)
+        return replace(self._shown, agents=tuple(
+            replace(a, state=self._states.get(a.agent_id, a.state)) for a in self._shown.agents))
 
     def shutdown(self, cancel_running: bool = True, timeout: float = 60.0) -> None:
         self.calls.shutdowns += 1
@@ -246,8 +251,13 @@ class ScriptedEngine:
         return True
 
     def override_stats(self, agent_id: str, changes: dict) -> None:
-        """Apply these AgentStats fields to the agent once the model is loaded."""
-        self._overrides[agent_id] = dict(changes)
+        """Apply these AgentStats fields to the agent once the model is loaded (`state` at once,
+        from the next stats sample on)."""
+        changes = dict(changes)
+        if "state" in changes:
+            self._states[agent_id] = changes.pop("state")
+            self._shown = None  # settle() waits until the app has sampled it
+        self._overrides[agent_id] = changes
 
     def shows_current_stats(self) -> bool:
         """The app was last handed the engine's current stats."""
