@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
+from permeant_tui.engine import kvcache
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent, Turn
 from permeant_tui.engine.errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
@@ -49,8 +50,9 @@ def header_pos(path: Path, needle: str) -> int:
     return i + len(needle)
 
 
-def as_np(pairs) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.array(k), np.array(v)) for k, v in pairs]
+def as_np(states) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(K, V) of each layer state, as numpy."""
+    return [(np.array(st.keys), np.array(st.values)) for st in states]
 
 
 @pytest.fixture
@@ -63,8 +65,7 @@ def snap(tmp_path, tiny_model):
     path = tmp_path / "kv.safetensors"
     info = write_snapshot(path, agent.cache, ids, tiny_model.identity, "technical")
     assert info.tokens == len(ids) and info.bytes == path.stat().st_size
-    arrays = [(np.array(c.keys[..., :len(ids), :]), np.array(c.values[..., :len(ids), :]))
-              for c in agent.cache]
+    arrays = as_np(kvcache.layer_states(agent.cache))
     return path, ids, agent.cache, arrays
 
 
@@ -89,7 +90,7 @@ def test_round_trip_is_bit_exact_and_continues_identically(snap, tiny_model):
     for (k, v), (rk, rv) in zip(as_np(pairs), arrays, strict=True):
         assert np.array_equal(k, rk) and np.array_equal(v, rv)
     restored = attach(tiny_model.model, pairs)
-    assert all(c.offset == len(ids) for c in restored)
+    assert kvcache.offsets(restored) == [len(ids)] * len(restored)
     nxt = mx.array([[ids[-1]]])
     a = tiny_model.model(nxt, cache=cache)
     b = tiny_model.model(nxt, cache=restored)
@@ -270,9 +271,7 @@ def kv_now(engine: Engine, agent_id: str) -> tuple[list[int], list]:
     """(token ids, [(K, V) per layer]) of the agent's live cache, copied off the worker."""
     def grab(e):
         a = e.ws.agent(agent_id)
-        n = len(a.cache_ids)
-        return list(a.cache_ids), [(np.array(c.keys[..., :n, :]), np.array(c.values[..., :n, :]))
-                                   for c in a.cache]
+        return list(a.cache_ids), as_np(kvcache.layer_states(a.cache, len(a.cache_ids)))
 
     return engine.call(grab).result(60)
 

@@ -403,7 +403,7 @@ class Engine:
             job.future.set_result(result)
         except TurnCancelled as exc:
             agent.state = "idle"
-            self._emit(TurnCancelledEvent(agent.agent_id, job.turn_id))
+            self._emit(TurnCancelledEvent(agent.agent_id, job.turn_id, getattr(exc, "rewind", None)))
             job.future.set_exception(exc)
         except BaseException as exc:
             agent.state = "failed"
