@@ -339,7 +339,9 @@ def layer_from_state(st: LayerState):
 def validate_state(st: LayerState, spec: LayerSpec, n: int, i: int) -> None:
     """Raise CacheLayoutError unless `st` is exactly what layer i of this model holds after n
     tokens (kind, window, offset, stored length, ring index)."""
-    if st.spec != spec and not (st.kind == spec.kind == QUANTIZED):
+    if st.kind == QUANTIZED and spec.kind == FULL:
+        spec = LayerSpec(QUANTIZED)  # a quantized cache is a storage form of full attention
+    if st.spec != spec:
         raise CacheLayoutError(f"layer {i} is {st.kind} (window {st.window}), the model's is "
                                f"{spec.kind} (window {spec.window})")
     if st.offset != n:

@@ -269,8 +269,6 @@ def _layout(path: Path, identity: ModelIdentity, metas: list[dict], groups: list
         states = []
         for i, (m, (ks, vs), spec) in enumerate(zip(metas, groups, specs, strict=True)):
             st = _state_of(m, ks, vs)
-            if st.kind == kvcache.QUANTIZED and spec.kind == kvcache.FULL:
-                spec = kvcache.LayerSpec(kvcache.QUANTIZED)  # a storage form of full attention
             kvcache.validate_state(st, spec, n, i)
             states.append(st)
         return states

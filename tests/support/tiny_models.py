@@ -15,8 +15,9 @@ from pathlib import Path
 _COMMON = {
     "hidden_size": 64, "num_hidden_layers": 3, "intermediate_size": 128,
     "num_attention_heads": 4, "num_key_value_heads": 2, "head_dim": 16, "rms_norm_eps": 1e-5,
-    "max_position_embeddings": 4096, "tie_word_embeddings": True,
+    "max_position_embeddings": 4096, "tie_word_embeddings": False,
 }
+N_WORDS = 2000  # the output head only ever picks one of these word tokens
 
 WINDOW = 64  # sliding window of the sliding-window architectures below
 
@@ -40,10 +41,13 @@ ARCHS: dict[str, dict] = {
                   "layer_types": ["sliding_attention", "full_attention", "sliding_attention"]},
 }
 SLIDING = ("gemma3_text", "gemma3_text_q4", "llama_swa")
+# recurrent state (mlx-lm ArraysCache): refused at load
+RECURRENT = {"mamba": {"model_type": "mamba", "state_size": 8, "conv_kernel": 4,
+                       "use_bias": False, "use_conv_bias": True, "time_step_rank": 4}}
 
 
 def config_for(arch: str, vocab_size: int) -> dict:
-    base = ARCHS["gemma3_text" if arch == "gemma3_text_q4" else arch]
+    base = {**ARCHS, **RECURRENT}["gemma3_text" if arch == "gemma3_text_q4" else arch]
     return {**_COMMON, **base, "vocab_size": vocab_size}
 
 
@@ -57,10 +61,32 @@ def write_tokenizer(folder: Path, tokenizer) -> None:
         "bos_token": "<|im_start|>", "tokenizer_class": "PreTrainedTokenizerFast"}))
 
 
+def word_ids(tokenizer, n: int = N_WORDS) -> list[int]:
+    """Ids of space-led alphabetic word tokens: any sequence of them decodes to text that the
+    chat template re-tokenizes to the same ids, so a reply is reused from the cache next turn."""
+    vocab = tokenizer._tokenizer.vocab
+    ids = [i for i, t in enumerate(vocab)
+           if t.startswith("Ġ") and t[1:].isascii() and t[1:].isalpha() and len(t) >= 4]
+    return ids[:n]
+
+
+def _words_only_head(model, tokenizer) -> None:
+    """Zero the output head except for word tokens (random rows): greedy replies are words."""
+    import mlx.core as mx
+
+    head = getattr(model, "lm_head", None)
+    if head is None:
+        return
+    w = head.weight
+    ids = mx.array(word_ids(tokenizer))
+    rows = mx.random.normal((ids.size, w.shape[1])) * 0.5
+    head.weight = mx.zeros(w.shape, w.dtype).at[ids].add(rows.astype(w.dtype))
+
+
 def build_model_dir(folder: Path, arch: str, tokenizer, *, seed: int = 0,
                     bits: int | None = None) -> Path:
-    """Write a tiny random-weight model of `arch` (a key of ARCHS, or gemma3_text_q4 for 4-bit
-    weights) into `folder`. Returns the folder."""
+    """Write a tiny random-weight model of `arch` (a key of ARCHS or RECURRENT, or
+    gemma3_text_q4 for 4-bit weights) into `folder`. Returns the folder."""
     import mlx.core as mx
     from mlx.utils import tree_flatten
     from mlx_lm.utils import _get_classes, quantize_model
@@ -71,6 +97,7 @@ def build_model_dir(folder: Path, arch: str, tokenizer, *, seed: int = 0,
     model_cls, args_cls = _get_classes(config)
     mx.random.seed(seed)
     model = model_cls(args_cls.from_dict(config))
+    _words_only_head(model, tokenizer)
     mx.eval(model.parameters())
     if bits:
         model, config = quantize_model(model, config, group_size=64, bits=bits)
@@ -81,3 +108,22 @@ def build_model_dir(folder: Path, arch: str, tokenizer, *, seed: int = 0,
     (folder / "config.json").write_text(json.dumps(config))
     write_tokenizer(folder, tokenizer)
     return folder
+
+
+_LOADED: dict = {}
+
+
+def tiny_model(arch: str, tokenizer):
+    """(folder, LoadedModel) of a tiny `arch` model, built and loaded once per test process."""
+    if arch not in _LOADED:
+        import atexit
+        import shutil
+        import tempfile
+
+        from permeant_tui.engine.models import load_model
+
+        root = Path(tempfile.mkdtemp(prefix=f"tiny-{arch}-"))
+        atexit.register(shutil.rmtree, root, True)
+        folder = build_model_dir(root / arch, arch, tokenizer)
+        _LOADED[arch] = (folder, load_model(str(folder)))
+    return _LOADED[arch]
