@@ -97,6 +97,35 @@ def test_round_trip_is_bit_exact_and_continues_identically(snap, tiny_model):
     assert mx.array_equal(a, b).item(), "logits after restore differ from the live cache's"
 
 
+def test_format_1_snapshot_still_loads(snap, tiny_model, tmp_path):
+    """Snapshots written before per-layer meta (permeant-kv/1: every layer's full K/V) attach."""
+    path, ids, cache, arrays = snap
+    old = tmp_path / "v1.safetensors"
+    tensors = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32))}
+    ordered = []
+    for i, (k, v) in enumerate(arrays):
+        tensors[f"k.{i}"], tensors[f"v.{i}"] = mx.array(k), mx.array(v)
+        ordered += [tensors[f"k.{i}"], tensors[f"v.{i}"]]
+    meta = {"format": "permeant-kv/1", "agent": "technical",
+            "identity": tiny_model.identity.fingerprint, "model": tiny_model.identity.name,
+            "tokens": str(len(ids)), "tokens_digest": snapmod.ids_digest(ids),
+            "kv_dtype": tiny_model.identity.kv_dtype, "layers": str(len(arrays)),
+            "checksum": snapmod._tensor_checksum(ordered), "created": "0"}
+    mx.save_safetensors(str(old), tensors, metadata=meta)
+    states, got, _ = read_snapshot(old, tiny_model.identity, ids)
+    assert got == ids and [s.length for s in states] == [len(ids)] * len(arrays)
+    restored = attach(tiny_model.model, states)
+    nxt = mx.array([[ids[-1]]])
+    assert mx.array_equal(tiny_model.model(nxt, cache=kvcache.copy_cache(cache)),
+                          tiny_model.model(nxt, cache=restored)).item()
+    tensors["k.1"] = tensors["k.1"][..., :-1, :]  # the old layout check still holds
+    ordered[2] = tensors["k.1"]
+    meta["checksum"] = snapmod._tensor_checksum(ordered)
+    old.unlink()
+    mx.save_safetensors(str(old), tensors, metadata=meta)
+    expect(SnapshotCorrupt, "layout", old, tiny_model.identity, ids, "token count")
+
+
 def test_atomic_write_keeps_the_old_snapshot_on_failure(snap, tiny_model, monkeypatch):
     path, ids, cache, _ = snap
     before = path.read_bytes()
