@@ -191,7 +191,7 @@ def test_probe_runs_on_a_copy_and_full_kv_refuses_past_the_window(tok):
     assert [k.shape for k in keys] == [(2, len(short.cache_ids), 16)] * 3 and dtype == "float32"
 
 
-# ---- a tampered per-layer length is rejected ------------------------------------------------------
+# ---- a tampered per-layer length is rejected ---------------------------------------------------
 def rewrite(path, change) -> None:
     """Rewrite a snapshot after change(arrays, layer_meta), with a matching checksum: only the
     layout check stands between such a file and the cache."""

@@ -210,3 +210,32 @@ def test_recurrent_model_is_refused_with_one_line(tok, tmp_path):
     p = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
     assert p.returncode == 3, (p.returncode, p.stderr)
     assert "not supported" in p.stderr and "Traceback" not in p.stderr
+
+
+def test_export_within_the_window_imports_and_continues(tok, tmp_path):
+    """Until the per-layer USXF format lands, a sliding-window agent still inside its window
+    exports (every layer holds every token), and the import continues as the source does."""
+    from permeant_tui.engine.usxf.keys import WorkspaceKeys
+
+    lm = tiny_model("gemma3_text", tok)[1]
+    src = Engine(tmp_path / "src", loaded=lm, eager_restore=False)
+    dst = Engine(tmp_path / "dst", loaded=lm, eager_restore=False)
+    for e in (src, dst):
+        e.start()
+        e.wait_ready(60)
+    try:
+        r = src.submit_future("technical", "We have a critical API bug.", max_tokens=8)[1]
+        assert r.result(300).in_cache < WINDOW
+        out = tmp_path / "tech.usxf"
+        src.export("technical", str(out)).result(300)
+        ref = src.submit_future("technical", MSGS[1], max_tokens=MAX_TOKENS)[1].result(300)
+        keys = WorkspaceKeys(tmp_path / "dst/keys")
+        keys.ensure()
+        keys.trust(WorkspaceKeys(tmp_path / "src/keys").public_key_text)
+        dst.import_usxf(str(out), "migrated").result(300)
+        got = dst.submit_future("migrated", MSGS[1], max_tokens=MAX_TOKENS)[1].result(300)
+    finally:
+        src.shutdown()
+        dst.shutdown()
+    assert got.source == "usxf" and got.cached == ref.cached
+    assert got.in_cache > WINDOW and got.generated_ids == ref.generated_ids

@@ -403,7 +403,8 @@ class Engine:
             job.future.set_result(result)
         except TurnCancelled as exc:
             agent.state = "idle"
-            self._emit(TurnCancelledEvent(agent.agent_id, job.turn_id, getattr(exc, "rewind", None)))
+            rewind = getattr(exc, "rewind", None)  # how the cache went back (generation.py)
+            self._emit(TurnCancelledEvent(agent.agent_id, job.turn_id, rewind))
             job.future.set_exception(exc)
         except BaseException as exc:
             agent.state = "failed"
