@@ -19,7 +19,14 @@ from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.errors import SnapshotCorrupt, TurnCancelled
 from permeant_tui.engine.exchange import greedy_probe
-from permeant_tui.engine.generation import TurnParams, run_turn, sync_to_transcript, trim_to
+from permeant_tui.engine.generation import (
+    TurnParams,
+    prefill,
+    run_turn,
+    sync_to_transcript,
+    trim_to,
+    undo_turn,
+)
 
 ARCHS = ["llama", "qwen2", "qwen3", "phi3", "gemma3_text", "gemma3_text_q4", "llama_swa"]
 MSGS = ("Our payment API returns 502 errors under load.", "Which service should we look at first?",
@@ -173,6 +180,21 @@ def test_trim_past_the_window_refuses_or_rebuilds(tok):
     assert m < WINDOW and kvcache.can_rewind(short.cache, 3)
     assert trim_to(short, m - 3) == "trim"
     assert kvcache.offsets(short.cache) == [m - 3] * 3
+
+
+def test_undo_uses_the_checkpoint_else_rebuilds(tok):
+    lm = lm_of("gemma3_text", tok)
+    agent = conversation(lm)
+    n, before = len(agent.cache_ids), next_logits(lm, agent)
+    cp = kvcache.checkpoint(agent.cache)
+    prefill(lm.model, agent, tok.encode(LONG)[:100])
+    assert undo_turn(lm.model, agent, cp, n) == "checkpoint"
+    assert kvcache.offsets(agent.cache) == [n] * 3 and len(agent.cache_ids) == n
+    assert np.array_equal(next_logits(lm, agent), before)
+    prefill(lm.model, agent, tok.encode(LONG)[:100])
+    assert undo_turn(lm.model, agent, cp, n - 5) == "rebuild"  # no checkpoint at n - 5
+    assert kvcache.offsets(agent.cache) == [n - 5] * 3 and len(agent.cache_ids) == n - 5
+    assert undo_turn(lm.model, agent, cp, n - 5) is None  # nothing to undo
 
 
 def test_probe_runs_on_a_copy_and_full_kv_refuses_past_the_window(tok):

@@ -19,8 +19,8 @@ from .errors import ContextExhausted, TurnCancelled
 from .events import PrefillProgress, Tokens, TurnResult
 from .kvcache import cache_offset, new_cache
 
-__all__ = ["TurnParams", "cache_offset", "common_prefix", "new_cache", "prefill", "run_turn",
-           "sync_to_transcript", "trim_to", "undo_turn"]
+__all__ = ["TurnParams", "cache_offset", "common_prefix", "new_cache", "prefill", "rebuild",
+           "run_turn", "sync_to_transcript", "trim_to", "undo_turn"]
 
 PREFILL_CHUNK = 512
 BATCH_SECONDS = 0.04
@@ -58,16 +58,25 @@ def trim_to(agent: Agent, n: int, model=None) -> str | None:
     if model is None:
         raise kvcache.CacheRewindError(f"cannot trim {extra} tokens from a sliding-window cache "
                                        "and no model was given to rebuild it")
+    return rebuild(model, agent, n)
+
+
+def rebuild(model, agent: Agent, n: int) -> str:
+    """A fresh cache holding the agent's first n ids, by prefill."""
     keep = agent.cache_ids[:n]
     agent.cache, agent.cache_ids = new_cache(model), []
     prefill(model, agent, keep)
     return "rebuild"
 
 
-def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str:
+def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str | None:
     """Bring the cache back to its first n ids, the state `cp` was taken at (the start of a
     turn): trim when every layer can, else restore the checkpoint (sliding layers past their
-    window), else rebuild by prefill. Returns "trim" | "checkpoint" | "rebuild"."""
+    window), else rebuild by prefill. Returns None (nothing to undo) | "trim" | "checkpoint" |
+    "rebuild"."""
+    if cache_offset(agent.cache) == n:
+        del agent.cache_ids[n:]
+        return None
     if kvcache.can_rewind(agent.cache, cache_offset(agent.cache) - n):
         trim_to(agent, n)
         return "trim"
@@ -78,10 +87,11 @@ def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str:
             return "checkpoint"
         except kvcache.CacheRewindError:
             pass
-    return trim_to(agent, n, model) or "rebuild"
+    return rebuild(model, agent, n)
 
 
-def prefill(model, agent: Agent, ids: list[int], *, progress: Callable[[int, int], None] | None = None,
+def prefill(model, agent: Agent, ids: list[int], *,
+            progress: Callable[[int, int], None] | None = None,
             cancel: threading.Event | None = None, chunk: int = PREFILL_CHUNK) -> None:
     """Run `ids` through the model into the agent's cache (no sampling), in chunks."""
     import mlx.core as mx

@@ -231,14 +231,15 @@ def layer_state(layer) -> LayerState:
     if t is c.KVCache:
         k, v, offset = layer.state
         n = int(offset)
-        if k is None:
+        if k is None or n == 0:
             return LayerState(FULL, None, None, 0)
         return LayerState(FULL, k[..., :n, :], v[..., :n, :], n)
     if t is c.QuantizedKVCache:
         k, v, offset, group_size, bits = layer.state
         n = int(offset)
-        if k is None:
-            return LayerState(QUANTIZED, None, None, 0, group_size=group_size, bits=bits)
+        if k is None or n == 0:
+            return LayerState(QUANTIZED, None, None, 0, group_size=int(group_size),
+                              bits=int(bits))
         return LayerState(QUANTIZED, tuple(x[..., :n, :] for x in k),
                           tuple(x[..., :n, :] for x in v), n, group_size=int(group_size),
                           bits=int(bits))
@@ -462,13 +463,14 @@ def checkpoint(cache: list) -> Checkpoint:
 def restore_checkpoint(cache: list, cp: Checkpoint) -> None:
     """Bring `cache` (in place) back to the checkpoint: sliding layers rebuilt from their saved
     state, the others trimmed. Raises CacheRewindError when a layer is behind the checkpoint."""
-    for i, x in enumerate(cache):
-        if i in cp.sliding:
-            cache[i] = layer_from_state(cp.sliding[i])
-            continue
-        extra = int(x.offset) - cp.offset
-        if extra < 0 or (extra and not x.is_trimmable()):
-            raise CacheRewindError(f"layer {i} at {int(x.offset)} cannot go back to {cp.offset}")
+    trim = {i: int(x.offset) - cp.offset for i, x in enumerate(cache) if i not in cp.sliding}
+    for i, extra in trim.items():  # check every layer before changing any
+        if extra < 0 or (extra and not cache[i].is_trimmable()):
+            raise CacheRewindError(f"layer {i} at {int(cache[i].offset)} cannot go back to "
+                                   f"{cp.offset}")
+    for i, st in cp.sliding.items():
+        cache[i] = layer_from_state(st)
+    for i, extra in trim.items():
         if extra:
-            x.trim(extra)
+            cache[i].trim(extra)
     check_offsets(cache, cp.offset)
