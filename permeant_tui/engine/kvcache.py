@@ -82,6 +82,10 @@ class LayerState:
     group_size: int = 0  # quantized
     bits: int = 0  # quantized
 
+    def __iter__(self):
+        """A layer state unpacks as its (keys, values): `for k, v in states`."""
+        return iter((self.keys, self.values))
+
     @property
     def length(self) -> int:
         return int(parts(self.keys)[0].shape[2])
