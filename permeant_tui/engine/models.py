@@ -12,6 +12,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from . import kvcache
 from .errors import ModelLoadError
 from .identity import (
     ModelIdentity,
@@ -62,13 +63,10 @@ class LoadedModel:
         return self.identity.name
 
 
-def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, model,
-              context_limit: int) -> ModelIdentity:
-    """Refuses (UnsupportedModel, one line) a model whose cache kvcache cannot save."""
-    from . import kvcache
-
-    specs = kvcache.layer_specs(model)
-    kv_dtype = kvcache.kv_dtype(model)
+def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
+              context_limit: int, model=None) -> ModelIdentity:
+    """With `model`, the per-layer attention comes from the instantiated model and its caches
+    (kvcache.layer_specs refuses, in one line, a cache it cannot save); without, from `args`."""
     n_heads = int(args["num_attention_heads"])
     hidden = int(args["hidden_size"])
     inner = getattr(tok, "_tokenizer", tok)
@@ -82,7 +80,11 @@ def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, model,
                     for t in getattr(inner, "all_special_tokens", [])}
     head_dim = int(args.get("head_dim") or hidden // n_heads)
     rope_theta, rope_scaling = rope_config(args)
-    attention, window = attention_structure(model, specs, head_dim, rope_theta)
+    if model is not None:
+        attention, window = attention_structure(model, kvcache.layer_specs(model), head_dim,
+                                                rope_theta)
+    else:
+        attention, window = "", int(args.get("sliding_window") or 0)
     return ModelIdentity(
         name=name,
         architecture=arch,
@@ -139,7 +141,8 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
     report("identity", 0.9)
     t = time.perf_counter()
     limit = int(context_limit or args.get("max_position_embeddings") or 4096)
-    identity = _identity(name, arch, args, digest, tok, model, limit)
+    identity = _identity(name, arch, args, digest, tok, kvcache.kv_dtype(model), limit,
+                         model)
     timings["identity"] = (time.perf_counter() - t) * 1000
     timings["total"] = (time.perf_counter() - t0) * 1000
     return LoadedModel(model, tok, identity, str(path), mode, limit, timings)
@@ -221,5 +224,5 @@ def random_llama(tokenizer, seed: int = 0, layers: int = 2) -> LoadedModel:
     model = llama.Model(llama.ModelArgs.from_dict(args))
     mx.eval(model.parameters())
     identity = _identity(f"tiny-random-{seed}", "llama", args, f"random-seed-{seed}-{layers}",
-                         tokenizer, model, 2048)
+                         tokenizer, kvcache.kv_dtype(model), 2048, model)
     return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})
