@@ -100,6 +100,8 @@ class TurnResult:
     timing_ms: dict = field(default_factory=dict)
     decode_tok_s: float = 0.0
     finish_reason: str = "stop"
+    # how the cache was brought back before the turn: None (no need) | "trim" | "rebuild"
+    rewind: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -117,6 +119,7 @@ class TurnResult:
             "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
             "decode_tok_s": round(self.decode_tok_s, 2),
             "finish_reason": self.finish_reason,
+            "rewind": self.rewind,
         }
 
 
@@ -149,6 +152,7 @@ class TurnFailed(Event):
 class TurnCancelled(Event):
     agent_id: str
     turn_id: int
+    rewind: str | None = None  # how the cache went back: "trim" | "checkpoint" | "rebuild"
 
 
 @dataclass(frozen=True)

@@ -32,36 +32,25 @@ PROBE_N = 16
 
 
 def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Copies (not views) of the first n positions of every layer, shaped (kv_heads, n, dim)."""
-    import mlx.core as mx
+    """Copies (not views) of the first n positions of every layer, shaped (kv_heads, n, dim).
+    Raises kvcache.WindowExceeded for a sliding-window layer past its window."""
+    from .kvcache import kv_arrays
 
-    cache = agent.cache
-    assert cache is not None, "export_agent attaches the cache first"
-    keys, values = [], []
-    dtype = str(cache[0].keys.dtype).removeprefix("mlx.core.")
-    for c in cache:
-        k, v = c.keys[0, :, :n, :], c.values[0, :, :n, :]
-        if k.dtype == mx.bfloat16:
-            k, v = k.view(mx.uint16), v.view(mx.uint16)
-        keys.append(np.array(k, copy=True))
-        values.append(np.array(v, copy=True))
-    return keys, values, dtype
+    return kv_arrays(agent.cache, n)
 
 
 def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]:
-    """Feed probe_ids after the agent's cache, decode n greedy tokens, then trim back.
-    The agent's cache and ids are unchanged afterwards."""
+    """Feed probe_ids after the agent's cache, decode n greedy tokens. Runs on a copy of the
+    cache: the agent's cache and ids are unchanged afterwards, even when the probe fails."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from .generation import trim_to
+    from .kvcache import copy_cache
 
-    base = len(agent.cache_ids)
     out = []
     for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
-                                prompt_cache=agent.cache):
+                                prompt_cache=copy_cache(agent.cache)):
         out.append(int(tok))
-    trim_to(agent, base)
     return out
 
 

@@ -196,7 +196,8 @@ class Worker:
             job.future.set_result(result)
         except TurnCancelled as exc:
             self._finished(agent_id, "cancelled", started)
-            self.emit(TurnCancelledEvent(agent_id, job.turn_id))
+            rewind = getattr(exc, "rewind", None)  # how the cache went back (generation.py)
+            self.emit(TurnCancelledEvent(agent_id, job.turn_id, rewind))
             job.future.set_exception(exc)
         except BaseException as exc:
             self._finished(agent_id, "failed", started)
