@@ -15,7 +15,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass, field, replace
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from permeant_tui.engine.client import AgentView, EventSink, TurnView
 from permeant_tui.engine.events import (
@@ -382,3 +382,10 @@ def no_cursor_blink(monkeypatch):
         return original(self, event)
 
     monkeypatch.setattr(Input, "_on_mount", on_mount)
+    original_text_area = TextArea._on_mount
+
+    def text_area_on_mount(self, event):
+        self.cursor_blink = False
+        return original_text_area(self, event)
+
+    monkeypatch.setattr(TextArea, "_on_mount", text_area_on_mount)

@@ -96,7 +96,7 @@ def test_reset_confirmation(snap_compare):
     engine = FakeEngine(views(1))
 
     async def reset(pilot) -> None:
-        await pilot.press("alt+2", "ctrl+r")
+        await pilot.press("f3", "ctrl+r")
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
                         run_before=settled(engine, reset))
@@ -106,7 +106,7 @@ def test_narrow_80_columns(snap_compare):
     engine = resumed_engine()
 
     async def business(pilot) -> None:
-        await pilot.press("alt+2")
+        await pilot.press("f3")
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=NARROW,
                         run_before=settled(engine, business))

@@ -1,7 +1,8 @@
 """The workspace: status bar, one pane per agent, the team prompt and the footer.
 
 Wide terminals show the panes side by side. Below `WIDE` columns they stack: the active pane
-takes the room and the others shrink to their title and state (click one, or alt+1..3).
+takes the room and the others shrink to their title and state (click one, or F2..F4), and the
+footer turns compact.
 The screen knows which agent is "focused" (the last pane that had focus), for the app's
 export, cancel and reset actions. Its stylesheet, workspace.tcss beside it, styles the widgets
 it hosts (the app loads it: Textual does not read a default screen's CSS_PATH).
@@ -14,7 +15,7 @@ from collections.abc import Sequence
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.events import Click, DescendantFocus
+from textual.events import Click, DescendantFocus, Resize
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer
@@ -37,14 +38,20 @@ class WorkspaceScreen(Screen):
                 tooltip="Move to the next agent pane (then the team prompt)"),
         Binding("shift+tab", "cycle(-1)", "Previous pane", id="pane.previous", show=False,
                 tooltip="Move to the previous agent pane"),
-        Binding("alt+1", "focus_pane(0)", "Technical", id="pane.1", group=PANES,
-                tooltip="Focus the first agent's input"),
-        Binding("alt+2", "focus_pane(1)", "Business", id="pane.2", group=PANES,
-                tooltip="Focus the second agent's input"),
-        Binding("alt+3", "focus_pane(2)", "Coordinator", id="pane.3", group=PANES,
-                tooltip="Focus the third agent's input"),
+        # F-keys, not alt+digit: terminals and tmux send alt+1 as ESC 1, which Textual reads
+        # as macOS Option+1 and types "¡" into the input. F2..F4 arrive everywhere.
+        Binding("f2", "focus_pane(0)", "Pane 1", id="pane.1", group=PANES,
+                tooltip="Focus the first agent's pane (Technical)"),
+        Binding("f3", "focus_pane(1)", "Pane 2", id="pane.2", group=PANES,
+                tooltip="Focus the second agent's pane (Business)"),
+        Binding("f4", "focus_pane(2)", "Pane 3", id="pane.3", group=PANES,
+                tooltip="Focus the third agent's pane (Coordinator)"),
         Binding("ctrl+t", "focus_team", "Team", id="team.focus",
                 tooltip="Ask the team: technical and business answer, then the coordinator"),
+        Binding("ctrl+o", "copy_reply", "Copy reply", id="copy.reply", show=False,
+                priority=True, tooltip="Copy the focused agent's last reply to the clipboard"),
+        Binding("ctrl+g", "copy_code", "Copy code", id="copy.code", show=False, priority=True,
+                tooltip="Copy the last code block of the focused agent's replies"),
     ]
 
     active_agent: reactive[str] = reactive("", init=False)
@@ -57,6 +64,7 @@ class WorkspaceScreen(Screen):
         self._panes = {view.agent_id: AgentPane(view) for view in self._views}
         self._status = StatusBar(workspace_label)
         self._team = TeamPrompt()
+        self._footer = Footer()
         self.set_reactive(WorkspaceScreen.active_agent, views[0].agent_id if views else "")
 
     def compose(self) -> ComposeResult:
@@ -66,11 +74,14 @@ class WorkspaceScreen(Screen):
                 pane.set_class(pane.agent_id == self.active_agent, "-active")
                 yield pane
         yield self._team
-        yield Footer()
+        yield self._footer
 
     def on_mount(self) -> None:
         if self.panes:
             self.panes[0].input.focus()
+
+    def on_resize(self, event: Resize) -> None:
+        self._footer.compact = event.size.width < WIDE
 
     # lookups the app uses
 
@@ -156,3 +167,25 @@ class WorkspaceScreen(Screen):
         pane = self.active_pane
         if pane is not None:
             pane.request_more()
+
+    # the clipboard (OSC 52, through Textual: terminals that allow it put it on the system's)
+
+    def action_copy_reply(self) -> None:
+        pane = self.active_pane
+        if pane is not None:
+            self._copy(pane.last_reply, f"{pane.agent_title}'s last reply", "no reply to copy yet")
+
+    def action_copy_code(self) -> None:
+        pane = self.active_pane
+        if pane is not None:
+            self._copy(pane.last_code_block, f"code block from {pane.agent_title}",
+                       "no code block in the replies shown")
+
+    def _copy(self, text: str, what: str, nothing: str) -> None:
+        if not text:
+            self.notify(nothing, title="Nothing copied", severity="warning", markup=False)
+            return
+        self.app.copy_to_clipboard(text)
+        lines = text.count("\n") + 1
+        self.notify(f"{what} ({lines:,} line{'s' if lines != 1 else ''}, {len(text):,} "
+                    "characters)", title="Copied", markup=False)
