@@ -92,7 +92,7 @@ class PermeantApp(App[None]):
     BINDINGS = [
         Binding("ctrl+e", "export", "Export", id="export", priority=True,
                 tooltip="Export the focused agent's KV state as a USXF file"),
-        Binding("ctrl+s", "save", "Save", id="save", priority=True,
+        Binding("ctrl+s", "save", "Save", id="save", priority=True, show=False,
                 tooltip="Save every agent's KV snapshot now"),
         Binding("escape", "cancel_turn", "Cancel", id="cancel",
                 tooltip="Cancel the focused agent's turn (from the team prompt: the team's turns)"),
@@ -160,8 +160,7 @@ class PermeantApp(App[None]):
             if isinstance(message.event, STATE_EVENTS):
                 self._sample_stats()
         except Exception as error:  # a display problem must never take the workspace down
-            self.notify(f"{type(message.event).__name__}: {error}", title="Display error",
-                        severity="error", markup=False)
+            self._tell(f"{type(message.event).__name__}: {error}", "Display error", "error")
 
     async def _route(self, event: Event) -> None:
         screen = self.workspace
@@ -269,7 +268,8 @@ class PermeantApp(App[None]):
             await pane.prepend_history(turns, message.before - len(turns))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in self.WORKSPACE_ACTIONS and isinstance(self.screen, (ConfirmScreen, MigrateScreen)):
+        if action in self.WORKSPACE_ACTIONS and isinstance(
+                self.screen, (ConfirmScreen, MigrateScreen, HelpScreen)):
             return False
         return True
 
@@ -328,11 +328,11 @@ class PermeantApp(App[None]):
 
     def action_help(self) -> None:
         if not isinstance(self.screen, HelpScreen):
-            path = self.preferences.path
             sections = workspace_keys(self.BINDINGS, self.preferences.keymap,
                                       self.get_key_display)
             self.push_screen(HelpScreen(sections, printable(
-                f"Change a key in {path or 'config.toml'}, e.g. [keymap] \"pane.1\" = \"alt+1\"")))
+                f"Change a key in {self.preferences.shown_path}, e.g. under [keymap]: "
+                '"pane.1" = "alt+1"')))
 
     def action_search(self) -> None:
         if not CommandPalette.is_open(self):

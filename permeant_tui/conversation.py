@@ -22,6 +22,7 @@ TEAM_BRIEF_OPENING = "The team was asked: "
 _FENCE = re.compile(r"^(?P<indent> {0,3})(?P<fence>`{3,}|~{3,})[^\n]*\n(?P<body>.*?)"
                     r"^(?P=indent)(?P=fence)[ \t]*$", re.MULTILINE | re.DOTALL)
 SNIPPET_CHARS = 70
+_MARKS = str.maketrans("", "", "*`")
 
 
 def team_question(user: str) -> str | None:
@@ -67,9 +68,15 @@ class TurnMatch:
     snippet: str  # one line around the match, control characters escaped
 
 
+def _plain(text: str) -> str:
+    """One line, without the emphasis and code marks a reader does not see ("**1**" is 1)."""
+    return " ".join(text.translate(_MARKS).split())
+
+
 def search_turns(views: Iterable[AgentView], query: str, limit: int = 50) -> list[TurnMatch]:
-    """Turns whose message or reply contains `query` (case-insensitive), newest first per agent."""
-    needle = " ".join(query.split()).casefold()
+    """Turns whose message or reply contains `query` (case-insensitive, as shown: Markdown
+    emphasis and code marks ignored), newest first per agent."""
+    needle = _plain(query).casefold()
     if not needle:
         return []
     found: list[TurnMatch] = []
@@ -78,7 +85,7 @@ def search_turns(views: Iterable[AgentView], query: str, limit: int = 50) -> lis
             turn = view.turns[index]
             user = team_question(turn.user) or turn.user
             for field, text in (("user", user), ("reply", turn.reply)):
-                flat = " ".join(text.split())
+                flat = _plain(text)
                 at = flat.casefold().find(needle)
                 if at >= 0:
                     found.append(TurnMatch(view.agent_id, printable(view.title), index, field,

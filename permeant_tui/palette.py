@@ -100,7 +100,7 @@ class HistorySearch(Provider):
 def _prompt(match: TurnMatch, query: str) -> Content:
     """`Title  …snippet…` with the match highlighted; literal text, never markup."""
     text = Content(match.snippet)
-    needle = " ".join(query.split()).lower()
+    needle = " ".join(query.replace("*", "").replace("`", "").split()).lower()
     at = match.snippet.lower().find(needle)
     if needle and at >= 0:
         text = text.stylize("bold reverse", at, at + len(needle))

@@ -47,13 +47,23 @@ class Preferences:
     path: Path | None = None
     problems: tuple[str, ...] = ()
 
+    @property
+    def shown_path(self) -> str:
+        """The file's path as a person writes it (~ for the home folder)."""
+        if self.path is None:
+            return CONFIG_FILE
+        try:
+            return str(Path("~") / self.path.relative_to(Path.home()))
+        except ValueError:
+            return str(self.path)
+
     def check(self, known_ids: set[str]) -> list[str]:
         """What is wrong with the file: its problems, then keymap ids naming no binding (a
         typo, or a binding renamed since)."""
         unknown = sorted(binding_id for binding_id in self.keymap if binding_id not in known_ids)
         if not unknown:
             return list(self.problems)
-        return [*self.problems, printable(f"{self.path}: no binding with id "
+        return [*self.problems, printable(f"{self.shown_path}: no binding with id "
                                           f"{', '.join(unknown)} (F1 lists the ids)")]
 
 

@@ -169,9 +169,11 @@ class FakeEngine:
             )
 
         def coordinator() -> None:
-            brief = (
-                f"Question: {question}\n\nTechnical said: {self.replies.get(ids['technical'], '')}"
-                f"\n\nBusiness said: {self.replies.get(ids['business'], '')}"
+            brief = (  # as the engine words it (worker.py TEAM_BRIEF)
+                f"The team was asked: {question}\n\n"
+                f"Technical expert's answer:\n{self.replies.get(ids['technical'], '')}\n\n"
+                f"Business analyst's answer:\n{self.replies.get(ids['business'], '')}\n\n"
+                "Synthesize both perspectives into one prioritized action plan."
             )
             self._turn("coordinator", ids["coordinator"], brief)
 

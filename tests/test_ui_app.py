@@ -134,6 +134,8 @@ async def test_team_flow_runs_technical_and_business_before_coordinator():
         await settle(pilot, engine)
         states = lambda: [pane(app, a).state for a in ("technical", "business", "coordinator")]  # noqa: E731
         assert states() == ["queued", "queued", "queued"]
+        queued = pane(app, "coordinator").query(ChatTurn).last().query_one(".user")
+        assert str(queued.content) == "Team brief: launch plan"  # before the brief exists
 
         engine.release()
         await wait_until(pilot, lambda: states() == ["done", "queued", "queued"])
@@ -142,8 +144,9 @@ async def test_team_flow_runs_technical_and_business_before_coordinator():
         engine.release()
         await wait_until(pilot, lambda: states() == ["done", "done", "done"])
         assert started == ["technical", "business", "coordinator"]
+        # The coordinator's internal brief shows as the team's question, never its raw text.
         brief = str(pane(app, "coordinator").query(ChatTurn).last().query_one(".user").content)
-        assert "Technical said" in brief and "Business said" in brief
+        assert brief == "Team brief: launch plan"
 
 
 async def test_pane_shows_prefill_progress_then_generating():

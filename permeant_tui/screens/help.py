@@ -22,6 +22,9 @@ from ..palette import PALETTE_ONLY
 from ..widgets.message_input import MessageInput
 from .workspace import WorkspaceScreen
 
+KEYS_WIDTH = 12
+DESCRIPTION_WIDTH = 14
+
 
 @dataclass(frozen=True)
 class KeyRow:
@@ -63,7 +66,7 @@ def key_rows(bindings: Iterable[BindingType], keymap: Mapping[str, str],
 def workspace_keys(app_bindings: Iterable[BindingType], keymap: Mapping[str, str],
                    display: Callable[[Binding], str]) -> list[KeySection]:
     """Every key of the workspace, by where it works."""
-    palette = tuple(KeyRow("^p", c.title, c.help, "") for c in PALETTE_ONLY)
+    palette = tuple(KeyRow("^p", "", f"{c.title}: {c.help}", "") for c in PALETTE_ONLY)
     return [KeySection("Workspace", key_rows(app_bindings, keymap, display)),
             KeySection("Panes", key_rows(WorkspaceScreen.BINDINGS, keymap, display)),
             KeySection("Message box", key_rows(MessageInput.BINDINGS, keymap, display)),
@@ -102,9 +105,10 @@ class HelpScreen(ModalScreen[None]):
 
 def _table(rows: Sequence[KeyRow]) -> Table:
     # Text objects, never markup strings: keys come from the person's config file.
+    # Fixed widths: every section's columns line up.
     table = Table.grid(padding=(0, 1))
-    table.add_column(no_wrap=True, style="bold", min_width=8)
-    table.add_column(no_wrap=True, min_width=12)
+    table.add_column(no_wrap=True, style="bold", width=KEYS_WIDTH, overflow="ellipsis")
+    table.add_column(no_wrap=True, width=DESCRIPTION_WIDTH, overflow="ellipsis")
     table.add_column(ratio=1, style="dim")
     for row in rows:
         detail = f"{row.help} [{row.binding_id}]" if row.binding_id else row.help

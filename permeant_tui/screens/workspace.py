@@ -46,7 +46,7 @@ class WorkspaceScreen(Screen):
                 tooltip="Focus the second agent's pane (Business)"),
         Binding("f4", "focus_pane(2)", "Pane 3", id="pane.3", group=PANES,
                 tooltip="Focus the third agent's pane (Coordinator)"),
-        Binding("ctrl+t", "focus_team", "Team", id="team.focus",
+        Binding("ctrl+t", "focus_team", "Team", id="team.focus", show=False,
                 tooltip="Ask the team: technical and business answer, then the coordinator"),
         Binding("ctrl+o", "copy_reply", "Copy reply", id="copy.reply", show=False,
                 priority=True, tooltip="Copy the focused agent's last reply to the clipboard"),

@@ -105,7 +105,7 @@ class AgentPane(Vertical):
         self._export_bar = ProgressBar(total=1.0, show_eta=False, id="export-progress")
         self._gauges = AgentGauges()
         self._message_input = MessageInput(
-            Content(f"Message {self.agent_title} (Enter to send, ctrl+j new line)"), id="message"
+            Content(f"Message {self.agent_title} (ctrl+j: new line)"), id="message"
         )
 
     def compose(self) -> ComposeResult:

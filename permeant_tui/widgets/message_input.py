@@ -1,4 +1,4 @@
-"""An agent's message box: a compact TextArea that grows to a few lines.
+"""An agent's message box: a compact TextArea that grows to a few lines (workspace.tcss).
 
 Enter sends. ctrl+j inserts a newline (it arrives in every terminal and in tmux, as LF, apart
 from Enter's CR); shift+enter does too where the terminal tells it apart (kitty's keyboard
@@ -14,8 +14,6 @@ from __future__ import annotations
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
-
-MAX_LINES = 5
 
 
 class MessageInput(TextArea):
