@@ -12,6 +12,7 @@ from fake_engine import (  # noqa: F401 (no_cursor_blink is an autouse fixture)
     wait_until,
     with_stats,
 )
+from textual import events
 from textual.widgets import Footer, Markdown, Sparkline
 from textual.widgets._footer import FooterKey
 
@@ -76,6 +77,18 @@ async def test_keymap_from_the_config_file_rebinds_a_pane_key(tmp_path):
         warnings = [text for title, text, severity in notes(app) if title == "Keymap"]
         assert any("no.such" in text for text in warnings), warnings
         assert any("pane.3" in text for text in warnings), warnings
+
+
+async def test_keys_typed_right_after_a_pane_key_reach_the_new_pane():
+    """A terminal delivers "F3 x y" in one read: the characters must not land in the old pane."""
+    engine = FakeEngine()
+    app = PermeantApp(engine, preferences=NO_PREFS)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        for key, character in (("f3", None), ("x", "x"), ("y", "y")):
+            app.post_message(events.Key(key, character))
+        await wait_until(pilot, lambda: pane(app, "business").input.text == "xy")
+        assert pane(app, "technical").input.text == ""
 
 
 def test_an_unreadable_config_file_is_a_problem_not_a_crash(tmp_path):

@@ -34,19 +34,22 @@ PANES = Binding.Group("Pane")
 class WorkspaceScreen(Screen):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE, "-wide")]
     BINDINGS = [
-        Binding("tab", "cycle(1)", "Next pane", id="pane.next", show=False,
+        Binding("tab", "cycle(1)", "Next pane", id="pane.next", show=False, priority=True,
                 tooltip="Move to the next agent pane (then the team prompt)"),
         Binding("shift+tab", "cycle(-1)", "Previous pane", id="pane.previous", show=False,
+                priority=True,
                 tooltip="Move to the previous agent pane"),
         # F-keys, not alt+digit: terminals and tmux send alt+1 as ESC 1, which Textual reads
         # as macOS Option+1 and types "¡" into the input. F2..F4 arrive everywhere.
-        Binding("f2", "focus_pane(0)", "Pane 1", id="pane.1", group=PANES,
+        # Pane keys are priority bindings: handled as the app reads them, so characters typed
+        # in the same burst ("F3 x y" in one read) go to the new pane, not the old one.
+        Binding("f2", "focus_pane(0)", "Pane 1", id="pane.1", group=PANES, priority=True,
                 tooltip="Focus the first agent's pane (Technical)"),
-        Binding("f3", "focus_pane(1)", "Pane 2", id="pane.2", group=PANES,
+        Binding("f3", "focus_pane(1)", "Pane 2", id="pane.2", group=PANES, priority=True,
                 tooltip="Focus the second agent's pane (Business)"),
-        Binding("f4", "focus_pane(2)", "Pane 3", id="pane.3", group=PANES,
+        Binding("f4", "focus_pane(2)", "Pane 3", id="pane.3", group=PANES, priority=True,
                 tooltip="Focus the third agent's pane (Coordinator)"),
-        Binding("ctrl+t", "focus_team", "Team", id="team.focus", show=False,
+        Binding("ctrl+t", "focus_team", "Team", id="team.focus", show=False, priority=True,
                 tooltip="Ask the team: technical and business answer, then the coordinator"),
         Binding("ctrl+o", "copy_reply", "Copy reply", id="copy.reply", show=False,
                 priority=True, tooltip="Copy the focused agent's last reply to the clipboard"),
@@ -124,8 +127,10 @@ class WorkspaceScreen(Screen):
         if pane is None:
             return
         self.active_agent = agent_id
-        # In the stacked layout the pane only becomes visible with the class change above.
-        self.call_after_refresh(pane.input.focus)
+        # At once, not after a refresh (as `focus()` would): keys typed right after F3 arrive
+        # in the same read from the terminal and must reach the new pane. In the stacked
+        # layout the pane becomes visible with the class change above, focused already.
+        self.set_focus(pane.input)
 
     def watch_active_agent(self, agent_id: str) -> None:
         for pane in self.panes:
@@ -151,7 +156,7 @@ class WorkspaceScreen(Screen):
             self.activate(panes[index].agent_id)
 
     def action_focus_team(self) -> None:
-        self.team_prompt.input.focus()
+        self.set_focus(self.team_prompt.input)
 
     def action_cycle(self, step: int) -> None:
         stops = [pane.agent_id for pane in self.panes] + [TEAM]
