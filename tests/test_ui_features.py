@@ -89,6 +89,14 @@ async def test_keys_typed_right_after_a_pane_key_reach_the_new_pane():
             app.post_message(events.Key(key, character))
         await wait_until(pilot, lambda: pane(app, "business").input.text == "xy")
         assert pane(app, "technical").input.text == ""
+        # An editing key typed just before a pane key edits the pane it was typed in; Enter
+        # sends what was typed before it.
+        for key, character in (("f4", None), ("w", "w"), ("backspace", "\x7f"), ("f2", None),
+                               ("h", "h"), ("i", "i"), ("enter", "\r")):
+            app.post_message(events.Key(key, character))
+        await wait_until(pilot, lambda: engine.calls.submits == [("technical", "hi")])
+        assert pane(app, "coordinator").input.text == ""
+        assert pane(app, "business").input.text == "xy"
 
 
 def test_an_unreadable_config_file_is_a_problem_not_a_crash(tmp_path):

@@ -6,11 +6,18 @@ protocol: kitty, WezTerm, foot, Ghostty; in tmux and most others it arrives as p
 Up in an empty box recalls the last message sent, to edit and resend it. PageUp/PageDown
 scroll the conversation above, not the few lines of the box.
 
+Keys are taken in the order they were typed. Textual resolves a widget's (non-priority)
+bindings only when the key has bubbled up to the app, against whatever has focus *then*; so a
+backspace typed just before F3 (one read from the terminal) would edit the pane F3 moved to,
+and a priority Enter would send before the characters typed ahead of it reached the box. Here
+the box runs its own bindings (the keymap applied) as it receives each key.
+
 The widget never calls the engine; it posts `Send`, `Recall` and `Page` for its pane.
 """
 
 from __future__ import annotations
 
+from textual import events
 from textual.binding import Binding
 from textual.message import Message
 from textual.widgets import TextArea
@@ -18,18 +25,18 @@ from textual.widgets import TextArea
 
 class MessageInput(TextArea):
     BINDINGS = [
-        Binding("enter", "send", "Send", id="message.send", priority=True, show=False,
+        Binding("enter", "send", "Send", id="message.send", show=False,
                 tooltip="Send the message to this agent"),
         Binding("ctrl+j,shift+enter", "newline", "New line", id="message.newline",
-                priority=True, show=False,
+                show=False,
                 tooltip="Start a new line in the message (shift+enter where the terminal "
                         "reports it)"),
-        Binding("up", "recall", "Recall last", id="message.recall", priority=True, show=False,
+        Binding("up", "recall", "Recall last", id="message.recall", show=False,
                 tooltip="In an empty box: bring back the last message sent, to edit and resend"),
-        Binding("pageup", "page(-1)", "Scroll up", id="conversation.page_up", priority=True,
-                show=False, tooltip="Scroll the conversation up a page"),
+        Binding("pageup", "page(-1)", "Scroll up", id="conversation.page_up", show=False,
+                tooltip="Scroll the conversation up a page"),
         Binding("pagedown", "page(1)", "Scroll down", id="conversation.page_down",
-                priority=True, show=False, tooltip="Scroll the conversation down a page"),
+                show=False, tooltip="Scroll the conversation down a page"),
     ]
 
     class Send(Message):
@@ -50,6 +57,23 @@ class MessageInput(TextArea):
     def __init__(self, placeholder: str = "", *, id: str | None = None) -> None:
         super().__init__(compact=True, soft_wrap=True, tab_behavior="focus",
                          highlight_cursor_line=False, placeholder=placeholder, id=id)
+
+    async def _on_key(self, event: events.Key) -> None:
+        binding = self._own_binding(event.key)
+        if binding is None:
+            await super()._on_key(event)  # characters, Enter's newline in a plain TextArea
+            return
+        event.stop()
+        event.prevent_default()
+        await self.run_action(binding.action)
+
+    def _own_binding(self, key: str) -> Binding | None:
+        """This box's (non-priority) binding for `key`, with the app's keymap applied."""
+        bindings = self._bindings.copy()
+        keymap = self.app._keymap
+        if keymap:
+            bindings.apply_keymap(keymap)
+        return next((b for b in bindings.key_to_bindings.get(key, ()) if not b.priority), None)
 
     def action_send(self) -> None:
         self.post_message(self.Send(self.text))
