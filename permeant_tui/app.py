@@ -168,7 +168,7 @@ class PermeantApp(App[None]):
         title = self._title(getattr(event, "agent_id", None))
         match event:
             case ModelLoading():
-                screen.status.loading(event.stage, event.fraction)
+                screen.status.model_loading(event.stage, event.fraction)
             case ModelReady():
                 screen.status.ready(event.name, event.device, event.blas, event.weights_dtype,
                                     event.context_limit)
@@ -335,7 +335,7 @@ class PermeantApp(App[None]):
                 '"pane.1" = "alt+1"')))
 
     def action_search(self) -> None:
-        if not CommandPalette.is_open(self):
+        if not isinstance(self.screen, CommandPalette):
             self.push_screen(CommandPalette(providers=[HistorySearch], id="--history-search",
                                             placeholder="Search every agent's conversation…"))
 

@@ -145,10 +145,10 @@ class WorkspaceScreen(Screen):
     def on_click(self, event: Click) -> None:
         # A stacked (collapsed) pane opens when clicked.
         widget = event.widget
-        while widget is not None and not isinstance(widget, AgentPane):
-            widget = widget.parent if widget.parent is not self else None
-        if isinstance(widget, AgentPane) and widget.agent_id != self.active_agent:
-            self.activate(widget.agent_id)
+        pane = next((node for node in widget.ancestors_with_self if isinstance(node, AgentPane)),
+                    None) if widget is not None else None
+        if pane is not None and pane.agent_id != self.active_agent:
+            self.activate(pane.agent_id)
 
     def action_focus_pane(self, index: int) -> None:
         panes = self.panes

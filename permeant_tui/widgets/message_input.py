@@ -19,6 +19,7 @@ from __future__ import annotations
 
 from textual import events
 from textual.binding import Binding
+from textual.content import Content
 from textual.message import Message
 from textual.widgets import TextArea
 
@@ -54,7 +55,7 @@ class MessageInput(TextArea):
             super().__init__()
             self.direction = direction
 
-    def __init__(self, placeholder: str = "", *, id: str | None = None) -> None:
+    def __init__(self, placeholder: str | Content = "", *, id: str | None = None) -> None:
         super().__init__(compact=True, soft_wrap=True, tab_behavior="focus",
                          highlight_cursor_line=False, placeholder=placeholder, id=id)
 

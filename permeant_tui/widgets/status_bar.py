@@ -43,7 +43,7 @@ class StatusBar(Horizontal):
         self.remove_class(f"-{old}")
         self.add_class(f"-{new}")
 
-    def loading(self, stage: str, fraction: float) -> None:
+    def model_loading(self, stage: str, fraction: float) -> None:
         if self.phase == "ready":
             return
         self.phase = "loading"
