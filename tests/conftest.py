@@ -20,6 +20,8 @@ FIXTURES = Path(__file__).resolve().parent / "data"
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PERMEANT_HOME", str(tmp_path_factory.mktemp("home")))
     monkeypatch.setenv("PERMEANT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # The UI's config file (keymap): never the developer's own.
+    monkeypatch.setenv("PERMEANT_CONFIG", str(tmp_path_factory.mktemp("config") / "config.toml"))
 
 
 @pytest.fixture(scope="session")

@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from permeant_tui.engine.agent import DEFAULT_AGENTS, Turn
 from permeant_tui.engine.api import AgentView, EventSink, TurnView, WorkerContext
@@ -333,6 +333,13 @@ def no_cursor_blink(monkeypatch):
         return original(self, event)
 
     monkeypatch.setattr(Input, "_on_mount", on_mount)
+    original_text_area = TextArea._on_mount
+
+    def text_area_on_mount(self, event):
+        self.cursor_blink = False
+        return original_text_area(self, event)
+
+    monkeypatch.setattr(TextArea, "_on_mount", text_area_on_mount)
 
 
 @pytest.fixture(autouse=True)

@@ -3,7 +3,7 @@ import the code makes, lazy ones inside functions included.
 
 - engine/: the bottom. No Textual, and nothing from the front ends (app, screens, widgets,
   palette, keymap/config, cli, migrate).
-- UI (app, screens, widgets, palette): no MLX; from the engine only its public face.
+- UI (app, screens, widgets, palette, preferences, conversation): no MLX; from the engine only its public face.
 - migrate/: a front end of the engine like the CLI: no Textual, nothing from the UI or the CLI.
 - cli/: may use everything (it is the entry point), nothing imports it but `__main__`.
 - No import circle between modules at module level.
@@ -18,8 +18,7 @@ PKG = Path(__file__).resolve().parents[2] / "permeant_tui"
 ROOT = "permeant_tui"
 
 UI_ROOMS = ("permeant_tui.app", "permeant_tui.screens", "permeant_tui.widgets",
-            "permeant_tui.palette", "permeant_tui.keymap", "permeant_tui.config",
-            "permeant_tui.help")
+            "permeant_tui.palette", "permeant_tui.preferences", "permeant_tui.conversation")
 FRONT_ENDS = (*UI_ROOMS, "permeant_tui.cli", "permeant_tui.migrate")
 # What the UI may take from the engine: the public face and the records that cross it.
 ENGINE_PUBLIC = ("api", "events", "errors", "agent", "text", "names", "usxf", "atomic",
