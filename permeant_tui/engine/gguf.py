@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import importlib
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -186,24 +187,32 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
     notes: list[str] = []
     use_cache = cache_weights and digest is not None and not (
         weights_mode == "quantized" and f.mlx_fast_path)
-    t = time.perf_counter()
-    weights = weights_cache.load_cached(digest, weights_mode, args) if use_cache else None
-    source = "cache"
-    if weights is None:
-        weights, source = weights_from_file(f, weights_mode, notes)
-    model = build_model(weights, args, p)
-    if "rope_freqs.weight" in f.tensors:
-        apply_rope_freqs(model, f.dequantize("rope_freqs.weight"), args)
-    timings["weights"] = (time.perf_counter() - t) * 1000
-    if use_cache and source != "cache":
+    # The tokenizer (seconds for a 262k SentencePiece vocabulary) is built beside the weights.
+    with ThreadPoolExecutor(1, thread_name_prefix="gguf-tokenizer") as pool:
+        tok_job = pool.submit(_timed, tokenizer_from_gguf, f.metadata, p,
+                              digest if cache_weights else None)
         t = time.perf_counter()
-        weights_cache.save_cached(digest, weights_mode, args, dict(weights))
-        timings["weights_cache_write"] = (time.perf_counter() - t) * 1000
-    del weights
-    t = time.perf_counter()
-    tok = tokenizer_from_gguf(f.metadata, p)
-    timings["tokenizer"] = (time.perf_counter() - t) * 1000
+        weights = weights_cache.load_cached(digest, weights_mode, args) if use_cache else None
+        source = "cache"
+        if weights is None:
+            weights, source = weights_from_file(f, weights_mode, notes)
+        model = build_model(weights, args, p)
+        if "rope_freqs.weight" in f.tensors:
+            apply_rope_freqs(model, f.dequantize("rope_freqs.weight"), args)
+        timings["weights"] = (time.perf_counter() - t) * 1000
+        if use_cache and source != "cache":
+            t = time.perf_counter()
+            weights_cache.save_cached(digest, weights_mode, args, dict(weights))
+            timings["weights_cache_write"] = (time.perf_counter() - t) * 1000
+        del weights
+        tok, timings["tokenizer"] = tok_job.result()
     return GgufModel(model, tok, args, f.metadata, source, notes, timings)
+
+
+def _timed(fn, *args):
+    t = time.perf_counter()
+    out = fn(*args)
+    return out, (time.perf_counter() - t) * 1000
 
 
 def load_gguf(path: str | Path, weights_mode: str = "float32"):

@@ -141,8 +141,9 @@ def end_of_turn_id(tok: GgufTokenizer) -> int | None:
     return ids[0] if ids and ids[0] in tok.specials.values() else None
 
 
-def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>"):
-    """-> mlx_lm TokenizerWrapper around a GgufTokenizer."""
+def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>", cache_key: str | None = None):
+    """-> mlx_lm TokenizerWrapper around a GgufTokenizer. `cache_key` (the file's digest) lets
+    a SentencePiece vocabulary's derived merges be cached."""
     import numpy as np
     from mlx_lm.tokenizer_utils import (
         BPEStreamingDetokenizer,
@@ -163,7 +164,7 @@ def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>"):
         detok = BPEStreamingDetokenizer
         add_bos_default = pre in ADD_BOS_BY_DEFAULT
     elif kind == "llama":
-        tok = spm_tokenizer(meta, vocab, types, path)
+        tok = spm_tokenizer(meta, vocab, types, path, cache_key)
         prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
         detok = partial(SPMStreamingDetokenizer, trim_space=prefix)
         add_bos_default = True
