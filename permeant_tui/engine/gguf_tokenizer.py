@@ -38,8 +38,8 @@ GEMMA_TURNS = (
 )
 PLAIN_TRANSCRIPT = (
     "{{ bos_token }}{%- for message in messages -%}"
-    "{{ message['role'] | capitalize }}: {{ message['content'] | trim }}\n\n"
-    "{%- endfor -%}{%- if add_generation_prompt -%}Assistant:{%- endif -%}"
+    "{{ (message['role'] | capitalize) + ': ' + (message['content'] | trim) + '\n\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
 )
 
 
