@@ -9,7 +9,13 @@ from __future__ import annotations
 import importlib.util
 
 import pytest
-from tiny_gguf import HARD_TEXTS, random_model, smollm2_tokenizer_meta, spm_tokenizer_meta, write_gguf
+from tiny_gguf import (
+    HARD_TEXTS,
+    random_model,
+    smollm2_tokenizer_meta,
+    spm_tokenizer_meta,
+    write_gguf,
+)
 
 from permeant_tui.engine.gguf_reader import open_gguf
 from permeant_tui.engine.gguf_tokenizer import tokenizer_from_gguf
