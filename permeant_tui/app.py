@@ -3,7 +3,8 @@
 Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
 them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
 notifications. Widgets post what the person asked for; the handlers below call the engine.
-Gauges are fed by one timer that samples `engine.stats()`.
+Gauges and each agent's state are fed by one timer that samples `engine.stats()` (sampled at
+once, too, when an event says a turn moved on).
 """
 
 from __future__ import annotations
@@ -17,7 +18,7 @@ from textual.binding import Binding
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from .commands import WorkspaceCommands
+from .engine.agent import DEFAULT_AGENTS
 from .engine.client import AgentView, EngineClient
 from .engine.events import (
     AgentReset,
@@ -43,6 +44,7 @@ from .engine.events import (
     TurnQueued,
     TurnStarted,
 )
+from .palette import WorkspaceCommands
 from .screens.confirm import ConfirmScreen
 from .screens.migrate import MigrateScreen, MigrationRequest
 from .screens.workspace import WorkspaceScreen
@@ -52,7 +54,6 @@ from .widgets.team_prompt import TeamPrompt
 
 T = TypeVar("T")
 
-DEFAULT_AGENTS = (("technical", "Technical"), ("business", "Business"), ("coordinator", "Coordinator"))
 # What to do next, by error class name (engine/errors.py).
 ADVICE = {
     "ContextExhausted": "Reset the agent with ctrl+r (its transcript is archived) "
@@ -60,6 +61,9 @@ ADVICE = {
     "ModelLoadError": "Check the model path, or start permeant with the default model.",
 }
 RESTORED_BY = {"snapshot": "snapshot", "usxf": "USXF file"}
+# Events after which an agent's state has changed: the stats are sampled then, not only on the
+# timer, so the panes follow the engine's state promptly.
+STATE_EVENTS = (TurnQueued, TurnStarted, TurnDone, TurnFailed, TurnCancelled, AgentReset)
 
 
 class EngineEvent(Message):
@@ -72,9 +76,9 @@ class EngineEvent(Message):
 
 class PermeantApp(App[None]):
     TITLE = "Permeant"
-    # The default screen's CSS_PATH is not read by Textual (only pushed screens'), so the
-    # workspace's stylesheet is loaded here.
-    CSS_PATH = ["styles/app.tcss", "styles/workspace.tcss"]
+    # What is app-wide, then the workspace screen's stylesheet (beside it, as every screen's
+    # is): Textual reads the CSS_PATH of pushed screens only, not the default screen's.
+    CSS_PATH = ["styles/app.tcss", "screens/workspace.tcss"]
     COMMANDS = App.COMMANDS | {WorkspaceCommands}
     STATS_INTERVAL = 0.5
     BINDINGS = [
@@ -104,7 +108,8 @@ class PermeantApp(App[None]):
 
     def get_default_screen(self) -> WorkspaceScreen:
         views = self._call(self.engine.agents) or [
-            AgentView(agent_id, agent_id, title, "", ()) for agent_id, title in DEFAULT_AGENTS
+            AgentView(agent_id, role, title, system, ())
+            for agent_id, role, title, system in DEFAULT_AGENTS
         ]
         self._titles = {view.agent_id: view.title for view in views}
         return WorkspaceScreen(views, self.workspace_label)
@@ -134,6 +139,8 @@ class PermeantApp(App[None]):
     async def on_engine_event(self, message: EngineEvent) -> None:
         try:
             await self._route(message.event)
+            if isinstance(message.event, STATE_EVENTS):
+                self._sample_stats()
         except Exception as error:  # a display problem must never take the workspace down
             self.notify(f"{type(message.event).__name__}: {error}", title="Display error",
                         severity="error", markup=False)

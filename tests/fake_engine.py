@@ -50,6 +50,12 @@ MB = 1 << 20
 DIGEST = "sha256:9f2c4e1ab07d63c58e2f01d4b6a9c3e7f5d8b2a1c0e9f8d7c6b5a4f3e2d1c0b9"
 
 
+# The engine's agent state after each event (worker.py sets `agent.state` the same way); the
+# fake's stats report it, as the real engine's do.
+STATE_AFTER = {TurnQueued: "queued", TurnStarted: "prefilling", Tokens: "generating",
+               TurnDone: "done", TurnFailed: "failed", TurnCancelled: "idle", AgentReset: "idle"}
+
+
 def views(turns_per_agent: int = 0) -> list[AgentView]:
     """The three default agents, each with `turns_per_agent` scripted past turns."""
     return [
@@ -125,6 +131,7 @@ class FakeEngine:
         self._tokens = {view.agent_id: 150 * len(view.turns) for view in self.views}
         self._thread = threading.Thread(target=self._work, name="fake-engine", daemon=True)
         self.agent_stats: dict[str, AgentStats] = {}
+        self.states: dict[str, str] = {}
         self.replies: dict[int, str] = {}
         self.migrations: list[tuple] = []
 
@@ -254,6 +261,8 @@ class FakeEngine:
 
     def emit(self, event: Event) -> None:
         self.events.append(event)
+        if type(event) in STATE_AFTER:
+            self.states[event.agent_id] = STATE_AFTER[type(event)]  # type: ignore[attr-defined]
         assert self.sink is not None, "connect() first"
         self.sink(event)
 
@@ -335,7 +344,8 @@ class FakeEngine:
         tokens = self._tokens.get(view.agent_id, 0)
         return AgentStats(
             agent_id=view.agent_id, role=view.role, title=view.title, tokens=tokens,
-            bytes=tokens * 18_432, resident=view.agent_id != "coordinator", state="idle",
+            bytes=tokens * 18_432, resident=view.agent_id != "coordinator",
+            state=self.states.get(view.agent_id, "idle"),
             context_limit=CONTEXT_LIMIT, last_used=0.0,
             last_tok_s=18.9 if tokens else 0.0, last_ttft_ms=120.0 if tokens else 0.0,
             tok_s_history=(17.2, 18.1, 19.4, 18.6, 18.9) if tokens else (),

@@ -16,11 +16,16 @@ import numpy as np
 import pytest
 
 from permeant_tui.engine import llamacpp as lc
+from permeant_tui.engine.generation import common_prefix as _prefix
 from permeant_tui.engine.llamacpp import (
+    CountingWriter,
     SeqStateError,
+    SlidingWindowUnsupported,
     build_seq_state,
     parse_seq_state,
     seq_state_info,
+    seq_state_nbytes,
+    write_seq_state,
 )
 
 N_GREEDY = 16
@@ -76,15 +81,6 @@ def rt32():
     r.close()
 
 
-def _prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
-
-
 # --- pure layout (no llama.cpp needed) --------------------------------------------------------
 
 @pytest.mark.parametrize("v_trans", [True, False])
@@ -111,6 +107,38 @@ def test_synthetic_build_parse_roundtrip(v_trans, kv_dtype):
         np.testing.assert_allclose(b, a, rtol=tol, atol=tol)
     # parse -> build is the identity on bytes
     assert build_seq_state(p2, k2, v2, kv_dtype=kv_dtype, v_trans=v_trans) == blob
+
+
+@pytest.mark.parametrize(("n_layers", "hk", "n", "d", "n_stream", "stream"), [
+    (1, 1, 1, 2, 1, 0), (3, 2, 5, 8, 1, 0), (2, 4, 17, 16, 3, 1), (2, 3, 0, 8, 2, 1),
+    (4, 1, 33, 64, 2, 0)])
+@pytest.mark.parametrize("v_trans", [True, False])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16", "bf16"])
+def test_counted_size_equals_built_bytes(n_layers, hk, n, d, n_stream, stream, v_trans,
+                                         kv_dtype):
+    """One serializer: the counting writer's size is the built blob's length, and
+    seq_state_nbytes (counting over placeholders) agrees, for every shape and layout."""
+    rng = np.random.default_rng(n + d)
+    ks = [rng.standard_normal((hk, n, d)).astype(np.float32) for _ in range(n_layers)]
+    vs = [rng.standard_normal((1, hk, n, d)).astype(np.float16) for _ in range(n_layers)]
+    kw = {"kv_dtype": kv_dtype, "v_trans": v_trans, "n_stream": n_stream, "stream": stream}
+    counted = write_seq_state(CountingWriter(), range(n), ks, vs, **kw)
+    blob = build_seq_state(range(n), ks, vs, **kw)
+    assert counted == len(blob)
+    assert seq_state_nbytes(n, n_layers, hk * d, hk * d, kv_dtype, n_stream) == len(blob)
+    info = seq_state_info(blob)
+    assert (info.n_stream, info.n_cells, info.nbytes) == (n_stream, n, len(blob))
+    if n:
+        assert info.stream == stream
+
+
+def test_serializer_validates_before_writing():
+    """Shape errors come from the counting pass, so nothing is allocated for a bad input."""
+    k = [np.zeros((2, 3, 4), np.float32)]
+    with pytest.raises(ValueError, match="holds 3 positions"):
+        write_seq_state(CountingWriter(), range(4), k, k, kv_dtype="f32", v_trans=True)
+    with pytest.raises(ValueError, match="kv_dtype"):
+        build_seq_state(range(3), k, k, kv_dtype="q8_0", v_trans=True)
 
 
 def test_v_transposed_element_order():
@@ -144,6 +172,57 @@ def test_permute_k_heads_roundtrip():
     h = lc.permute_k_heads(k, "interleaved", "half-split")
     assert h[0, 0].tolist() == [0, 2, 4, 6, 1, 3, 5, 7]
     np.testing.assert_array_equal(lc.permute_k_heads(h, "half-split", "interleaved"), k)
+
+
+# --- sliding-window models are refused until llama.cpp's two sub-states are built -----------
+
+def test_rotating_mlx_cache_is_refused():
+    import mlx.core as mx
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    full, rot = KVCache(), RotatingKVCache(max_size=4)
+    x = mx.ones((1, 2, 6, 8))
+    full.update_and_fetch(x, x)
+    rot.update_and_fetch(x, x)
+    with pytest.raises(SlidingWindowUnsupported, match=r"layer 1, window 4") as exc:
+        lc.kv_from_mlx_cache([full, rot])
+    assert "\n" not in str(exc.value)
+    from permeant_tui.engine.errors import PermeantError
+
+    assert isinstance(exc.value, PermeantError)
+    ks, vs = lc.kv_from_mlx_cache([full])  # a full-attention cache still goes through
+    assert ks[0].shape == vs[0].shape == (2, 6, 8)
+
+
+def test_model_with_a_rotating_layer_is_refused():
+    from mlx_lm.models.cache import KVCache, RotatingKVCache
+
+    from permeant_tui.engine.llamacpp import bridge
+
+    class SlidingModel:  # what mlx_lm's make_prompt_cache asks of a model
+        def make_cache(self):
+            return [KVCache(), RotatingKVCache(max_size=64), KVCache()]
+
+    class FullModel:
+        def make_cache(self):
+            return [KVCache(), KVCache()]
+
+    with pytest.raises(SlidingWindowUnsupported, match="window 64"):
+        bridge._refuse_sliding_mlx_model(SlidingModel(), "sliding.gguf")
+    bridge._refuse_sliding_mlx_model(FullModel(), "full.gguf")
+
+
+def test_runtime_refuses_to_move_a_sliding_window_state():
+    """A GGUF llama.cpp runs with a window (n_swa > 0) keeps an iSWA cache: its state is
+    neither read nor written (the model itself may still run)."""
+    rt = object.__new__(lc.LlamaCppRuntime)
+    rt._ctx = rt._batch = rt._model = None
+    rt.gguf_path, rt.n_swa, rt.recurrent = "gemma.gguf", 512, False
+    with pytest.raises(SlidingWindowUnsupported, match="gemma.gguf"):
+        rt.get_seq_state()
+    blob = build_seq_state([0], [np.zeros((1, 1, 2))], [np.zeros((1, 1, 2))], v_trans=True)
+    with pytest.raises(SlidingWindowUnsupported):
+        rt.set_seq_state(blob)
 
 
 # --- real llama.cpp -------------------------------------------------------------------------

@@ -13,23 +13,18 @@ from __future__ import annotations
 
 import hashlib
 import json
-import os
 import re
 import shutil
 import signal
 import subprocess
-import sys
-import threading
 import time
-from pathlib import Path
 
 import pytest
+from migrate_server import PYTHON, Server, send_raw, trusting_server
 
 from permeant_tui.engine.usxf.keys import WorkspaceKeys
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
-from permeant_tui.migrate.client import MigrationClient, _export, migrate_agent
-from permeant_tui.migrate.commands import shutdown_engine
 from permeant_tui.migrate.protocol import (
     CertificateMismatch,
     MigrationError,
@@ -37,69 +32,10 @@ from permeant_tui.migrate.protocol import (
     Unauthorized,
     b64,
 )
+from permeant_tui.migrate.source import export_for_migration, migrate_agent
+from permeant_tui.migrate.transport import MigrationClient
 
 CHUNK = 1 << 20  # ~100 tokens of the default model's KV (46 KB/token) = 5 chunks
-PYTHON = sys.executable
-
-
-class Server:
-    """A `permeant serve` subprocess; its stdout is collected by a thread."""
-
-    def __init__(self, workspace: Path, home: Path, ttl: float = 120.0, port: int = 0):
-        self.ws, self.home, self.ttl = workspace, home, ttl
-        self.proc: subprocess.Popen | None = None
-        self.lines: list[str] = []
-        self.start(port)
-
-    def env(self) -> dict:
-        return {**os.environ, "PERMEANT_HOME": str(self.home / "home"),
-                "PERMEANT_CACHE": str(self.home / "cache")}
-
-    def start(self, port: int = 0) -> None:
-        self.lines = []
-        self.proc = subprocess.Popen(
-            [PYTHON, "-m", "permeant_tui.cli", "serve", "--workspace", str(self.ws),
-             "--listen", f"127.0.0.1:{port}", "--staging-ttl", str(self.ttl)],
-            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, env=self.env())
-        threading.Thread(target=self._read, args=(self.proc,), daemon=True).start()
-        self.wait_for(r"\] ready$", 120)
-        out = "\n".join(self.lines)
-        self.port = int(re.search(r"listening on https://127\.0\.0\.1:(\d+)", out).group(1))
-        self.fingerprint = re.search(r"--pin ([0-9a-f]{64})", out).group(1)
-
-    def _read(self, proc) -> None:
-        for line in proc.stdout:
-            self.lines.append(line.rstrip("\n"))
-
-    def wait_for(self, pattern: str, timeout: float) -> str:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            for line in list(self.lines):
-                if re.search(pattern, line):
-                    return line
-            if self.proc.poll() is not None:
-                time.sleep(0.2)
-                raise AssertionError(f"server exited {self.proc.returncode}:\n" + "\n".join(self.lines))
-            time.sleep(0.05)
-        raise AssertionError(f"no line matching {pattern!r} in {timeout} s:\n" + "\n".join(self.lines))
-
-    @property
-    def address(self) -> str:
-        return f"127.0.0.1:{self.port}"
-
-    def kill(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.kill()
-            self.proc.wait(30)
-
-    def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
 
 
 @pytest.fixture(scope="module")
@@ -112,18 +48,14 @@ def source(tmp_path_factory, real_model):
     e.submit_future("technical", "We have a critical API bug: payments time out.",
                     max_tokens=12)[1].result(300)
     e.submit_future("technical", "What do we check first?", max_tokens=12)[1].result(300)
-    WorkspaceKeys(e.ws.keys_dir).ensure()
+    WorkspaceKeys(e.folder / "keys").ensure()
     yield e
-    shutdown_engine(e)
+    e.shutdown()
 
 
 def _target(tmp_path_factory, source, name: str, ttl: float) -> Server:
-    root = tmp_path_factory.mktemp(name)
-    ws = root / "ws"
-    keys = WorkspaceKeys(ws / "keys")
-    keys.ensure()
-    keys.trust(WorkspaceKeys(source.ws.keys_dir).public_key_text)
-    return Server(ws, root, ttl=ttl)
+    return trusting_server(tmp_path_factory.mktemp(name),
+                           WorkspaceKeys(source.folder / "keys").public_key_text, ttl)
 
 
 @pytest.fixture(scope="module")
@@ -143,13 +75,14 @@ def short_ttl_server(tmp_path_factory, source):
 def _client(server: Server, source, keys=None) -> MigrationClient:
     host, port = server.address.split(":")
     return MigrationClient(host, int(port), server.fingerprint,
-                           keys or WorkspaceKeys(source.ws.keys_dir), timeout=120)
+                           keys or WorkspaceKeys(source.folder / "keys"), timeout=120)
 
 
 def _exported(source, tmp_path, quant="none") -> tuple[bytes, bytes, dict]:
     """(head, payload, manifest payload map) of the source's technical agent."""
     path = tmp_path / "t.usxf"
-    info = source.call(lambda e: _export(e, "technical", path, quant, CHUNK)).result(300)
+    info = source.call(
+        lambda ctx: export_for_migration(ctx, "technical", path, quant, CHUNK)).result(300)
     data = path.read_bytes()
     p = info.manifest["payload"]
     return data[:p["offset"]], data[p["offset"]:], p
@@ -184,7 +117,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
     assert caps["prefill_tok_s"] > 0 and caps["memory"]["available"] > 0
     assert rep.mode == "kv" and rep.chunks >= 3 and rep.fidelity == "exact 16/16"
     assert rep.target_result["restored_from"] == "usxf"  # the moved state, not a rebuild
-    assert not rep.moved and (source.ws.agent_dir("technical") / "transcript.jsonl").exists()
+    assert not rep.moved and (source.folder / "agents" / "technical" / "transcript.jsonl").exists()
     assert _staging(server) == []  # committed: the staged copy is gone
     name = rep.target_agent
     assert name in {a.id for a in Workspace.open(server.ws).settings.agents}
@@ -199,7 +132,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
     try:
         got = e.submit_future(name, "And then?", max_tokens=12)[1].result(300)
     finally:
-        shutdown_engine(e)
+        e.shutdown()
     assert got.source == "usxf"  # attached from the migrated state, not rebuilt
     assert got.cached == ref.cached  # every migrated token reused
     assert got.generated_ids == ref.generated_ids
@@ -235,6 +168,29 @@ def test_reprefill_mode_rebuilds_on_the_target(source, server):
     assert rep.target_result["mode"] == "reprefill" and rep.target_result["prefill_ms"] > 0
     assert rep.fidelity.startswith(("exact", "diverged"))  # reported, whichever it is
     assert "rebuilt" in {a.id for a in Workspace.open(server.ws).settings.agents}
+
+
+def test_start_migration_reports_through_events(source, server):
+    from permeant_tui.engine.events import MigrationDone, MigrationFailed, MigrationProgress
+    from permeant_tui.migrate import start_migration
+
+    events: list = []
+    thread = start_migration(source, "technical", server.address, server.fingerprint,
+                             on_event=events.append)
+    thread.join(300)
+    assert not thread.is_alive()
+    stages = [e.stage for e in events if isinstance(e, MigrationProgress)]
+    assert stages[:2] == ["capabilities", "decision"] and "commit" in stages
+    assert "transfer" not in stages  # per chunk: not a notification
+    assert isinstance(events[-1], MigrationDone) and events[-1].agent_id == "technical"
+    assert events[-1].summary.startswith(("exact", "diverged"))
+
+    events.clear()  # nothing listens on port 1: one MigrationFailed, the agent intact
+    start_migration(source, "technical", "127.0.0.1:1", server.fingerprint,
+                    on_event=events.append).join(60)
+    assert isinstance(events[-1], MigrationFailed) and "127.0.0.1:1" in events[-1].message
+    assert {e.stage for e in events[:-1]} <= {"retry"}
+    assert source.agent("technical").turns
 
 
 # ---- interruptions and tampering ---------------------------------------------------------------------
@@ -320,16 +276,6 @@ def test_head_signed_by_an_untrusted_key_is_refused(source, server, tmp_path, re
 
 # ---- authentication and malformed input ---------------------------------------------------------------
 
-def _send(server: Server, method: str, path: str, headers: dict, body: bytes = b"") -> tuple[int, bytes]:
-    from permeant_tui.migrate.tls import PinnedConnection
-
-    conn = PinnedConnection("127.0.0.1", server.port, server.fingerprint, timeout=30)
-    try:
-        conn.request(method, path, body=body or None, headers=headers)
-        r = conn.getresponse()
-        return r.status, r.read()
-    finally:
-        conn.close()
 
 
 def test_unknown_key_bad_signature_replay_and_stale_clock_get_a_bare_401(source, server, tmp_path):
@@ -342,16 +288,16 @@ def test_unknown_key_bad_signature_replay_and_stale_clock_get_a_bare_401(source,
 
     c = _client(server, source)
     h = c.sign_headers("GET", "/capabilities", b"")
-    assert _send(server, "GET", "/capabilities", h)[0] == 200
-    assert _send(server, "GET", "/capabilities", h) == (401, b'{"error":"unauthorized"}')  # replay
+    assert send_raw(server, "GET", "/capabilities", h)[0] == 200
+    assert send_raw(server, "GET", "/capabilities", h) == (401, b'{"error":"unauthorized"}')  # replay
     h = c.sign_headers("GET", "/capabilities", b"")
     h["x-permeant-signature"] = b64(bytes(64))
-    assert _send(server, "GET", "/capabilities", h) == (401, b'{"error":"unauthorized"}')
+    assert send_raw(server, "GET", "/capabilities", h) == (401, b'{"error":"unauthorized"}')
     h = c.sign_headers("GET", "/migrations", b"")  # signed for another path
-    assert _send(server, "GET", "/capabilities", h)[0] == 401
+    assert send_raw(server, "GET", "/capabilities", h)[0] == 401
     h = c.sign_headers("GET", "/capabilities", b"", now=time.time() - 3600)  # clock 1 h behind
-    assert _send(server, "GET", "/capabilities", h)[0] == 401
-    assert _send(server, "GET", "/capabilities", {})[0] == 401  # no headers at all
+    assert send_raw(server, "GET", "/capabilities", h)[0] == 401
+    assert send_raw(server, "GET", "/capabilities", {})[0] == 401  # no headers at all
     assert any("replayed nonce" in line for line in server.lines)  # the why stays on the target
     c.close()
 
@@ -466,7 +412,7 @@ def test_target_killed_between_prepare_and_commit_attaches_nothing(source, short
     assert ei.value.status == 404
     assert c.capabilities()["migrations"]["active"] == 0
     c.close()
-    assert source.ws.agent("technical").turns  # the source agent is intact
+    assert source.agent("technical").turns  # the source agent is intact
 
 
 def test_source_killed_mid_transfer_staged_data_expires(source, short_ttl_server, tmp_path):

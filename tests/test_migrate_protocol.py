@@ -18,7 +18,7 @@ from permeant_tui.migrate.protocol import (
     signing_message,
     to_ranges,
 )
-from permeant_tui.migrate.server import recover_staging
+from permeant_tui.migrate.staging import recover_staging
 from permeant_tui.migrate.tls import ensure_server_cert, pem_fingerprint
 
 SMOL = {"n_layers": 30, "n_kv_heads": 3, "head_dim": 64, "kv_dtype": "float32"}

@@ -159,8 +159,24 @@ async def test_pane_shows_prefill_progress_then_generating():
         assert business.state == "prefilling"
         assert business.state_label == "prefilling 12/24"
         engine.emit(Tokens("business", 7, "Because", ()))
-        await pilot.pause()
-        assert business.state == "generating"
+        # The state is the engine's, read on the stats timer.
+        await wait_until(pilot, lambda: business.state == "generating")
+        assert business.state_label == "generating"
+
+
+async def test_pane_state_is_the_engines():
+    """No event at all: the border follows AgentStats.state from the stats timer."""
+    engine = FakeEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        coordinator = pane(app, "coordinator")
+        assert coordinator.state == "idle" and not coordinator.busy
+        with_stats(engine, "coordinator", state="queued")
+        await wait_until(pilot, lambda: coordinator.state == "queued")
+        assert coordinator.busy and coordinator.state_label == "queued"
+        with_stats(engine, "coordinator", state="done")
+        await wait_until(pilot, lambda: coordinator.state_label == "done")
 
 
 async def test_escape_cancels_the_focused_agents_turn():
@@ -174,9 +190,10 @@ async def test_escape_cancels_the_focused_agents_turn():
         await pilot.pause()
         assert engine.calls.cancels == ["business"]
         business = pane(app, "business")
-        await wait_until(pilot, lambda: business.state == "cancelled")
         note = business.query(ChatTurn).last().query_one(".note", Label)
-        assert str(note.content) == "cancelled"
+        await wait_until(pilot, lambda: str(note.content) == "cancelled")
+        await wait_until(pilot, lambda: business.state == "idle")  # the engine's state
+        assert not business.busy
 
 
 async def test_export_key_shows_path_size_and_hash():
@@ -380,7 +397,7 @@ async def test_quit_shuts_the_engine_down_and_exits_zero():
 
 def test_the_ui_never_imports_mlx():
     code = (
-        "import sys; import permeant_tui.app, permeant_tui.commands; "
+        "import sys; import permeant_tui.app, permeant_tui.palette; "
         "bad = sorted(m for m in sys.modules if m == 'mlx' or m.startswith(('mlx.', 'mlx_lm')));"
         "print(bad); sys.exit(1 if bad else 0)"
     )

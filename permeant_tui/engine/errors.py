@@ -74,3 +74,11 @@ class WorkspaceBusy(WorkspaceError):
     """Another process holds the workspace's writer lock (the message names it)."""
 
     exit_code = 7
+
+
+class InvalidTokenIds(PermeantError):
+    """Token ids from a file, a transcript or the network that the model cannot take (not an
+    integer, negative, or outside the vocabulary). Checked before any id reaches MLX, whose
+    embedding lookup does not bound-check."""
+
+    exit_code = 5

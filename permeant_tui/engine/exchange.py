@@ -1,5 +1,6 @@
 """Agents in and out of USXF files: export (with a fidelity probe), import (verify, then attach),
-fidelity replay, and the `permeant usxf inspect|verify` commands.
+fidelity replay (of an imported agent, or of a file on a scratch agent). Returns reports; the
+CLI (cli/exchange.py) prints them.
 
 Export and import run on the engine worker (they touch MLX arrays). The format itself lives in
 engine/usxf and needs no MLX.
@@ -7,10 +8,8 @@ engine/usxf and needs no MLX.
 
 from __future__ import annotations
 
-import json
 import os
 import shutil
-import sys
 import time
 
 import numpy as np
@@ -186,79 +185,15 @@ def compare_probe(lm, agent: Agent, fid) -> str:
     return f"exact {fid.n}/{fid.n}" if k is None else f"diverged at {k} ({k}/{fid.n} matched)"
 
 
-# ---- `permeant usxf ...` ----------------------------------------------------------------------
-
-def _manifest_json(f) -> dict:
-    def clean(v):
-        if isinstance(v, bytes):
-            return v.hex()
-        if isinstance(v, dict):
-            return {str(k): clean(x) for k, x in v.items()}
-        if isinstance(v, (list, tuple)):
-            return [clean(x) for x in v]
-        return v
-
-    return clean(dict(f.manifest))
-
-
-def cli_inspect(args) -> int:
-    from .usxf import read_usxf
-
-    f = read_usxf(args.file, trusted=None)
-    m = _manifest_json(f)
-    if args.json:
-        print(json.dumps({"file": str(args.file), "size": f.size, "payload_digest": f.digest,
-                          "key_id": f.key_id, "manifest": m}, indent=2))
-        return 0
-    ident = f.identity
-    print(f"USXF {args.file}  ({f.size / 1e6:.2f} MB)")
-    print(f"  version      {m.get('format_version', m.get('version'))}")
-    print(f"  model        {ident.name}  [{ident.architecture}]  fingerprint {ident.fingerprint}")
-    print(f"  attention    {ident.n_layers} layers, {ident.n_heads} heads, {ident.n_kv_heads} kv "
-          f"heads, head dim {ident.head_dim}, RoPE base {ident.rope_theta:g} "
-          f"{ident.rope_layout}, sliding window {ident.sliding_window or 'none'}")
-    print(f"  tokens       {f.n_tokens}")
-    print(f"  quant        {f.quant}")
-    print(f"  agent        {f.agent.agent_id} ({f.agent.role}), {len(f.agent.turns)} turns")
-    if f.fidelity:
-        print(f"  fidelity     probe of {f.fidelity.n} tokens, room {f.fidelity.context_room}"
-              f"{'; ' + f.fidelity.note if f.fidelity.note else ''}")
-    print(f"  signed by    {f.key_id}  (signature valid; trust is checked by `usxf verify`)")
-    print(f"  digest       {f.digest}")
-    return 0
-
-
-def cli_verify(args) -> int:
-    from ..paths import resolve_workspace
-    from .usxf import UsxfUntrustedKey, verify_usxf
-    from .usxf.keys import WorkspaceKeys
-
-    keys = WorkspaceKeys(resolve_workspace(args.workspace) / "keys")
-    keys.ensure()
-    try:
-        f = verify_usxf(args.file, trusted=keys)
-    except UsxfUntrustedKey as exc:
-        print(f"permeant: untrusted: {exc} (trust it with `permeant keys trust PUBKEY`)",
-              file=sys.stderr)
-        return 6
-    except UsxfInvalid as exc:
-        print(f"permeant: invalid: {exc}", file=sys.stderr)
-        return exc.exit_code
-    print(f"ok: {args.file}: {f.n_tokens} tokens, {f.size / 1e6:.2f} MB, quant {f.quant}, "
-          f"signed by trusted key {f.key_id}")
-    if args.fidelity:
-        print(f"fidelity: {fidelity_of_file(args)}")
-    return 0
-
-
-def fidelity_of_file(args) -> str:
-    """Attach the file to a scratch agent (not in any workspace) and replay its probe."""
+def file_fidelity(path, model: str | None = None) -> str:
+    """Attach a USXF file to a scratch agent (not in any workspace) on `model` (default: the
+    embedded one) and replay its fidelity probe: the result as `compare_probe` words it."""
     from .models import load_model
     from .snapshot import attach_payload
     from .usxf import read_usxf
 
-    lm = load_model(args.model)
-    f = read_usxf(args.file, trusted=None, expected_identity=lm.identity)
+    lm = load_model(model)
+    f = read_usxf(path, trusted=None, expected_identity=lm.identity)
     kv = f.load_kv()
     agent = Agent("probe", "probe", "probe", "")
     agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype)

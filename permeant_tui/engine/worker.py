@@ -219,6 +219,20 @@ class Engine:
         self._put(job)
         return job.future
 
+    # TEMP shim for migrate (lead: drop at merge): engine/api.py's contract names, minimal.
+    def on_worker_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def model_info(self):
+        lm = self.loaded
+        return None if lm is None else _ShimModelInfo(lm.identity.name, lm.identity,
+                                                      lm.context_limit, lm.weights_mode)
+
+    def agent(self, agent_id: str) -> AgentView:
+        a = self.ws.agent(agent_id)
+        return AgentView(a.agent_id, a.role, a.title, a.system,
+                         tuple(TurnView(t.user, t.reply) for t in a.turns))
+
     def restore(self, agent_id: str) -> Future:
         """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
         return self.call(lambda e: e._restore(e.ws.agent(agent_id)))
@@ -301,7 +315,7 @@ class Engine:
                 self._refresh_stats(memory=True)
 
     def _do_call(self, job: _Job) -> None:
-        job.future.set_result(job.payload["fn"](self))
+        job.future.set_result(job.payload["fn"](_ShimWorkerContext(self)))
 
     def _do_load(self, job: _Job) -> None:
         from .models import load_model
@@ -476,6 +490,38 @@ class Engine:
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
+
+
+@dataclass(frozen=True)
+class _ShimModelInfo:  # TEMP shim for migrate (lead: drop at merge)
+    name: str
+    identity: object
+    context_limit: int
+    weights_mode: str
+
+
+class _ShimWorkerContext:
+    """TEMP shim for migrate (lead: drop at merge): api.py's WorkerContext. Other attributes
+    fall through to the engine so today's fn(engine) callers keep working."""
+
+    def __init__(self, engine: Engine):
+        self._engine = engine
+
+    @property
+    def model(self):
+        self._engine._need_model()
+        return self._engine.loaded
+
+    @property
+    def workspace(self) -> Workspace:
+        return self._engine.ws
+
+    def restore(self, agent_id: str):
+        self._engine._need_model()
+        return self._engine._restore(self._engine.ws.agent(agent_id))
+
+    def __getattr__(self, name: str):
+        return getattr(self._engine, name)
 
 
 def _wait_native_exit(tid: int | None, timeout: float = 5.0) -> None:

@@ -2,8 +2,9 @@
 
 Wide terminals show the panes side by side. Below `WIDE` columns they stack: the active pane
 takes the room and the others shrink to their title and state (click one, or alt+1..3).
-Its stylesheet, styles/workspace.tcss, is loaded by the app. The screen knows which agent is "focused" (the last pane that had focus), for the app's
-export, cancel and reset actions.
+The screen knows which agent is "focused" (the last pane that had focus), for the app's
+export, cancel and reset actions. Its stylesheet, workspace.tcss beside it, styles the widgets
+it hosts (the app loads it: Textual does not read a default screen's CSS_PATH).
 """
 
 from __future__ import annotations

@@ -2,7 +2,9 @@
 
 The pane never calls the engine. It posts what the person asked for (`Submitted`, `LoadMore`)
 and the app calls the engine; the app's event router calls the methods below as engine events
-arrive. The turn state (queued, prefilling n/m, generating, done, ...) is the border subtitle.
+arrive (they stream the text). The agent's state (queued, prefilling, generating, done, ...) is
+the engine's own, read from `AgentStats.state` on the app's stats timer, and shown as the border
+subtitle; events only add the prefill count ("prefilling 120/300").
 """
 
 from __future__ import annotations
@@ -24,6 +26,8 @@ from .gauges import AgentGauges
 
 RECENT_TURNS = 20
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
+# The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
+# loads ("loading") or after it failed to load ("unavailable").
 STATE_LABELS = {
     "loading": "waiting for the model",
     "idle": "ready",
@@ -32,7 +36,6 @@ STATE_LABELS = {
     "generating": "generating",
     "done": "done",
     "failed": "failed",
-    "cancelled": "cancelled",
     "unavailable": "no model",
 }
 STATE_STYLES = {
@@ -85,6 +88,9 @@ class AgentPane(Vertical):
         self._initial = view.turns[-recent:] if recent else ()
         self.first_index = len(view.turns) - len(self._initial)
         self._turns: dict[int, ChatTurn] = {}
+        self._model = "loading"  # loading | ready | failed: the model's, from its events
+        self._engine_state = "idle"  # the agent's, from the engine's stats
+        self._prefill: tuple[int, int] | None = None  # (done, total) of the turn prefilling
         # Kept, not queried: events and the stats timer reach these many times a second.
         self._conversation = VerticalScroll(classes="conversation")
         self._load_more_button = Button(self._load_more_label(), id="load-more", compact=True)
@@ -116,7 +122,8 @@ class AgentPane(Vertical):
 
     @property
     def busy(self) -> bool:
-        return self.state in BUSY_STATES
+        """A turn is queued or running (by the engine's state, or a turn still streaming)."""
+        return self.state in BUSY_STATES or bool(self._turns)
 
     @on(Input.Submitted, "#message")
     def _submit(self, event: Input.Submitted) -> None:
@@ -156,57 +163,53 @@ class AgentPane(Vertical):
     # what the engine reports
 
     def model_ready(self) -> None:
-        if self.state in ("loading", "unavailable"):
-            self.state = "idle"
+        self._model = "ready"
+        self._sync_state()
 
     def model_failed(self) -> None:
-        self.state = "unavailable"
+        self._model = "failed"
+        self._sync_state()
 
     async def turn_queued(self, turn_id: int, user: str) -> None:
         turn = ChatTurn(user, turn_id=turn_id, pending=True)
         self._turns[turn_id] = turn
         await self._conversation.mount(turn)
-        self.set_state("queued")
 
     async def turn_started(self, turn_id: int, user: str, to_prefill: int) -> None:
         turn = await self._turn(turn_id, user)
         turn.set_user(user)
-        self.set_state("prefilling", f"0/{to_prefill:,}" if to_prefill else "")
+        self._set_prefill((0, to_prefill) if to_prefill else None)
 
     def prefill_progress(self, done: int, total: int) -> None:
-        self.set_state("prefilling", f"{done:,}/{total:,}")
+        self._set_prefill((done, total))
 
     async def tokens(self, turn_id: int, text: str) -> None:
-        if self.state != "generating":
-            self.set_state("generating")
+        self._set_prefill(None)
         turn = await self._turn(turn_id)
         await turn.append(text)
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
         await turn.finish(result.reply, turn_note(result))
-        self._turns.pop(turn_id, None)
-        self.set_state("done")
+        self._turn_ended(turn_id)
 
     async def turn_failed(self, turn_id: int, kind: str) -> None:
         turn = await self._turn(turn_id)
         await turn.finish(note=f"failed: {kind}", state="failed")
-        self._turns.pop(turn_id, None)
-        self.set_state("failed", kind)
+        self._turn_ended(turn_id)
 
     async def turn_cancelled(self, turn_id: int) -> None:
-        turn = self._turns.pop(turn_id, None)
+        turn = self._turns.get(turn_id)
         if turn is not None:
             await turn.finish(note="cancelled", state="cancelled")
-        if not self._turns:
-            self.set_state("cancelled")
+        self._turn_ended(turn_id)
 
     async def reset(self) -> None:
         self._turns.clear()
+        self._set_prefill(None)
         self.first_index = 0
         await self.query(ChatTurn).remove()
         self._sync_load_more()
-        self.set_state("idle")
 
     def export_progress(self, fraction: float | None) -> None:
         """Show export progress; None hides the bar."""
@@ -216,15 +219,29 @@ class AgentPane(Vertical):
 
     def show_stats(self, stats: AgentStats) -> None:
         self._gauges.show(stats)
+        if stats.state != self._engine_state:
+            self._engine_state = stats.state
+            self._sync_state()
 
     # internals
 
-    def set_state(self, state: str, detail: str = "") -> None:
-        # Queued turns behind this one keep the pane busy after one ends.
-        if state in ("done", "failed", "cancelled") and self._turns:
-            state, detail = "queued", ""
+    def _turn_ended(self, turn_id: int) -> None:
+        self._turns.pop(turn_id, None)
+        self._set_prefill(None)
+
+    def _set_prefill(self, progress: tuple[int, int] | None) -> None:
+        if progress != self._prefill:
+            self._prefill = progress
+            self._sync_state()
+
+    def _sync_state(self) -> None:
+        """What the border shows: the engine's state; an idle agent shows the model's."""
+        state = self._engine_state
+        if state == "idle" and self._model != "ready":
+            state = "unavailable" if self._model == "failed" else "loading"
         self.state = state
-        self.detail = detail
+        self.detail = (f"{self._prefill[0]:,}/{self._prefill[1]:,}"
+                       if state == "prefilling" and self._prefill else "")
 
     async def _turn(self, turn_id: int, user: str = "") -> ChatTurn:
         """The widget for `turn_id`, created if its TurnQueued was never seen."""

@@ -23,8 +23,10 @@ from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
 from . import layout
 from . import quant as _quant
+from .header import Header
 from .keys import WorkspaceKeys
-from .reader import ATTENTION_FIELDS, Header, UsxfFile, decode_manifest, parse_manifest
+from .manifest import ATTENTION_FIELDS, decode_manifest, parse_manifest
+from .reader import UsxfFile
 from .spec import (
     BLOCK_HASH_NAME,
     BLOCK_SIZE,

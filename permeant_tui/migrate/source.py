@@ -1,15 +1,14 @@
-"""The source side: `migrate_agent(engine, agent_id, target, pin, quant, move, progress)` and
-the signed, pinned HTTP client it uses.
+"""The source side of a migration: `migrate_agent(engine, agent_id, target, ...)` runs every
+stage and returns a MigrationReport; `start_migration(...)` runs it on its own thread for a front
+end and reports through events (MigrationProgress, then MigrationDone or MigrationFailed).
 
-Call migrate_agent from any thread except the engine worker (it waits on engine jobs). It never
-changes the source agent unless the target acknowledged the commit and `move` was asked for;
-then the agent's transcript is archived (never deleted) and a `moved.json` marker written.
+Never run on the engine worker (it waits on engine jobs). The source agent never changes unless
+the target acknowledged the commit and `move` was asked for; then its transcript is archived
+(never deleted) and a `moved.json` marker written.
 """
 
 from __future__ import annotations
 
-import hashlib
-import http.client
 import json
 import os
 import secrets
@@ -19,17 +18,13 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from ..engine.atomic import write_atomic
+from ..engine.names import check_agent_name
+from ..engine.text import printable
 from .protocol import (
-    H_DIGEST,
-    H_KEY,
-    H_NONCE,
-    H_SIG,
-    H_TS,
     PROTOCOL,
     Decision,
     MigrationError,
-    RemoteRefused,
-    Unauthorized,
     b64,
     decide,
     estimate_size,
@@ -37,129 +32,11 @@ from .protocol import (
     from_ranges,
     normalize_fingerprint,
     parse_hostport,
-    signing_message,
 )
-from .tls import PinnedConnection, peer_fingerprint
+from .tls import peer_fingerprint
+from .transport import MigrationClient, TransportError
 
 Progress = Callable[[str, dict], None]
-
-
-class TransportError(MigrationError):
-    """The connection failed (refused, reset, timed out): worth a retry."""
-
-
-class MigrationClient:
-    """Signed requests to one target over one pinned TLS connection (re-made after a failure)."""
-
-    def __init__(self, host: str, port: int, pin: str, keys, timeout: float = 60.0):
-        self.host, self.port, self.pin, self.keys, self.timeout = host, port, pin, keys, timeout
-        self._conn: PinnedConnection | None = None
-        self.cut_chunks: set[int] = set()  # tests: cut the connection mid-body, once per index
-        self.requests = 0
-        self.chunk_puts: list[int] = []
-
-    def close(self) -> None:
-        if self._conn is not None:
-            self._conn.close()
-            self._conn = None
-
-    def _connection(self) -> PinnedConnection:
-        if self._conn is None:
-            self._conn = PinnedConnection(self.host, self.port, self.pin, self.timeout)
-        return self._conn
-
-    def sign_headers(self, method: str, path: str, body: bytes,
-                     now: float | None = None) -> dict[str, str]:
-        digest = hashlib.sha256(body).hexdigest()
-        ts, nonce = str(int(time.time() if now is None else now)), secrets.token_hex(16)
-        sig = self.keys.sign(signing_message(method, path, ts, nonce, digest, self.pin))
-        return {H_KEY: self.keys.key_id, H_TS: ts, H_NONCE: nonce, H_DIGEST: digest,
-                H_SIG: b64(sig)}
-
-    def raw(self, method: str, path: str, body: bytes = b"", *, timeout: float | None = None,
-            content_type: str = "application/octet-stream") -> tuple[int, dict]:
-        headers = self.sign_headers(method, path, body)
-        if body:
-            headers["Content-Type"] = content_type
-        conn = self._connection()
-        self.requests += 1
-        try:
-            if conn.sock is None:
-                conn.connect()  # the pin is checked here, before any request byte
-            conn.sock.settimeout(timeout or self.timeout)
-            conn.request(method, path, body=body or None, headers=headers)
-            resp = conn.getresponse()
-            data = resp.read()
-        except MigrationError:
-            self.close()
-            raise
-        except (OSError, http.client.HTTPException) as exc:
-            self.close()
-            raise TransportError(f"{method} {path}: connection to {self.host}:{self.port} "
-                                 f"failed ({type(exc).__name__}: {exc})") from None
-        if (resp.getheader("connection") or "").lower() == "close":
-            self.close()
-        try:
-            obj = json.loads(data) if data else {}
-            if not isinstance(obj, dict):
-                obj = {"error": "bad-response"}
-        except ValueError:
-            obj = {"error": "bad-response", "detail": data[:200].decode("latin-1")}
-        return resp.status, obj
-
-    def call(self, method: str, path: str, body: bytes = b"", ok=(200, 201), **kw) -> dict:
-        status, obj = self.raw(method, path, body, **kw)
-        if status == 401:
-            raise Unauthorized(
-                f"{self.host}:{self.port} does not accept this workspace's key "
-                f"{self.keys.key_id} (or this clock is off by minutes). On the target run: "
-                f"permeant keys trust {self.keys.public_key_text}")
-        if status not in ok:
-            raise RemoteRefused(status, str(obj.get("error", "error")), str(obj.get("detail", "")),
-                                obj)
-        return obj
-
-    # ---- the stages ----
-    def capabilities(self) -> dict:
-        return self.call("GET", "/capabilities")
-
-    def open(self, request: dict) -> dict:
-        return self.call("POST", "/migrations", json.dumps(request).encode(),
-                         content_type="application/json", timeout=max(self.timeout, 120))
-
-    def status(self, mid: str) -> dict:
-        return self.call("GET", f"/migrations/{mid}")
-
-    def put_chunk(self, mid: str, n: int, data: bytes) -> dict:
-        self.chunk_puts.append(n)
-        path = f"/migrations/{mid}/chunks/{n}"
-        if n in self.cut_chunks:
-            self.cut_chunks.discard(n)
-            self._cut(path, data)
-        return self.call("PUT", path, data)
-
-    def _cut(self, path: str, data: bytes) -> None:
-        """Send the headers and half the body, then drop the connection (a network cut)."""
-        conn = self._connection()
-        if conn.sock is None:
-            conn.connect()
-        conn.putrequest("PUT", path, skip_accept_encoding=True)
-        for k, v in {**self.sign_headers("PUT", path, data),
-                     "Content-Length": str(len(data))}.items():
-            conn.putheader(k, v)
-        conn.endheaders()
-        conn.send(data[:len(data) // 2])
-        self.close()
-        raise TransportError(f"PUT {path}: connection cut mid-body (test)")
-
-    def prepare(self, mid: str) -> dict:
-        return self.call("POST", f"/migrations/{mid}/prepare", timeout=max(self.timeout, 600))
-
-    def commit(self, mid: str) -> dict:
-        return self.call("POST", f"/migrations/{mid}/commit", timeout=max(self.timeout, 600))
-
-    def abort(self, mid: str) -> dict:
-        return self.call("DELETE", f"/migrations/{mid}")
 
 
 # ---- what the source remembers about targets -----------------------------------------------------
@@ -182,13 +59,10 @@ class KnownTargets:
         return e if isinstance(e, dict) else {}
 
     def update(self, host: str, port: int, **fields) -> None:
-        from ..config import write_atomic
-
         d = self._load()
         e = d.get(f"{host}:{port}") if isinstance(d.get(f"{host}:{port}"), dict) else {}
         e.update(fields, updated=time.strftime("%Y-%m-%dT%H:%M:%S"))
         d[f"{host}:{port}"] = e
-        self.path.parent.mkdir(parents=True, exist_ok=True)
         write_atomic(self.path, (json.dumps(d, indent=2) + "\n").encode())
 
 
@@ -219,23 +93,21 @@ class MigrationReport:
         return d
 
 
-# ---- engine-side steps (run on the worker through engine.call) --------------------------------------
+# ---- worker-side steps (run through engine.call: fn gets the WorkerContext) -----------------------
 
-def _export(engine, agent_id: str, path: Path, quant: str, chunk_size: int | None):
+def export_for_migration(ctx, agent_id: str, path: Path, quant: str, chunk_size: int | None):
+    """The agent's state, resident first, as a signed USXF file (chunk_size: tests, --chunk-kib)."""
     from ..engine.exchange import export_agent
 
-    engine._need_model()
-    agent = engine.ws.agent(agent_id)
-    engine._restore(agent)
-    return export_agent(engine, agent, str(path), quant, chunk_size=chunk_size)
+    ctx.restore(agent_id)
+    return export_agent(ctx, ctx.workspace.agent(agent_id), str(path), quant,
+                        chunk_size=chunk_size)
 
 
-def mark_moved(engine, agent_id: str, marker: dict) -> dict:
+def mark_moved(ctx, agent_id: str, marker: dict) -> dict:
     """After an acknowledged commit: archive the transcript (ws.reset renames it, never deletes),
     drop the local KV, and leave agents/<id>/moved.json saying where the agent went."""
-    from ..config import write_atomic
-
-    ws = engine.ws
+    ws = ctx.workspace
     agent = ws.agent(agent_id)
     d = ws.agent_dir(agent_id)
     before = set(d.glob("transcript.*.jsonl"))
@@ -292,19 +164,21 @@ def migrate_agent(engine, agent_id: str, target: str, pin: str | None = None,
         if progress is not None:
             progress(stage, info)
 
-    if engine._thread is not None and threading.current_thread() is engine._thread:
+    if engine.on_worker_thread():
         raise MigrationError("migrate_agent must not run on the engine worker thread")
     if quant not in QUANTS:
         raise MigrationError(f"--quant must be one of {', '.join(QUANTS)}")
     if force and reprefill:
         raise MigrationError("--force (move the KV state) and --reprefill exclude each other")
+    if name is not None:
+        check_agent_name(name)
     host, port = parse_hostport(target)
     t_all = time.perf_counter()
     engine.wait_ready(600)
-    lm, ws = engine.loaded, engine.ws
-    ws.agent(agent_id)  # unknown agent: fails here
-    keys = WorkspaceKeys(ws.keys_dir).ensure()
-    known = KnownTargets(ws.folder)
+    identity = engine.model_info().identity
+    engine.agent(agent_id)  # unknown agent: fails here
+    keys = WorkspaceKeys(engine.folder / "keys").ensure()
+    known = KnownTargets(engine.folder)
     remembered = known.get(host, port)
     if pin:
         pin_hex = normalize_fingerprint(pin)
@@ -328,21 +202,21 @@ def migrate_agent(engine, agent_id: str, target: str, pin: str | None = None,
         caps = _retrying(client.capabilities, 2, report, "capabilities")
         rep.stages_ms["capabilities"] = (time.perf_counter() - t) * 1000
         their = ModelIdentity.from_dict(caps.get("model") or {})
-        same = their.fingerprint == lm.identity.fingerprint
+        same = their.fingerprint == identity.fingerprint
         report("capabilities", ms=rep.stages_ms["capabilities"], caps=caps, same_model=same)
         if not same:
-            diff = ", ".join(lm.identity.differences(their)) or "fingerprint"
+            diff = ", ".join(identity.differences(their)) or "fingerprint"
             raise MigrationError(f"the target runs another model ({their.name}): {diff} differ. "
                                  "KV state only moves between identical models; the source agent "
                                  "is intact.")
         known.update(host, port, fingerprint=pin_hex)
 
-        n_tokens = engine.call(
-            lambda e: len(e.ws.agent(agent_id).expected_ids(e.loaded.tokenizer))).result()
+        n_tokens = engine.call(lambda ctx: len(
+            ctx.workspace.agent(agent_id).expected_ids(ctx.model.tokenizer))).result()
         if n_tokens == 0:
             raise MigrationError(f"agent {agent_id!r} has no conversation to migrate yet")
         rep.tokens = n_tokens
-        est = estimate_size(lm.identity.to_dict(), n_tokens, quant)
+        est = estimate_size(identity.to_dict(), n_tokens, quant)
         link = remembered.get("link_mb_s")
         d = decide(n_tokens, est, caps, float(link) if isinstance(link, (int, float)) else None,
                    force="kv" if force else "reprefill" if reprefill else None)
@@ -350,10 +224,11 @@ def migrate_agent(engine, agent_id: str, target: str, pin: str | None = None,
         report("decision", decision=d, tokens=n_tokens)
 
         t = time.perf_counter()
-        outbox = ws.folder / "migrate" / "outbox"
+        outbox = engine.folder / "migrate" / "outbox"
         outbox.mkdir(parents=True, exist_ok=True)
         path = outbox / f"{agent_id}-{time.strftime('%Y%m%d-%H%M%S')}-{secrets.token_hex(3)}.usxf"
-        info = engine.call(lambda e: _export(e, agent_id, path, quant, chunk_size)).result()
+        info = engine.call(
+            lambda ctx: export_for_migration(ctx, agent_id, path, quant, chunk_size)).result()
         payload = info.manifest["payload"]
         offset, length, csize = payload["offset"], payload["length"], payload["chunk_size"]
         n_chunks = -(-length // csize)
@@ -407,7 +282,7 @@ def migrate_agent(engine, agent_id: str, target: str, pin: str | None = None,
             marker = {"moved_to": f"{host}:{port}", "fingerprint": pin_hex,
                       "target_agent": rep.target_agent, "migration_id": mid,
                       "tokens": n_tokens, "digest": info.digest, "mode": d.mode}
-            done = engine.call(lambda e: mark_moved(e, agent_id, marker)).result()
+            done = engine.call(lambda ctx: mark_moved(ctx, agent_id, marker)).result()
             rep.moved = True
             rep.stages_ms["move"] = (time.perf_counter() - t) * 1000
             report("move", ms=rep.stages_ms["move"], marker=done)
@@ -491,3 +366,34 @@ def _commit(client: MigrationClient, mid: str, retries: int, report) -> dict:
                 last = exc
     raise MigrationError(f"the commit's outcome is unknown ({last}); the source agent is kept "
                          "as it was. Check the target (`permeant status` there) before retrying.")
+
+
+def start_migration(engine, agent_id: str, target: str, pin: str | None = None,
+                    quant: str = "none", move: bool = False,
+                    on_event: Callable[[object], None] | None = None) -> threading.Thread:
+    """Run `migrate_agent` on a thread of its own (it waits on the network and on the engine
+    worker), started and returned. Each stage but the per-chunk transfer arrives through
+    `on_event` as a MigrationProgress, then one MigrationDone or MigrationFailed. The texts
+    carry what the target answered, escaped with engine.text.printable."""
+    from ..engine.events import MigrationDone, MigrationFailed, MigrationProgress
+
+    def emit(event) -> None:
+        if on_event is not None:
+            on_event(event)
+
+    def progress(stage: str, info: dict) -> None:
+        if stage == "transfer":
+            return  # per chunk: too chatty for notifications
+        detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
+        emit(MigrationProgress(agent_id, stage, printable(detail[:300])))
+
+    def run() -> None:
+        try:
+            report = migrate_agent(engine, agent_id, target, pin, quant, move, progress)
+            emit(MigrationDone(agent_id, target, printable(str(report.fidelity or "committed"))))
+        except Exception as exc:  # noqa: BLE001 - reported to the person
+            emit(MigrationFailed(agent_id, printable(str(exc) or type(exc).__name__)))
+
+    thread = threading.Thread(target=run, name=f"migrate-{agent_id}", daemon=True)
+    thread.start()
+    return thread

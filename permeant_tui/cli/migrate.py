@@ -1,18 +1,21 @@
-"""`permeant serve` and `permeant migrate`: parsers and handlers (imported by cli.py's parser, so
-nothing heavy is imported at module level)."""
+"""`permeant serve` (run a migration target) and `permeant migrate` (move an agent to one):
+their parsers and handlers. Nothing heavy is imported at module level (the parser is built on
+every command)."""
 
 from __future__ import annotations
 
+import argparse
 import sys
 import time
 
+from ..engine.text import printable
+from .common import add_common, open_engine
 
-def add_commands(sub) -> None:
-    p = sub.add_parser("serve", help="run a migration target: a TLS daemon other workspaces "
-                                     "migrate agents to")
-    p.add_argument("--workspace", metavar="DIR",
-                   help="workspace folder (default: PERMEANT_HOME or the user data dir)")
-    p.add_argument("--model", metavar="PATH_OR_REPO", help="the model (default: the embedded one)")
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("serve", help="run a migration target: a TLS daemon other "
+                                            "workspaces migrate agents to")
+    add_common(p)
     p.add_argument("--listen", metavar="HOST:PORT", default="127.0.0.1:8765",
                    help="address to listen on (default 127.0.0.1:8765; 0.0.0.0:PORT for all "
                         "interfaces; port 0 picks a free one)")
@@ -31,10 +34,11 @@ def add_commands(sub) -> None:
                    help="largest accepted USXF head: header + manifest + signature (default 32)")
     p.add_argument("--disk-reserve-mb", type=int, default=256, metavar="MB",
                    help="free disk to keep after staging and importing (default 256)")
-    p.set_defaults(handler=cmd_serve)
+    p.set_defaults(func=cmd_serve)
 
-    p = sub.add_parser("migrate", help="move an agent's live KV state to a `permeant serve` "
-                                       "target")
+    p = subparsers.add_parser("migrate", help="move an agent's live KV state to a `permeant "
+                                              "serve` target")
+    add_common(p)
     p.add_argument("agent")
     p.add_argument("--to", required=True, metavar="HOST:PORT", dest="to")
     p.add_argument("--pin", metavar="FINGERPRINT",
@@ -58,41 +62,38 @@ def add_commands(sub) -> None:
     p.add_argument("--chunk-kib", type=int, default=None, metavar="KIB",
                    help="upload chunk size in KiB, a power of two (default 4096)")
     p.add_argument("--json", action="store_true", help="print the final report as JSON")
-    p.add_argument("--workspace", metavar="DIR",
-                   help="workspace folder (default: PERMEANT_HOME or the user data dir)")
-    p.add_argument("--model", metavar="PATH_OR_REPO", help="the model (default: the embedded one)")
-    p.set_defaults(handler=cmd_migrate)
+    p.set_defaults(func=cmd_migrate)
 
 
-def shutdown_engine(engine) -> None:
-    """Engine.shutdown() waits for the worker's native thread to exit (see worker.py)."""
-    engine.shutdown()
+def cmd_serve(args: argparse.Namespace) -> int:
+    from ..migrate.protocol import Limits
+    from ..migrate.serve import ServeOptions, serve
 
-
-def cmd_serve(args) -> int:
-    from .server import serve
-
-    return serve(args)
+    limits = Limits(ttl_s=float(args.staging_ttl), max_migrations=int(args.max_migrations),
+                    max_chunk_bytes=int(args.max_chunk_mb) << 20,
+                    max_head_bytes=int(args.max_manifest_mb) << 20,
+                    disk_reserve_bytes=int(args.disk_reserve_mb) << 20)
+    return serve(ServeOptions(args.workspace, args.model, args.listen, args.tls_cert,
+                              args.tls_key, args.fingerprint, limits))
 
 
 def _mb(n: float) -> str:
     return f"{n / 1e6:.1f} MB"
 
 
-class _Printer:
+class MigrationPrinter:
     """Prints each stage with its time; transfer progress every ~10% (every chunk on a TTY)."""
 
-    def __init__(self, out=sys.stdout):
-        self.out = out
-        self.tty = out.isatty()
+    def __init__(self, out=None):
+        self.out = out or sys.stdout
+        self.tty = self.out.isatty()
         self.next_pct = 10
 
     def line(self, stage: str, ms: float | None, text: str) -> None:
         t = f"{ms:8.0f} ms" if ms is not None else " " * 11
-        end = "\n"
         if self.tty:
             self.out.write("\r\033[K")
-        self.out.write(f"{stage:<13}{t}  {text}{end}")
+        self.out.write(f"{stage:<13}{t}  {printable(text)}\n")
         self.out.flush()
 
     def __call__(self, stage: str, info: dict) -> None:
@@ -128,7 +129,7 @@ class _Printer:
             text = (f"{_mb(info['sent'])} / {_mb(info['total'])} sent, {info['mb_s']:.1f} MB/s, "
                     f"chunk {info['done']}/{info['n_chunks']}")
             if self.tty:
-                self.out.write(f"\r\033[Ktransfer       {text}")
+                self.out.write(f"\r\033[Ktransfer       {printable(text)}")
                 self.out.flush()
             elif pct >= self.next_pct or info["done"] == info["n_chunks"]:
                 self.next_pct = int(pct // 10) * 10 + 10
@@ -167,34 +168,33 @@ class _Printer:
                                          f"({'moved' if r.moved else 'kept here too'}){extra}")
 
 
-def cmd_migrate(args) -> int:
+def cmd_migrate(args: argparse.Namespace) -> int:
     import json
 
-    from ..engine.worker import Engine
-    from .client import migrate_agent
-    from .protocol import MigrationError
-    from .server import model_override_for_tests
+    from ..engine.names import check_agent_name
+    from ..migrate import MigrationError, migrate_agent
+    from ..migrate.testing import model_override_for_tests
 
     chunk = None
     if args.chunk_kib is not None:
         chunk = args.chunk_kib * 1024
         if chunk <= 0 or chunk & (chunk - 1) or not 4 <= args.chunk_kib <= 256 * 1024:
             raise MigrationError("--chunk-kib must be a power of two from 4 to 262144")
+    if args.name is not None:
+        check_agent_name(args.name)  # before the model loads
     t = time.perf_counter()
-    engine = Engine(args.workspace, args.model, eager_restore=False,
-                    loaded=model_override_for_tests())
-    engine.start()
+    engine = open_engine(args, loaded=model_override_for_tests())
     try:
-        engine.wait_ready(600)
-        printer = _Printer()
+        printer = MigrationPrinter()
         if not args.json:
+            info = engine.model_info()
             printer.line("load", (time.perf_counter() - t) * 1000,
-                         f"{engine.loaded.identity.name}, workspace {engine.folder}")
+                         f"{info.identity.name}, workspace {engine.folder}")
         rep = migrate_agent(engine, args.agent, args.to, args.pin, args.quant, args.move,
                             None if args.json else printer, force=args.force,
                             reprefill=args.reprefill, name=args.name, chunk_size=chunk)
     finally:
-        shutdown_engine(engine)
+        engine.shutdown()
     if args.json:
         print(json.dumps(rep.to_json(), indent=2, default=str))
     return 0

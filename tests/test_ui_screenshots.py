@@ -1,4 +1,4 @@
-"""Snapshots of the workspace at fixed terminal sizes (pytest-textual-snapshot).
+"""Screenshots (SVG) of the workspace at fixed terminal sizes (pytest-textual-snapshot).
 
 Deterministic: the FakeEngine's stats are fixed, events are emitted and handled before the
 screenshot, and the cursor does not blink. Regenerate with `--snapshot-update`, then look at

@@ -1,0 +1,185 @@
+"""`permeant export`, `import`, `usxf inspect|verify` and `keys`: agents in and out of USXF
+files, and the workspace's signing keys. The engine returns reports; this module prints them."""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+
+from ..engine.usxf import QUANTS
+from .common import add_common, add_workspace, open_engine
+
+EXIT_UNTRUSTED = 6
+
+
+def register(subparsers) -> argparse._SubParsersAction:
+    """Add export, import, usxf and keys; returns the `usxf` subparsers, where other groups
+    (cli/crossruntime.py) add their actions."""
+    p = subparsers.add_parser("export", help="export an agent's live KV state as a USXF file")
+    add_common(p)
+    p.add_argument("agent")
+    p.add_argument("-o", "--output", metavar="FILE")
+    p.add_argument("--quant", choices=QUANTS, default="none")
+    p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity probe")
+    p.set_defaults(func=export)
+
+    p = subparsers.add_parser("import", help="verify a USXF file and attach it as an agent")
+    add_common(p)
+    p.add_argument("file")
+    p.add_argument("--as", dest="name", metavar="NAME")
+    p.add_argument("--check-fidelity", action="store_true")
+    p.set_defaults(func=import_file)
+
+    p = subparsers.add_parser("usxf", help="inspect or verify USXF files")
+    usxf = p.add_subparsers(dest="usxf_cmd", metavar="ACTION", required=True)
+    q = usxf.add_parser("inspect", help="the manifest in readable form")
+    q.add_argument("file")
+    q.add_argument("--json", action="store_true")
+    q.set_defaults(func=inspect)
+    q = usxf.add_parser("verify", help="check every byte, the block hashes and the signature")
+    add_common(q)
+    q.add_argument("file")
+    q.add_argument("--fidelity", action="store_true",
+                   help="also attach it to the model and replay the fidelity probe")
+    q.set_defaults(func=verify)
+
+    p = subparsers.add_parser("keys", help="this workspace's signing key and trusted keys")
+    ks = p.add_subparsers(dest="keys_cmd", metavar="ACTION", required=True)
+    q = ks.add_parser("show", help="print this workspace's public key")
+    add_workspace(q)
+    q.set_defaults(func=keys_show)
+    q = ks.add_parser("trust", help="trust a public key (as printed by `keys show`)")
+    add_workspace(q)
+    q.add_argument("pubkey")
+    q.set_defaults(func=keys_trust)
+    q = ks.add_parser("list", help="list trusted keys")
+    add_workspace(q)
+    q.set_defaults(func=keys_list)
+    return usxf
+
+
+# ---- export / import -----------------------------------------------------------------------
+
+def export(args: argparse.Namespace) -> int:
+    engine = open_engine(args)
+    try:
+        info = engine.export(args.agent, args.output, args.quant,
+                             fidelity=not args.no_fidelity).result()
+    finally:
+        engine.shutdown()
+    print(f"exported {args.agent} -> {info.path}")
+    print(f"  {info.size / 1e6:.1f} MB, {len(info.token_ids)} tokens, quant {args.quant}, "
+          f"digest {info.digest}")
+    return 0
+
+
+def import_file(args: argparse.Namespace) -> int:
+    engine = open_engine(args)
+    try:
+        report = engine.import_usxf(args.file, args.name).result()
+        if args.check_fidelity:
+            from ..engine.exchange import replay_fidelity
+
+            report["fidelity"] = engine.call(
+                lambda e: replay_fidelity(e, report["agent"])).result()
+    finally:
+        engine.shutdown()
+    print(f"imported {args.file} as agent {report['agent']!r}: {report['tokens']} tokens, "
+          f"signed by {report['key_id']}")
+    if "fidelity" in report:
+        print(f"fidelity: {report['fidelity']}")
+    return 0
+
+
+# ---- usxf inspect / verify -----------------------------------------------------------------
+
+def manifest_json(f) -> dict:
+    """The manifest with bytes as hex: printable as JSON."""
+    def clean(v):
+        if isinstance(v, bytes):
+            return v.hex()
+        if isinstance(v, dict):
+            return {str(k): clean(x) for k, x in v.items()}
+        if isinstance(v, (list, tuple)):
+            return [clean(x) for x in v]
+        return v
+
+    return clean(dict(f.manifest))
+
+
+def inspect(args: argparse.Namespace) -> int:
+    from ..engine.usxf import read_usxf
+
+    f = read_usxf(args.file, trusted=None)
+    m = manifest_json(f)
+    if args.json:
+        print(json.dumps({"file": str(args.file), "size": f.size, "payload_digest": f.digest,
+                          "key_id": f.key_id, "manifest": m}, indent=2))
+        return 0
+    ident = f.identity
+    print(f"USXF {args.file}  ({f.size / 1e6:.2f} MB)")
+    print(f"  version      {m.get('format_version', m.get('version'))}")
+    print(f"  model        {ident.name}  [{ident.architecture}]  fingerprint {ident.fingerprint}")
+    print(f"  attention    {ident.n_layers} layers, {ident.n_heads} heads, {ident.n_kv_heads} kv "
+          f"heads, head dim {ident.head_dim}, RoPE base {ident.rope_theta:g} "
+          f"{ident.rope_layout}, sliding window {ident.sliding_window or 'none'}")
+    print(f"  tokens       {f.n_tokens}")
+    print(f"  quant        {f.quant}")
+    print(f"  agent        {f.agent.agent_id} ({f.agent.role}), {len(f.agent.turns)} turns")
+    if f.fidelity:
+        print(f"  fidelity     probe of {f.fidelity.n} tokens, room {f.fidelity.context_room}"
+              f"{'; ' + f.fidelity.note if f.fidelity.note else ''}")
+    print(f"  signed by    {f.key_id}  (signature valid; trust is checked by `usxf verify`)")
+    print(f"  digest       {f.digest}")
+    return 0
+
+
+def verify(args: argparse.Namespace) -> int:
+    from ..engine.errors import UsxfInvalid
+    from ..engine.usxf import UsxfUntrustedKey, verify_usxf
+
+    try:
+        f = verify_usxf(args.file, trusted=_workspace_keys(args.workspace))
+    except UsxfUntrustedKey as exc:
+        print(f"permeant: untrusted: {exc} (trust it with `permeant keys trust PUBKEY`)",
+              file=sys.stderr)
+        return EXIT_UNTRUSTED
+    except UsxfInvalid as exc:
+        print(f"permeant: invalid: {exc}", file=sys.stderr)
+        return exc.exit_code
+    print(f"ok: {args.file}: {f.n_tokens} tokens, {f.size / 1e6:.2f} MB, quant {f.quant}, "
+          f"signed by trusted key {f.key_id}")
+    if args.fidelity:
+        from ..engine.exchange import file_fidelity
+
+        print(f"fidelity: {file_fidelity(args.file, args.model)}")
+    return 0
+
+
+# ---- keys ----------------------------------------------------------------------------------
+
+def _workspace_keys(workspace: str | None):
+    from ..engine.usxf.keys import WorkspaceKeys
+    from ..paths import resolve_workspace
+
+    keys = WorkspaceKeys(resolve_workspace(workspace) / "keys")
+    keys.ensure()
+    return keys
+
+
+def keys_show(args: argparse.Namespace) -> int:
+    print(_workspace_keys(args.workspace).public_key_text)
+    return 0
+
+
+def keys_trust(args: argparse.Namespace) -> int:
+    print(f"trusted {_workspace_keys(args.workspace).trust(args.pubkey)}")
+    return 0
+
+
+def keys_list(args: argparse.Namespace) -> int:
+    keys = _workspace_keys(args.workspace)
+    for kid in keys.trusted():
+        print(kid + ("  (this workspace)" if kid == keys.key_id else ""))
+    return 0
