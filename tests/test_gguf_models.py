@@ -93,6 +93,49 @@ def test_llama_gguf_permuted_qk_runs_interleaved_rope(tmp_path, smol_tok):
     np.testing.assert_allclose(_logits(lm.model, ids), _logits(ref, ids), atol=1e-4)
 
 
+def _llama3_rope_factors(config: dict) -> np.ndarray:
+    """What llama.cpp's converter writes as rope_freqs.weight for a Llama 3.1 rope_scaling."""
+    import math
+
+    rs, dim = config["rope_scaling"], config["hidden_size"] // config["num_attention_heads"]
+    old = rs["original_max_position_embeddings"]
+    low, high = old / rs["low_freq_factor"], old / rs["high_freq_factor"]
+    out = []
+    for i in range(0, dim, 2):
+        wavelen = 2 * math.pi * config["rope_theta"] ** (i / dim)
+        if wavelen < high:
+            out.append(1.0)
+        elif wavelen > low:
+            out.append(rs["factor"])
+        else:
+            smooth = (old / wavelen - rs["low_freq_factor"]) / (rs["high_freq_factor"]
+                                                                 - rs["low_freq_factor"])
+            out.append(1 / ((1 - smooth) / rs["factor"] + smooth))
+    return np.array(out, np.float32)
+
+
+def test_llama31_rope_freqs_tensor_scales_rope(tmp_path, smol_tok):
+    """Llama 3.1+ GGUFs carry RoPE frequency divisors as a tensor, not as metadata."""
+    from mlx.utils import tree_flatten
+
+    tok = {**smol_tok, "tokenizer.ggml.pre": "llama-bpe"}
+    config = {**BASE, "rope_theta": 10000.0, "rope_scaling": {
+        "rope_type": "llama3", "factor": 8.0, "low_freq_factor": 1.0, "high_freq_factor": 4.0,
+        "original_max_position_embeddings": 16}}
+    model = random_model("llama", config)
+    path = tmp_path / "tiny-llama31.gguf"
+    ref = reference_model("llama", config, write_gguf(
+        path, "llama", model, config, tok,
+        extra_tensors={"rope_freqs.weight": _llama3_rope_factors(config)}))
+    weights = {k: np.array(v) for k, v in tree_flatten(ref.parameters())}
+    plain = reference_model("llama", {**config, "rope_scaling": None}, weights)
+    g = load_gguf_model(path)
+    ids = list(range(100, 140))
+    np.testing.assert_allclose(_logits(g.model, ids), _logits(ref, ids), atol=1e-4)
+    assert np.abs(_logits(plain, ids) - _logits(ref, ids)).max() > 1e-3  # the factors matter
+    assert g.args["rope_scaling"]["rope_type"] == "gguf-rope-freqs"
+
+
 def test_gemma3_gguf_norms_window_pattern_and_local_rope(tmp_path):
     """Gemma 3: norms stored as 1 + w, sliding pattern 6 and local RoPE base 10,000 supplied as
     llama.cpp does, window from the metadata; a prompt longer than the window."""

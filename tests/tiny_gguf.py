@@ -94,7 +94,8 @@ def _unpermute(w: np.ndarray, n_head: int) -> np.ndarray:
 
 
 def write_gguf(path: Path, arch: str, model, config: dict, tokenizer: dict,
-               quant: dict[str, str] | None = None, extra: dict | None = None) -> dict:
+               quant: dict[str, str] | None = None, extra: dict | None = None,
+               extra_tensors: dict[str, np.ndarray] | None = None) -> dict:
     """Write `model` as llama.cpp would. `quant` maps a GGUF tensor-name fragment to a ggml
     type name (e.g. {"ffn": "Q5_0"}). Returns the reference weights {mlx name: np.float32}:
     what a correct loader must hold (quantization round trip applied, no permutation)."""
@@ -131,6 +132,8 @@ def write_gguf(path: Path, arch: str, model, config: dict, tokenizer: dict,
         else:
             w.add_tensor(gname, np.ascontiguousarray(stored, dtype=np.float32))
         reference[target] = arr
+    for gname, arr in (extra_tensors or {}).items():
+        w.add_tensor(gname, np.ascontiguousarray(arr, dtype=np.float32))
     w.write_header_to_file()
     w.write_kv_data_to_file()
     w.write_tensors_to_file()
