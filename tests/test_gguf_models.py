@@ -171,7 +171,8 @@ def test_quantized_mode_requantizes_types_mlx_lacks(tmp_path, smol_tok):
     assert float(a @ b / np.linalg.norm(a) / np.linalg.norm(b)) > 0.99
 
 
-def test_weights_cache_round_trip(tmp_path, smol_tok):
+def test_weights_cache_round_trip(tmp_path, smol_tok, monkeypatch):
+    monkeypatch.setenv("PERMEANT_MODEL_CACHE", str(tmp_path / "models"))
     path, _ = _write(tmp_path, "qwen2", "qwen2", BASE, smol_tok, quant={"ffn": "Q5_0"})
     first = load_gguf_model(path, digest="tiny-digest", cache_weights=True)
     second = load_gguf_model(path, digest="tiny-digest", cache_weights=True)
