@@ -159,6 +159,23 @@ def test_gemma3_gguf_norms_window_pattern_and_local_rope(tmp_path):
     assert _greedy(lm.model, ids, 10) == _greedy(ref, ids, 10)
 
 
+def test_gemma3_gguf_without_window_is_all_global(tmp_path):
+    """No sliding_window in the file: llama.cpp runs every layer with full attention."""
+    from mlx_lm.models.cache import KVCache
+
+    tok = spm_tokenizer_meta()
+    config = dict(hidden_size=64, num_hidden_layers=3, intermediate_size=128,
+                  num_attention_heads=2, num_key_value_heads=1, head_dim=32, rms_norm_eps=1e-6,
+                  vocab_size=len(tok["tokenizer.ggml.tokens"]), rope_theta=1e6,
+                  query_pre_attn_scalar=32, sliding_window=0, sliding_window_pattern=1)
+    path, ref = _write(tmp_path, "gemma3", "gemma3_text", config, tok)
+    lm = load_model(str(path))
+    assert lm.identity.sliding_window == 0
+    assert all(type(c) is KVCache for c in lm.model.make_cache())
+    ids = list(range(300, 330))
+    np.testing.assert_allclose(_logits(lm.model, ids), _logits(ref, ids), atol=1e-4)
+
+
 def test_quantized_mode_requantizes_types_mlx_lacks(tmp_path, smol_tok):
     """The Metal path (PERMEANT_WEIGHTS=quantized), run on the CPU: Q5_0 becomes MLX affine
     8-bit, and the notes say so."""

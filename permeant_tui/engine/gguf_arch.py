@@ -154,8 +154,9 @@ def _gemma3_args(args: dict, get, path: Path) -> None:
         raise ModelLoadError(f"{path}: final logit soft-capping is not supported for gemma3")
     n_layers = args["num_hidden_layers"]
     args.update({
-        # no window in the file: llama.cpp runs every layer with full attention
-        "sliding_window": int(window) if window else args["max_position_embeddings"],
+        # no window in the file: llama.cpp runs every layer with full attention (pattern 1:
+        # mlx_lm then makes no sliding layer, and identity records no window)
+        "sliding_window": int(window) if window else 0,
         "sliding_window_pattern": int(pattern) if window else 1,
         "rope_local_base_freq": float(get("rope.freq_base_swa", GEMMA3_LOCAL_ROPE_BASE)),
         "query_pre_attn_scalar": float(args["hidden_size"] // args["num_attention_heads"]
