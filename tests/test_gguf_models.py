@@ -190,7 +190,8 @@ def test_quantized_mode_requantizes_types_mlx_lacks(tmp_path, smol_tok):
 
 def test_weights_cache_round_trip(tmp_path, smol_tok, monkeypatch):
     monkeypatch.setenv("PERMEANT_MODEL_CACHE", str(tmp_path / "models"))
-    path, _ = _write(tmp_path, "qwen2", "qwen2", BASE, smol_tok, quant={"ffn": "Q5_0"})
+    untied = {**BASE, "tie_word_embeddings": False}  # the build changes args; the key must not
+    path, _ = _write(tmp_path, "qwen2", "qwen2", untied, smol_tok, quant={"ffn": "Q5_0"})
     first = load_gguf_model(path, digest="tiny-digest", cache_weights=True)
     second = load_gguf_model(path, digest="tiny-digest", cache_weights=True)
     assert first.weights_source == "gguf (gguf-py)" and second.weights_source == "cache"

@@ -131,14 +131,15 @@ def weights_from_file(f: GgufFile, mode: str, notes: list[str]) -> tuple[dict, s
     """-> (mlx parameter name -> array, a label of the path taken)."""
     import mlx.core as mx
 
+    if mode not in FLOAT_MODES + ("quantized",):
+        raise ModelLoadError(f"unknown weights mode {mode!r} (PERMEANT_WEIGHTS: quantized, "
+                             f"{', '.join(FLOAT_MODES)})")
     spec = arch_of(f.metadata, f.path)
     if f.mlx_fast_path:
         weights = _mlx_load(f, spec)
         if mode != "quantized":
             weights = _dequantize_triples(weights, getattr(mx, mode))
         return weights, "gguf (mx.load)"
-    if mode not in FLOAT_MODES + ("quantized",):
-        raise ModelLoadError(f"unknown weights mode {mode!r}")
     return _dequantize_all(f, spec, mode, notes), "gguf (gguf-py)"
 
 
@@ -183,6 +184,7 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
     t = time.perf_counter()
     f = open_gguf(p)
     args = model_args(f.metadata, p)
+    key_args = dict(args)  # the cache key: args as read, before the model build adjusts them
     timings["header"] = (time.perf_counter() - t) * 1000
     notes: list[str] = []
     use_cache = cache_weights and digest is not None and not (
@@ -192,7 +194,8 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
         tok_job = pool.submit(_timed, tokenizer_from_gguf, f.metadata, p,
                               digest if cache_weights else None)
         t = time.perf_counter()
-        weights = weights_cache.load_cached(digest, weights_mode, args) if use_cache else None
+        weights = (weights_cache.load_cached(digest, weights_mode, key_args)
+                   if use_cache else None)
         source = "cache"
         if weights is None:
             weights, source = weights_from_file(f, weights_mode, notes)
@@ -202,7 +205,7 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
         timings["weights"] = (time.perf_counter() - t) * 1000
         if use_cache and source != "cache":
             t = time.perf_counter()
-            weights_cache.save_cached(digest, weights_mode, args, dict(weights))
+            weights_cache.save_cached(digest, weights_mode, key_args, dict(weights))
             timings["weights_cache_write"] = (time.perf_counter() - t) * 1000
         del weights
         tok, timings["tokenizer"] = tok_job.result()
