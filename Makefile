@@ -20,6 +20,7 @@ run: setup
 
 test: setup-test
 	$(BIN)/ruff check permeant_tui tests bench demo
+	$(BIN)/mypy permeant_tui
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup-test

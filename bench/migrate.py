@@ -61,9 +61,9 @@ def grow_agent(engine, name: str, n_tokens: int) -> int:
     """Bring agent `name` to about n_tokens of cached context by appending one long user turn
     (and a short reply); only the new tokens are prefilled on the source (not timed). The
     first call creates the agent."""
-    from permeant_tui.config import AgentSpec
     from permeant_tui.engine.agent import Agent, Turn
     from permeant_tui.engine.generation import sync_to_transcript
+    from permeant_tui.engine.settings import AgentSpec
 
     system = "You are a technical expert specializing in API debugging and system architecture."
     reply = "Understood."
@@ -99,8 +99,8 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from permeant_tui.config import load_settings, save_settings
     from permeant_tui.engine.models import load_model
+    from permeant_tui.engine.settings import load_settings, save_settings
     from permeant_tui.engine.usxf.keys import WorkspaceKeys
     from permeant_tui.engine.worker import Engine
     from permeant_tui.migrate import migrate_agent

@@ -237,13 +237,13 @@ engine = Engine(sys.argv[1], eager_restore=True, rebuild=sys.argv[2] == "rebuild
                 on_event=events.append)
 engine.start()
 engine.wait_ready(3600)
-engine.call(lambda e: None).result()
+engine.call(lambda ctx: None).result()
 ready = time.time()
 mem = runtime.memory_figures()
 print(json.dumps({
     "process_start_to_ready_ms": (ready - born) * 1000,
     "engine_start_to_ready_ms": (ready - t0) * 1000,
-    "model_load_ms": engine.timings["model_load"],
+    "model_load_ms": engine.model_info().load_ms,
     "agents": [(e.agent_id, e.source, round(e.ms, 1), e.tokens) for e in events
                if isinstance(e, AgentRestored)],
     "rss_mb": mem.rss_bytes / 1e6, "mlx_active_mb": mem.mlx_active_bytes / 1e6,
@@ -255,12 +255,12 @@ os._exit(0)  # measured; do not let shutdown write the rebuilt snapshots back
 def build_workspace(folder: Path, lm, ctx: dict) -> None:
     """Three agents with the same 4096-token conversation (one prefill builds all three
     snapshots; restore cost does not depend on what the tokens say)."""
-    from permeant_tui.config import AgentSpec, Settings, save_settings
+    from permeant_tui.engine.settings import AgentSpec, WorkspaceSettings, save_settings
     from permeant_tui.engine.snapshot import write_snapshot
     from permeant_tui.engine.workspace import Workspace
 
     agent = ctx["agent"]
-    settings = Settings(agents=[AgentSpec(i, i, i.title(), agent.system)
+    settings = WorkspaceSettings(agents=[AgentSpec(i, i, i.title(), agent.system)
                                 for i in ("technical", "business", "coordinator")])
     save_settings(folder, settings)
     ws = Workspace.open(folder)

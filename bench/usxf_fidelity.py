@@ -48,11 +48,6 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as d:
         ws = Workspace.open(Path(d) / "src")
-
-        class E:  # what export_agent needs of an engine
-            loaded = lm
-
-        E.ws = ws
         for n in [int(x) for x in args.tokens.split(",")]:
             agent = Agent(f"t{n}", "technical", "Technical",
                           "You are a technical expert specializing in API debugging.")
@@ -68,7 +63,7 @@ def main():
             for quant in ("none", "f16", "bf16", "int8"):
                 out = Path(d) / f"{n}-{quant}.usxf"
                 t = time.perf_counter()
-                info = export_agent(E, agent, str(out), quant)
+                info = export_agent(lm, ws, agent, str(out), quant)
                 export_ms = (time.perf_counter() - t) * 1000
                 t = time.perf_counter()
                 f = read_usxf(out, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)

@@ -1,4 +1,4 @@
-"""The Textual app: wiring between the workspace screen and an `EngineClient`. Nothing else.
+"""The Textual app: wiring between the workspace screen and the engine (`EngineAPI`). Nothing else.
 
 Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
 them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.worker import Worker, WorkerState
 
 from .engine.agent import DEFAULT_AGENTS
-from .engine.client import AgentView, EngineClient
+from .engine.api import AgentView, EngineAPI
 from .engine.events import (
     AgentReset,
     AgentRestored,
@@ -95,7 +95,7 @@ class PermeantApp(App[None]):
     ]
     WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset"})
 
-    def __init__(self, engine: EngineClient, workspace_label: str = "") -> None:
+    def __init__(self, engine: EngineAPI, workspace_label: str = "") -> None:
         super().__init__()
         self.engine = engine
         self.workspace_label = workspace_label
@@ -294,8 +294,14 @@ class PermeantApp(App[None]):
             if request is not None:
                 self._tell(f"to {request.target} (quant {request.quant})",
                            f"Migrating {pane.agent_title}")
-                self._call(self.engine.migrate, pane.agent_id, request.target, request.pin,
-                           request.quant, request.move)
+
+                def migrate() -> None:
+                    from .migrate import start_migration  # the network stack, only when used
+
+                    start_migration(self.engine, pane.agent_id, request.target, pin=request.pin,
+                                    quant=request.quant, move=request.move, on_event=self._sink)
+
+                self._call(migrate)
             pane.input.focus()
 
         self.push_screen(MigrateScreen(pane.agent_title), go)
@@ -338,7 +344,7 @@ class PermeantApp(App[None]):
             return None
 
 
-def run_tui(engine: EngineClient, workspace_label: str = "") -> int:
+def run_tui(engine: EngineAPI, workspace_label: str = "") -> int:
     """Run the workspace until the person quits; returns the process exit code.
 
     The app connects and starts the engine itself. However the app ends, the engine is shut

@@ -75,8 +75,8 @@ while True:
         r = engine.submit_future(a, msg, max_tokens=6)[1].result()
         print(json.dumps({"agent": a, "user": msg, "ids": list(r.generated_ids)}), flush=True)
     for n in range(3):
-        def touch(e):
-            for x in e.ws.agents.values():
+        def touch(ctx):
+            for x in ctx.workspace.agents.values():
                 x.dirty = x.resident
         engine.call(touch).result()
         print(json.dumps({"saving": n}), flush=True)
@@ -152,10 +152,10 @@ def verify(folder: Path, loaded, reported: dict[str, list[tuple[str, tuple]]]):
     try:
         engine.wait_ready(60)
         for a in AGENTS:
-            def restore(e, a=a):
-                agent = e.ws.agent(a)
-                r = e.ws.ensure_resident(agent, e.loaded)
-                ok = agent.cache_ids == agent.expected_ids(e.loaded.tokenizer)
+            def restore(ctx, a=a):
+                agent = ctx.workspace.agent(a)
+                r = ctx.restore(a)
+                ok = agent.cache_ids == agent.expected_ids(ctx.model.tokenizer)
                 agent.dirty = False  # look, don't write: the next child meets the crash as is
                 return r, ok
 
@@ -196,7 +196,8 @@ def test_sigkill_at_random_moments_never_loses_a_finished_turn(tmp_path, tiny4):
     engine = Engine(folder, loaded=tiny4, eager_restore=True)
     engine.start()
     engine.wait_ready(60)
-    engine.call(lambda e: [setattr(a, "dirty", True) for a in e.ws.agents.values()]).result()
+    engine.call(lambda ctx: [setattr(a, "dirty", True)
+                             for a in ctx.workspace.agents.values()]).result()
     engine.shutdown()
     assert not list(folder.glob("agents/*/.kv.safetensors.*")), history
     ws = Workspace.open(folder)

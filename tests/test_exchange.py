@@ -18,6 +18,17 @@ def _engine(path, lm):
     return e
 
 
+def keys_of(engine):
+    """The workspace's signing key and trusted keys."""
+    from permeant_tui.engine.usxf.keys import WorkspaceKeys
+
+    return WorkspaceKeys(engine.call(lambda ctx: ctx.workspace.keys_dir).result(60))
+
+
+def agent_ids(engine) -> set[str]:
+    return {a.agent_id for a in engine.agents()}
+
+
 @pytest.fixture
 def source(tmp_path, tiny_model):
     e = _engine(tmp_path / "src", tiny_model)
@@ -38,16 +49,11 @@ def test_export_import_continues_like_the_source(source, tmp_path, tiny_model, q
 
     target = _engine(tmp_path / "dst", tiny_model)
     # Trust the source's key (each workspace has its own).
-    from permeant_tui.engine.usxf.keys import WorkspaceKeys
-
-    src_keys = WorkspaceKeys(source.ws.keys_dir)
-    WorkspaceKeys(target.ws.keys_dir).ensure()
-    WorkspaceKeys(target.ws.keys_dir).trust(src_keys.public_key_text)
+    keys_of(target).ensure()
+    keys_of(target).trust(keys_of(source).public_key_text)
     report = target.import_usxf(str(out), "migrated").result(60)
     assert report["tokens"] == info.n_tokens > 0
-    from permeant_tui.engine.exchange import replay_fidelity
-
-    fid = target.call(lambda e: replay_fidelity(e, "migrated")).result(60)
+    fid = target.replay_fidelity("migrated").result(60)
     got = target.submit_future("migrated", "And then?", max_tokens=10)[1].result(60)
     target.shutdown()
     assert got.source == "usxf"
@@ -66,7 +72,7 @@ def test_import_refuses_untrusted_key_and_changes_nothing(source, tmp_path, tiny
         target.import_usxf(str(out)).result(60)
     assert sorted(p.name for p in (tmp_path / "dst").rglob("*") if "keys" not in str(p)) == \
         [n for n in before if n not in ("keys",) and not n.endswith((".key", ".pub"))]
-    assert set(target.ws.agents) == {"technical", "business", "coordinator"}
+    assert agent_ids(target) == {"technical", "business", "coordinator"}
     target.shutdown()
 
 
@@ -75,13 +81,11 @@ def test_import_refuses_another_model(source, tmp_path, tiny_model):
     source.export("technical", str(out)).result(60)
     other = make_tiny_model(tiny_model.tokenizer, seed=7)
     target = _engine(tmp_path / "dst", other)
-    from permeant_tui.engine.usxf.keys import WorkspaceKeys
-
-    WorkspaceKeys(target.ws.keys_dir).ensure()
-    WorkspaceKeys(target.ws.keys_dir).trust(WorkspaceKeys(source.ws.keys_dir).public_key_text)
+    keys_of(target).ensure()
+    keys_of(target).trust(keys_of(source).public_key_text)
     with pytest.raises(UsxfInvalid, match="model-identity"):
         target.import_usxf(str(out), "x").result(60)
-    assert "x" not in target.ws.agents and not (tmp_path / "dst" / "agents" / "x").exists()
+    assert "x" not in agent_ids(target) and not (tmp_path / "dst" / "agents" / "x").exists()
     target.shutdown()
 
 
@@ -91,7 +95,6 @@ def test_perturbed_payload_is_caught_and_changes_the_probe(source, tmp_path, tin
     from permeant_tui.engine.exchange import compare_probe
     from permeant_tui.engine.snapshot import attach
     from permeant_tui.engine.usxf import KVPayload, read_usxf, write_usxf
-    from permeant_tui.engine.usxf.keys import WorkspaceKeys
 
     out = tmp_path / "t.usxf"
     source.export("technical", str(out)).result(60)
@@ -100,17 +103,17 @@ def test_perturbed_payload_is_caught_and_changes_the_probe(source, tmp_path, tin
     bad = tmp_path / "bad.usxf"
     bad.write_bytes(bytes(data))
     with pytest.raises(UsxfInvalid):
-        read_usxf(bad, trusted=WorkspaceKeys(source.ws.keys_dir))
+        read_usxf(bad, trusted=keys_of(source))
 
-    f = read_usxf(out, trusted=WorkspaceKeys(source.ws.keys_dir))
+    f = read_usxf(out, trusted=keys_of(source))
     kv = f.load_kv()
     rng = np.random.default_rng(0)
     shuffled = KVPayload([rng.permutation(k, axis=1) for k in kv.keys],
                          [rng.permutation(v, axis=1) for v in kv.values], kv.dtype)
     forged = tmp_path / "forged.usxf"
     write_usxf(forged, identity=f.identity, token_ids=f.token_ids, kv=shuffled, agent=f.agent,
-               keys=WorkspaceKeys(source.ws.keys_dir), fidelity=f.fidelity)
-    g = read_usxf(forged, trusted=WorkspaceKeys(source.ws.keys_dir))  # verifies: checksums redone
+               keys=keys_of(source), fidelity=f.fidelity)
+    g = read_usxf(forged, trusted=keys_of(source))  # verifies: checksums redone
 
     def probe(file):
         import mlx.core as mx

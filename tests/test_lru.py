@@ -26,8 +26,9 @@ def talk(folder: Path, loaded, *, autosave: bool = True, **kw):
     """Each round, each agent in turn. Returns (results, events, residency after each turn,
     {agent: (ids, K/V)} from the snapshots written at shutdown)."""
     events: list = []
-    engine = Engine(folder, loaded=loaded, on_event=events.append, eager_restore=False, **kw)
-    engine.autosave = autosave  # off: only eviction (and shutdown) may write a snapshot
+    # autosave off: only eviction (and shutdown) may write a snapshot
+    engine = Engine(folder, loaded=loaded, on_event=events.append, eager_restore=False,
+                    autosave=autosave, **kw)
     engine.start()
     results, residency = [], []
     try:
@@ -35,11 +36,12 @@ def talk(folder: Path, loaded, *, autosave: bool = True, **kw):
         for msg in ROUNDS:
             for a in AGENTS:
                 results.append(engine.submit_future(a, msg, max_tokens=8)[1].result(60))
-                residency.append(engine.call(lambda e: (
-                    {x.agent_id for x in e.ws.agents.values() if x.resident},
-                    sum(x.cache_bytes() for x in e.ws.agents.values()),
-                    {x.agent_id: x.dirty for x in e.ws.agents.values()},
-                    {x.agent_id: x.tokens_on_disk for x in e.ws.agents.values()})).result(60))
+                residency.append(engine.call(lambda ctx: (
+                    {x.agent_id for x in ctx.workspace.agents.values() if x.resident},
+                    sum(x.cache_bytes() for x in ctx.workspace.agents.values()),
+                    {x.agent_id: x.dirty for x in ctx.workspace.agents.values()},
+                    {x.agent_id: x.tokens_on_disk
+                     for x in ctx.workspace.agents.values()})).result(60))
     finally:
         engine.shutdown()
     ws = Workspace.open(folder)
@@ -136,7 +138,7 @@ def test_eager_restore_with_one_slot_takes_the_most_recently_used(tmp_path, tiny
                     on_event=events.append)
     engine.start()
     engine.wait_ready(60)
-    engine.call(lambda e: None).result(60)
+    engine.call(lambda ctx: None).result(60)
     engine.shutdown()
     assert [(e.agent_id, e.source) for e in events if isinstance(e, AgentRestored)] == \
         [(order[-1], "snapshot")]

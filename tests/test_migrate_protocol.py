@@ -6,7 +6,7 @@ import ssl
 
 import pytest
 
-from permeant_tui.config import AgentSpec, load_settings, save_settings
+from permeant_tui.engine.settings import AgentSpec, load_settings, save_settings
 from permeant_tui.migrate.protocol import (
     MigrationError,
     decide,

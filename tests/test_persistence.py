@@ -28,8 +28,8 @@ PERMEANT = [str(Path(sys.executable).with_name("permeant"))]  # the console scri
 
 
 def kv_now(engine: Engine, agent_id: str) -> tuple[list[int], list]:
-    def grab(e):
-        a = e.ws.agent(agent_id)
+    def grab(ctx):
+        a = ctx.workspace.agent(agent_id)
         n = len(a.cache_ids)
         return list(a.cache_ids), [(np.array(c.keys[..., :n, :]), np.array(c.values[..., :n, :]))
                                    for c in a.cache]
@@ -108,11 +108,12 @@ def test_eager_restore_attaches_every_agent_without_prefill(tmp_path, tiny_model
     engine.start()
     try:
         engine.wait_ready(60)
-        engine.call(lambda e: None).result(60)  # the eager restores run before this job
+        engine.call(lambda ctx: None).result(60)  # the eager restores run before this job
         got = {e.agent_id: (e.source, e.tokens) for e in events if isinstance(e, AgentRestored)}
         assert got == {a: ("snapshot", n) for a, n in want.items()}
-        resident = engine.call(lambda e: {a.agent_id: len(a.cache_ids)
-                                          for a in e.ws.agents.values() if a.resident}).result()
+        resident = engine.call(lambda ctx: {a.agent_id: len(a.cache_ids)
+                                            for a in ctx.workspace.agents.values()
+                                            if a.resident}).result()
         assert resident == want
         tech = Workspace.open(folder).agent("technical")
         r = engine.submit_future("technical", MSGS[2], max_tokens=4)[1].result(60)

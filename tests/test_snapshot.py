@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 from conftest import make_tiny_model
 
+from permeant_tui.engine import kvcache
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent, Turn
 from permeant_tui.engine.errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
@@ -49,8 +50,9 @@ def header_pos(path: Path, needle: str) -> int:
     return i + len(needle)
 
 
-def as_np(pairs) -> list[tuple[np.ndarray, np.ndarray]]:
-    return [(np.array(k), np.array(v)) for k, v in pairs]
+def as_np(states) -> list[tuple[np.ndarray, np.ndarray]]:
+    """(K, V) of each layer state, as numpy."""
+    return [(np.array(st.keys), np.array(st.values)) for st in states]
 
 
 @pytest.fixture
@@ -63,8 +65,7 @@ def snap(tmp_path, tiny_model):
     path = tmp_path / "kv.safetensors"
     info = write_snapshot(path, agent.cache, ids, tiny_model.identity, "technical")
     assert info.tokens == len(ids) and info.bytes == path.stat().st_size
-    arrays = [(np.array(c.keys[..., :len(ids), :]), np.array(c.values[..., :len(ids), :]))
-              for c in agent.cache]
+    arrays = as_np(kvcache.layer_states(agent.cache))
     return path, ids, agent.cache, arrays
 
 
@@ -89,11 +90,40 @@ def test_round_trip_is_bit_exact_and_continues_identically(snap, tiny_model):
     for (k, v), (rk, rv) in zip(as_np(pairs), arrays, strict=True):
         assert np.array_equal(k, rk) and np.array_equal(v, rv)
     restored = attach(tiny_model.model, pairs)
-    assert all(c.offset == len(ids) for c in restored)
+    assert kvcache.offsets(restored) == [len(ids)] * len(restored)
     nxt = mx.array([[ids[-1]]])
     a = tiny_model.model(nxt, cache=cache)
     b = tiny_model.model(nxt, cache=restored)
     assert mx.array_equal(a, b).item(), "logits after restore differ from the live cache's"
+
+
+def test_format_1_snapshot_still_loads(snap, tiny_model, tmp_path):
+    """Snapshots written before per-layer meta (permeant-kv/1: every layer's full K/V) attach."""
+    path, ids, cache, arrays = snap
+    old = tmp_path / "v1.safetensors"
+    tensors = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32))}
+    ordered = []
+    for i, (k, v) in enumerate(arrays):
+        tensors[f"k.{i}"], tensors[f"v.{i}"] = mx.array(k), mx.array(v)
+        ordered += [tensors[f"k.{i}"], tensors[f"v.{i}"]]
+    meta = {"format": "permeant-kv/1", "agent": "technical",
+            "identity": tiny_model.identity.fingerprint, "model": tiny_model.identity.name,
+            "tokens": str(len(ids)), "tokens_digest": snapmod.ids_digest(ids),
+            "kv_dtype": tiny_model.identity.kv_dtype, "layers": str(len(arrays)),
+            "checksum": snapmod._tensor_checksum(ordered), "created": "0"}
+    mx.save_safetensors(str(old), tensors, metadata=meta)
+    states, got, _ = read_snapshot(old, tiny_model.identity, ids)
+    assert got == ids and [s.length for s in states] == [len(ids)] * len(arrays)
+    restored = attach(tiny_model.model, states)
+    nxt = mx.array([[ids[-1]]])
+    assert mx.array_equal(tiny_model.model(nxt, cache=kvcache.copy_cache(cache)),
+                          tiny_model.model(nxt, cache=restored)).item()
+    tensors["k.1"] = tensors["k.1"][..., :-1, :]  # the old layout check still holds
+    ordered[2] = tensors["k.1"]
+    meta["checksum"] = snapmod._tensor_checksum(ordered)
+    old.unlink()
+    mx.save_safetensors(str(old), tensors, metadata=meta)
+    expect(SnapshotCorrupt, "layout", old, tiny_model.identity, ids, "token count")
 
 
 def test_atomic_write_keeps_the_old_snapshot_on_failure(snap, tiny_model, monkeypatch):
@@ -268,11 +298,9 @@ MAX_TOKENS = 10
 
 def kv_now(engine: Engine, agent_id: str) -> tuple[list[int], list]:
     """(token ids, [(K, V) per layer]) of the agent's live cache, copied off the worker."""
-    def grab(e):
-        a = e.ws.agent(agent_id)
-        n = len(a.cache_ids)
-        return list(a.cache_ids), [(np.array(c.keys[..., :n, :]), np.array(c.values[..., :n, :]))
-                                   for c in a.cache]
+    def grab(ctx):
+        a = ctx.workspace.agent(agent_id)
+        return list(a.cache_ids), as_np(kvcache.layer_states(a.cache, len(a.cache_ids)))
 
     return engine.call(grab).result(60)
 
@@ -307,7 +335,7 @@ def base(tmp_path_factory, tiny_model):
     e = Engine(root / "other", loaded=other, eager_restore=False)
     e.start()
     e.wait_ready(60)
-    e.call(lambda en: en.ws.ensure_resident(en.ws.agent("technical"), en.loaded)).result(60)
+    e.restore("technical").result(60)
     e.shutdown()  # saves the rebuilt agent with the other model's identity
     return {"root": root, "ref": ref, "ref_kv": ref_kv, "stale_line": stale_line,
             "other_snapshot": root / "other/agents/technical/kv.safetensors"}

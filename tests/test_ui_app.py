@@ -1,13 +1,16 @@
-"""The workspace UI driven with Pilot against the scripted FakeEngine (no model)."""
+"""The workspace UI driven with Pilot against the real Engine on a scripted model runner (no
+model; tests/support)."""
 
 from __future__ import annotations
 
 import subprocess
 import sys
 
-from fake_engine import (  # noqa: F401 (no_cursor_blink is an autouse fixture)
+from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     DIGEST,
-    FakeEngine,
+    ScriptedEngine,
+    close_engines,
+    fake_migrations,
     no_cursor_blink,
     reply_for,
     settle,
@@ -54,7 +57,7 @@ async def send(pilot, text: str) -> None:
 
 
 async def test_focus_starts_on_technical_input():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine, "/tmp/ws")
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -63,7 +66,7 @@ async def test_focus_starts_on_technical_input():
 
 
 async def test_alt_keys_and_tab_move_between_panes():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -97,7 +100,7 @@ async def test_sending_a_message_streams_the_reply(monkeypatch):
         return original_update(self, markdown)
 
     monkeypatch.setattr(Markdown, "update", spy_update)
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -124,7 +127,7 @@ async def test_team_flow_runs_technical_and_business_before_coordinator():
         if isinstance(message, EngineEvent) and isinstance(message.event, TurnStarted):
             started.append(message.event.agent_id)
 
-    engine = FakeEngine(manual=True)
+    engine = ScriptedEngine(manual=True)
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE, message_hook=hook) as pilot:
         await settle(pilot, engine)
@@ -133,32 +136,34 @@ async def test_team_flow_runs_technical_and_business_before_coordinator():
         assert engine.calls.asks == ["launch plan"]
         await settle(pilot, engine)
         states = lambda: [pane(app, a).state for a in ("technical", "business", "coordinator")]  # noqa: E731
-        assert states() == ["queued", "queued", "queued"]
+        # the worker has taken technical's turn (held by the script); the others wait
+        await wait_until(pilot, lambda: states() == ["prefilling", "queued", "queued"])
 
         engine.release()
-        await wait_until(pilot, lambda: states() == ["done", "queued", "queued"])
+        await wait_until(pilot, lambda: states() == ["done", "prefilling", "queued"])
         engine.release()
-        await wait_until(pilot, lambda: states() == ["done", "done", "queued"])
+        await wait_until(pilot, lambda: states() == ["done", "done", "prefilling"])
         engine.release()
         await wait_until(pilot, lambda: states() == ["done", "done", "done"])
         assert started == ["technical", "business", "coordinator"]
         brief = str(pane(app, "coordinator").query(ChatTurn).last().query_one(".user").content)
-        assert "Technical said" in brief and "Business said" in brief
+        assert "Technical expert's answer" in brief and "Business analyst's answer" in brief
 
 
 async def test_pane_shows_prefill_progress_then_generating():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
         engine.emit(TurnQueued("business", 7, "why?"))
         engine.emit(TurnStarted("business", 7, "snapshot", 100, 24, "why?"))
         engine.emit(PrefillProgress("business", 7, 12, 24))
-        await pilot.pause()
+        with_stats(engine, "business", state="prefilling")  # what the worker would say
         business = pane(app, "business")
-        assert business.state == "prefilling"
-        assert business.state_label == "prefilling 12/24"
+        await wait_until(pilot, lambda: business.state == "prefilling")
+        await wait_until(pilot, lambda: business.state_label == "prefilling 12/24")
         engine.emit(Tokens("business", 7, "Because", ()))
+        with_stats(engine, "business", state="generating")
         # The state is the engine's, read on the stats timer.
         await wait_until(pilot, lambda: business.state == "generating")
         assert business.state_label == "generating"
@@ -166,7 +171,7 @@ async def test_pane_shows_prefill_progress_then_generating():
 
 async def test_pane_state_is_the_engines():
     """No event at all: the border follows AgentStats.state from the stats timer."""
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -180,7 +185,7 @@ async def test_pane_state_is_the_engines():
 
 
 async def test_escape_cancels_the_focused_agents_turn():
-    engine = FakeEngine(manual=True)
+    engine = ScriptedEngine(manual=True)
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -192,12 +197,12 @@ async def test_escape_cancels_the_focused_agents_turn():
         business = pane(app, "business")
         note = business.query(ChatTurn).last().query_one(".note", Label)
         await wait_until(pilot, lambda: str(note.content) == "cancelled")
-        await wait_until(pilot, lambda: business.state == "idle")  # the engine's state
+        await wait_until(pilot, lambda: business.state == "cancelled")  # the engine's state
         assert not business.busy
 
 
 async def test_export_key_shows_path_size_and_hash():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -215,7 +220,7 @@ async def test_export_key_shows_path_size_and_hash():
 
 
 async def test_export_failure_is_a_notification_with_what_to_do():
-    engine = FakeEngine(export_error="No space left on device")
+    engine = ScriptedEngine(export_error="No space left on device")
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -227,7 +232,7 @@ async def test_export_failure_is_a_notification_with_what_to_do():
 
 
 async def test_context_exhausted_is_explained():
-    engine = FakeEngine(fail_next={"technical": (
+    engine = ScriptedEngine(fail_next={"technical": (
         "ContextExhausted",
         "context exhausted: 8100 tokens in cache + 40 new + 256 to generate = 8396 > limit 8192",
     )})
@@ -246,7 +251,7 @@ async def test_context_exhausted_is_explained():
 
 
 async def test_resume_notifications_and_rejected_snapshot_warning():
-    engine = FakeEngine(views(2), restored=[
+    engine = ScriptedEngine(views(2), restored=[
         AgentRestored("technical", "snapshot", 14.2, 2048),
         AgentRestored("business", "prefill", 3100.0, 0,
                       reason="snapshot checksum check failed (file truncated)"),
@@ -267,7 +272,7 @@ async def test_resume_notifications_and_rejected_snapshot_warning():
 
 
 async def test_resume_shows_recent_turns_and_loads_more():
-    engine = FakeEngine(views(25))
+    engine = ScriptedEngine(views(25))
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -278,15 +283,14 @@ async def test_resume_shows_recent_turns_and_loads_more():
         first = technical.query(ChatTurn).first()
         assert "question 5" in str(first.query_one(".user").content)
         button.press()  # what a click on it does (it is scrolled above the anchored end)
-        await pilot.pause()
+        await wait_until(pilot, lambda: len(technical.query(ChatTurn)) == 25)
         assert engine.calls.load_more == [("technical", 5, 20)]
-        assert len(technical.query(ChatTurn)) == 25
         assert "question 0" in str(technical.query(ChatTurn).first().query_one(".user").content)
         assert not button.display
 
 
 async def test_model_loading_state_then_ready():
-    engine = FakeEngine(autostart=False, ready=False)
+    engine = ScriptedEngine(hold_load=True)
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await pilot.pause()
@@ -303,13 +307,13 @@ async def test_model_loading_state_then_ready():
         assert pane(app, "technical").state == "idle"
 
 
-class BrokenEngine(FakeEngine):
+class BrokenEngine(ScriptedEngine):
     def submit(self, agent_id: str, text: str, max_tokens: int | None = None) -> int:
         raise RuntimeError("the engine worker has stopped")
 
 
 async def test_failures_never_take_the_app_down():
-    engine = BrokenEngine(autostart=False)
+    engine = BrokenEngine(hold_load=True)
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         engine.emit(ModelFailed("weights file is truncated: model.gguf"))
@@ -323,7 +327,7 @@ async def test_failures_never_take_the_app_down():
 
 
 async def test_gauges_show_engine_stats():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     with_stats(engine, "business", tokens=812, bytes=3_355_443, resident=False,
                last_tok_s=21.5, last_ttft_ms=95.0, tok_s_history=(20.0, 21.5))
     app = PermeantApp(engine, "/tmp/ws")
@@ -338,7 +342,7 @@ async def test_gauges_show_engine_stats():
 
 
 async def test_reset_asks_first():
-    engine = FakeEngine(views(2))
+    engine = ScriptedEngine(views(2))
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -358,7 +362,7 @@ async def test_reset_asks_first():
 
 
 async def test_save_key_saves_and_says_so():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -369,7 +373,7 @@ async def test_save_key_saves_and_says_so():
 
 
 async def test_command_palette_runs_workspace_actions():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -384,7 +388,7 @@ async def test_command_palette_runs_workspace_actions():
 
 
 async def test_quit_shuts_the_engine_down_and_exits_zero():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -422,7 +426,7 @@ async def _migrate_via_palette(pilot, engine, target: str) -> None:
 
 
 async def test_palette_migrates_the_focused_agent():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await _migrate_via_palette(pilot, engine, "10.0.0.2:8765")
@@ -432,7 +436,7 @@ async def test_palette_migrates_the_focused_agent():
 
 
 async def test_failed_migration_is_explained():
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await _migrate_via_palette(pilot, engine, "bad:1")

@@ -1,7 +1,8 @@
 """Screenshots (SVG) of the workspace at fixed terminal sizes (pytest-textual-snapshot).
 
-Deterministic: the FakeEngine's stats are fixed, events are emitted and handled before the
-screenshot, and the cursor does not blink. Regenerate with `--snapshot-update`, then look at
+Deterministic: the real Engine runs on a scripted model runner with fixed figures
+(tests/support), events are emitted and handled before the screenshot, and the cursor does not
+blink. Regenerate with `--snapshot-update`, then look at
 the SVGs in tests/__snapshots__/.
 """
 
@@ -9,11 +10,13 @@ from __future__ import annotations
 
 import asyncio
 
-from fake_engine import (  # noqa: F401 (no_cursor_blink is an autouse fixture)
-    FakeEngine,
+from support.pilot import (  # noqa: F401 (the fixtures are autouse)
+    ScriptedEngine,
+    close_engines,
     no_cursor_blink,
     settle,
     views,
+    with_stats,
 )
 
 from permeant_tui.app import PermeantApp
@@ -30,8 +33,8 @@ NARROW = (80, 24)
 LABEL = "~/.local/share/permeant/default"
 
 
-def resumed_engine(**options) -> FakeEngine:
-    return FakeEngine(views(3), restored=[
+def resumed_engine(**options) -> ScriptedEngine:
+    return ScriptedEngine(views(3), restored=[
         AgentRestored("technical", "snapshot", 14.2, 2048),
         AgentRestored("business", "snapshot", 9.8, 1536),
         AgentRestored("coordinator", "prefill", 3100.0, 0,
@@ -39,7 +42,7 @@ def resumed_engine(**options) -> FakeEngine:
     ], **options)
 
 
-def settled(engine: FakeEngine, then=None):
+def settled(engine: ScriptedEngine, then=None):
     async def run_before(pilot) -> None:
         await settle(pilot, engine)
         if then is not None:
@@ -52,7 +55,7 @@ def settled(engine: FakeEngine, then=None):
 
 
 def test_fresh_workspace(snap_compare):
-    engine = FakeEngine()
+    engine = ScriptedEngine()
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
                         run_before=settled(engine))
 
@@ -64,7 +67,7 @@ def test_resumed_workspace(snap_compare):
 
 
 def test_mid_stream(snap_compare):
-    engine = FakeEngine(views(3))
+    engine = ScriptedEngine(views(3))
 
     async def streaming(pilot) -> None:
         engine.emit(TurnQueued("technical", 41, "How do we cache the KV state?"))
@@ -77,13 +80,17 @@ def test_mid_stream(snap_compare):
             engine.emit(Tokens("technical", 41, text, ()))
         engine.emit(TurnStarted("coordinator", 43, "snapshot", 900, 300, "brief"))
         engine.emit(PrefillProgress("coordinator", 43, 120, 300))
+        # what the worker's state machine says at this moment (the runner cannot hold three)
+        for agent_id, state in (("technical", "generating"), ("business", "queued"),
+                                ("coordinator", "prefilling")):
+            with_stats(engine, agent_id, state=state)
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
                         run_before=settled(engine, streaming))
 
 
 def test_export_notification(snap_compare):
-    engine = FakeEngine(views(1))
+    engine = ScriptedEngine(views(1))
 
     async def export(pilot) -> None:
         await pilot.press("ctrl+e")
@@ -93,7 +100,7 @@ def test_export_notification(snap_compare):
 
 
 def test_reset_confirmation(snap_compare):
-    engine = FakeEngine(views(1))
+    engine = ScriptedEngine(views(1))
 
     async def reset(pilot) -> None:
         await pilot.press("alt+2", "ctrl+r")

@@ -52,8 +52,8 @@ def chat(args: argparse.Namespace) -> int:
     notices: list[str] = []
     engine.connect(lambda ev: _collect_notice(ev, notices))
     try:
-        agent = engine.ws.agent(args.agent)
-        params = TurnParams(max_tokens=args.max_tokens or engine.ws.settings.max_tokens,
+        agent = engine.agent(args.agent)
+        params = TurnParams(max_tokens=args.max_tokens or engine.settings().max_tokens,
                             temp=args.temp, seed=args.seed)
         _, fut = engine.submit_future(agent.agent_id, args.message, params=params)
         result = fut.result()

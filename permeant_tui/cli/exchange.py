@@ -79,10 +79,7 @@ def import_file(args: argparse.Namespace) -> int:
     try:
         report = engine.import_usxf(args.file, args.name).result()
         if args.check_fidelity:
-            from ..engine.exchange import replay_fidelity
-
-            report["fidelity"] = engine.call(
-                lambda e: replay_fidelity(e, report["agent"])).result()
+            report["fidelity"] = engine.replay_fidelity(report["agent"]).result()
     finally:
         engine.shutdown()
     print(f"imported {args.file} as agent {report['agent']!r}: {report['tokens']} tokens, "

@@ -56,8 +56,8 @@ class Agent:
     last_used: float = field(default_factory=time.time)
     restore_ms: float = 0.0
     tokens_on_disk: int = 0  # tokens in the snapshot on disk (for gauges when not resident)
-    # Figures for gauges.
-    state: str = "idle"
+    bytes_on_disk: int = 0  # size of that snapshot
+    # Figures for gauges (the turn state lives in the engine: engine/states.py).
     last_tok_s: float = 0.0
     last_ttft_ms: float = 0.0
     tok_s_history: list[float] = field(default_factory=list)

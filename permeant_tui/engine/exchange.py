@@ -2,22 +2,29 @@
 fidelity replay (of an imported agent, or of a file on a scratch agent). Returns reports; the
 CLI (cli/exchange.py) prints them.
 
-Export and import run on the engine worker (they touch MLX arrays). The format itself lives in
-engine/usxf and needs no MLX.
+Export and import run on the engine worker (they touch MLX arrays); each takes what it needs
+(the loaded model, the workspace, a way to make an agent resident), never the engine. The
+format itself lives in engine/usxf and needs no MLX.
 """
 
 from __future__ import annotations
 
-import os
 import shutil
 import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
-from ..config import AgentSpec
 from .agent import Agent, Turn
+from .atomic import write_atomic
 from .errors import PermeantError, UsxfInvalid, WorkspaceError
-from .snapshot import fsync_dir
+from .settings import AgentSpec
+
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .workspace import Workspace
 
 # Appended directly after the exported KV state: a new user turn and the assistant header.
 PROBE_SUFFIX = "\n<|im_start|>user\nContinue.<|im_end|>\n<|im_start|>assistant\n"
@@ -25,41 +32,31 @@ PROBE_N = 16
 
 
 def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Copies (not views) of the first n positions of every layer, shaped (kv_heads, n, dim)."""
-    import mlx.core as mx
+    """Copies (not views) of the first n positions of every layer, shaped (kv_heads, n, dim).
+    Raises kvcache.WindowExceeded for a sliding-window layer past its window."""
+    from .kvcache import kv_arrays
 
-    keys, values = [], []
-    dtype = str(agent.cache[0].keys.dtype).removeprefix("mlx.core.")
-    for c in agent.cache:
-        k, v = c.keys[0, :, :n, :], c.values[0, :, :n, :]
-        if k.dtype == mx.bfloat16:
-            k, v = k.view(mx.uint16), v.view(mx.uint16)
-        keys.append(np.array(k, copy=True))
-        values.append(np.array(v, copy=True))
-    return keys, values, dtype
+    return kv_arrays(agent.cache, n)
 
 
 def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]:
-    """Feed probe_ids after the agent's cache, decode n greedy tokens, then trim back.
-    The agent's cache and ids are unchanged afterwards."""
+    """Feed probe_ids after the agent's cache, decode n greedy tokens. Runs on a copy of the
+    cache: the agent's cache and ids are unchanged afterwards, even when the probe fails."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
-    from .generation import trim_to
+    from .kvcache import copy_cache
 
-    base = len(agent.cache_ids)
     out = []
     for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
-                                prompt_cache=agent.cache):
+                                prompt_cache=copy_cache(agent.cache)):
         out.append(int(tok))
-    trim_to(agent, base)
     return out
 
 
-def make_fidelity(engine, agent: Agent, n: int = PROBE_N):
+def make_fidelity(lm: LoadedModel, agent: Agent, n: int = PROBE_N):
     from .usxf import Fidelity
 
-    lm = engine.loaded
     probe = lm.tokenizer.encode(PROBE_SUFFIX)
     room = lm.context_limit - len(agent.cache_ids)
     if room < len(probe) + n:
@@ -69,14 +66,14 @@ def make_fidelity(engine, agent: Agent, n: int = PROBE_N):
                     note=f"greedy {n} tokens after the fixed probe prompt")
 
 
-def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
-                 fidelity: bool = True, progress=None, chunk_size: int | None = None):
+def export_agent(lm: LoadedModel, ws: Workspace, agent: Agent, path: str | Path | None,
+                 quant: str = "none", *, fidelity: bool = True, progress=None,
+                 chunk_size: int | None = None):
+    """Write a USXF file of the agent's KV state (made to match its transcript first)."""
     from . import runtime
     from .usxf import AgentRecord, KVPayload, write_usxf
     from .usxf.keys import WorkspaceKeys
 
-    lm = engine.loaded
-    ws = engine.ws
     if not agent.turns:
         raise PermeantError(f"agent {agent.agent_id!r} has no conversation to export yet")
     from .generation import sync_to_transcript
@@ -84,7 +81,7 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
     sync_to_transcript(lm.model, lm.tokenizer, agent)
     n = len(agent.cache_ids)
     keys_np, values_np, dtype = _kv_numpy(agent, n)
-    fid = make_fidelity(engine, agent) if fidelity else None
+    fid = make_fidelity(lm, agent) if fidelity else None
     spans = agent.turn_spans(lm.tokenizer)
     turns = [{"user": t.user, "reply": t.reply, "span": list(s),
               "generated_ids": list(t.generated_ids)} for t, s in zip(agent.turns, spans, strict=False)]
@@ -101,18 +98,18 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
         kv=KVPayload(keys_np, values_np, dtype), agent=record, keys=keys, quant=quant,
         fidelity=fid, progress=progress,
         **({"chunk_size": chunk_size} if chunk_size else {}),  # migration tests use small chunks
-        provenance={"runtime": "mlx", "runtime_version": mx.__version__,
+        provenance={"runtime": "mlx",
+                    "runtime_version": mx.__version__,  # type: ignore[attr-defined]
                     "device": runtime.device_label(), "weights": lm.weights_mode},
     )
 
 
-def import_usxf(engine, path: str, name: str | None = None) -> dict:
+def import_usxf(lm: LoadedModel, ws: Workspace, path: str, name: str | None = None) -> dict:
     """Verify everything, check the identity, then register the agent. On any failure nothing
     in the workspace changes."""
     from .usxf import verify_usxf
     from .usxf.keys import WorkspaceKeys
 
-    lm, ws = engine.loaded, engine.ws
     keys = WorkspaceKeys(ws.keys_dir)
     keys.ensure()
     # Every check, in bounded memory: the tensors are loaded (and verified again) when the
@@ -137,18 +134,16 @@ def import_usxf(engine, path: str, name: str | None = None) -> dict:
         raise UsxfInvalid("tokens", "the token ids do not match the transcript rendered with "
                           "this model's chat template", str(path))
     dest = ws.imported_path(agent_id)
-    dest.parent.mkdir(parents=True, exist_ok=True)
-    tmp = dest.with_name(f".{dest.name}.tmp")
+
+    def copy(out) -> None:
+        with open(path, "rb") as src:
+            shutil.copyfileobj(src, out, 1 << 20)
+
     try:
-        shutil.copyfile(path, tmp)
-        with open(tmp, "rb+") as fh:
-            os.fsync(fh.fileno())
-        os.replace(tmp, dest)
-        fsync_dir(dest.parent)
+        write_atomic(dest, copy)
         title = f.agent.title if agent_id == f.agent.agent_id else agent_id.capitalize()
         ws.add_agent(AgentSpec(agent_id, f.agent.role, title, f.agent.system), turns)
     except BaseException:
-        tmp.unlink(missing_ok=True)
         if agent_id not in ws.agents:
             ws.delete_agent_files(agent_id)
         raise
@@ -156,19 +151,20 @@ def import_usxf(engine, path: str, name: str | None = None) -> dict:
             "digest": f.digest}
 
 
-def replay_fidelity(engine, agent_id: str) -> str:
+def replay_fidelity(lm: LoadedModel, ws: Workspace, agent_id: str,
+                    restore: Callable[[Agent], object]) -> str:
     """Replay the exporter's probe on an imported agent: exact N/N, diverged at k, or not
-    checked (context exhaustion is reported as such, never as a migration defect)."""
+    checked (context exhaustion is reported as such, never as a migration defect). `restore`
+    makes the agent resident (the engine's, so that residency limits apply)."""
     from .usxf import verify_usxf
     from .usxf.keys import WorkspaceKeys
 
-    ws, lm = engine.ws, engine.loaded
     agent = ws.agent(agent_id)
     src = ws.imported_path(agent_id)
     if not src.exists():
         raise PermeantError(f"{agent_id} has no imported USXF file to check")
     f = verify_usxf(src, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)
-    engine._restore(agent)
+    restore(agent)
     return compare_probe(lm, agent, f.fidelity)
 
 

@@ -118,7 +118,8 @@ class _Cursor:
 
     def strings(self, n: int) -> list[str]:
         """n length-prefixed strings (vocabularies: the hot loop of header parsing)."""
-        buf, pos, out = self.buf, self.pos, []
+        buf, pos = self.buf, self.pos
+        out: list[str] = []
         unpack, append = _U64.unpack_from, out.append
         try:
             for _ in range(n):

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 
@@ -60,7 +61,7 @@ class GgufTokenizer:
         self.chat_template = chat_template
         self.add_bos = add_bos
         self.chat_format = chat_format
-        self._template = None
+        self._template: Any = None  # a jinja2 Template, compiled on first use
 
     @property
     def is_base_model(self) -> bool:

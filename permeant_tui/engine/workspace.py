@@ -17,17 +17,18 @@ import json
 import os
 import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from ..config import AgentSpec, Settings, load_settings, save_settings
 from .agent import Agent, Turn
+from .atomic import fsync_dir, write_atomic
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
+from .events import RestoreReport
 from .generation import new_cache, prefill
+from .settings import AgentSpec, WorkspaceSettings, load_settings, save_settings
 from .snapshot import (
     attach,
     attach_payload,
-    fsync_dir,
     ids_digest,
     read_header,
     read_snapshot,
@@ -39,16 +40,8 @@ SNAPSHOT = "kv.safetensors"
 IMPORTED = "import.usxf"
 
 
-@dataclass(frozen=True)
-class Restore:
-    source: str  # memory | new | snapshot | usxf | prefill
-    ms: float
-    tokens: int
-    reason: str | None = None
-
-
 class Workspace:
-    def __init__(self, folder: Path, settings: Settings, agents: dict[str, Agent],
+    def __init__(self, folder: Path, settings: WorkspaceSettings, agents: dict[str, Agent],
                  warnings: list[str]):
         self.folder = folder
         self.settings = settings
@@ -76,7 +69,8 @@ class Workspace:
                 warnings.append(f"{spec.id}: {warn}")
             snap = folder / "agents" / spec.id / SNAPSHOT
             if snap.exists():
-                agent.last_used = snap.stat().st_mtime
+                st = snap.stat()
+                agent.last_used, agent.bytes_on_disk = st.st_mtime, st.st_size
                 try:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
@@ -120,8 +114,6 @@ class Workspace:
         d = self.agent_dir(spec.id)
         d.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in turns)
-        from ..config import write_atomic
-
         write_atomic(d / TRANSCRIPT, lines.encode())
         self.settings.agents.append(spec)
         save_settings(self.folder, self.settings)
@@ -153,15 +145,19 @@ class Workspace:
             os.replace(t, d / f"transcript.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         for p in (d / SNAPSHOT, d / IMPORTED):
             p.unlink(missing_ok=True)
+        if d.exists():
+            fsync_dir(d)  # the archive's rename and the deletions are durable together
         agent.turns.clear()
+        agent.tokens_on_disk = agent.bytes_on_disk = 0
         agent.cache, agent.cache_ids, agent.dirty, agent.source = None, [], False, "new"
         agent.attach_used = False
 
     # ---- KV residency (worker thread only) -----------------------------------------------
     def ensure_resident(self, agent: Agent, loaded, *, rebuild: bool = False,
-                        progress=None) -> Restore:
+                        progress=None) -> RestoreReport:
         """Attach the agent's KV state: memory, else a verified snapshot (or import), else
-        rebuild by prefill from the transcript. Never attaches anything unverified."""
+        rebuild by prefill from the transcript. Never attaches anything unverified. The caller
+        then applies the residency limits (`enforce_residency`)."""
         t0 = time.perf_counter()
         agent.last_used = time.time()
         if agent.cache is not None and not rebuild:
@@ -169,13 +165,12 @@ class Workspace:
             # memory.
             if agent.attach_used:
                 agent.source = "memory"
-            return Restore(agent.source, 0.0, len(agent.cache_ids))
+            return RestoreReport(agent.source, 0.0, len(agent.cache_ids))
         tok = loaded.tokenizer
         expected = agent.expected_ids(tok)
         if not expected:
             agent.cache, agent.cache_ids, agent.source = new_cache(loaded.model), [], "new"
-            self.enforce_residency(loaded, keep=agent)
-            return Restore("new", (time.perf_counter() - t0) * 1000, 0)
+            return RestoreReport("new", (time.perf_counter() - t0) * 1000, 0)
         reason = "--rebuild asked for it" if rebuild else None
         if not rebuild:
             imported = self.imported_path(agent.agent_id)
@@ -188,8 +183,7 @@ class Workspace:
                                                   loaded.identity, expected)
                     agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
                     agent.source, agent.dirty = "snapshot", False
-                self.enforce_residency(loaded, keep=agent)
-                return Restore(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
+                return RestoreReport(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
             except SnapshotInvalid as exc:
                 detail = exc.detail
                 if exc.check == "tokens" and type(exc) is SnapshotInvalid:
@@ -201,8 +195,7 @@ class Workspace:
         agent.cache, agent.cache_ids = new_cache(loaded.model), []
         prefill(loaded.model, agent, expected, progress=progress)
         agent.source, agent.dirty = "prefill", True
-        self.enforce_residency(loaded, keep=agent)
-        return Restore("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
+        return RestoreReport("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
 
     def _stale_detail(self, agent: Agent, tok, max_back: int = 8) -> str | None:
         """When a verified snapshot holds an earlier point of this transcript (a turn finished
@@ -242,14 +235,16 @@ class Workspace:
         # rejected when it is loaded, never attached.
         info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
                               loaded.identity, agent.agent_id)
-        agent.tokens_on_disk = info.tokens
+        agent.tokens_on_disk, agent.bytes_on_disk = info.tokens, info.bytes
         self.imported_path(agent.agent_id).unlink(missing_ok=True)
         agent.dirty = False
         return info.ms
 
-    def enforce_residency(self, loaded, keep: Agent | None = None) -> list[str]:
-        """Evict least-recently-used agents beyond max_resident or the memory budget (saving
-        them first when dirty). Returns the evicted ids."""
+    def enforce_residency(self, save: Callable[[Agent], object],
+                          keep: Agent | None = None) -> list[str]:
+        """Evict least-recently-used agents beyond max_resident or the memory budget, calling
+        `save(agent)` first (it writes the snapshot when the agent is dirty). Returns the
+        evicted ids."""
         evicted = []
         budget = self.settings.memory_budget_mb * 1024 * 1024
         while True:
@@ -262,7 +257,7 @@ class Workspace:
             if not victims:
                 break
             victim = victims[0]
-            self.save_agent(victim, loaded)
+            save(victim)
             victim.release()
             evicted.append(victim.agent_id)
         return evicted

@@ -88,10 +88,10 @@ def _commit_kv(engine, m: Staged) -> dict:
 
 def _commit_reprefill(ctx, m: Staged) -> dict:
     """On the worker: rebuild the KV from the signed transcript, check the probe, register."""
-    from ..config import AgentSpec
     from ..engine.agent import Agent
     from ..engine.exchange import compare_probe
     from ..engine.generation import new_cache, prefill
+    from ..engine.settings import AgentSpec
 
     t0 = time.perf_counter()
     out: dict = {"agent": m.name, "mode": m.mode, "tokens": len(m.parsed.token_ids)}
@@ -108,7 +108,7 @@ def _commit_reprefill(ctx, m: Staged) -> dict:
     registered = ws.add_agent(AgentSpec(m.name, a.role, a.title, a.system), list(m.turns))
     registered.cache, registered.cache_ids = agent.cache, agent.cache_ids
     registered.source, registered.dirty = "prefill", True
-    ws.enforce_residency(lm, keep=registered)
+    ctx.restore(m.name)  # resident already: applies the residency limits
     out["fidelity"] = fidelity
     out["attach_ms"] = (time.perf_counter() - t0) * 1000
     return out

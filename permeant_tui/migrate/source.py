@@ -100,8 +100,8 @@ def export_for_migration(ctx, agent_id: str, path: Path, quant: str, chunk_size:
     from ..engine.exchange import export_agent
 
     ctx.restore(agent_id)
-    return export_agent(ctx, ctx.workspace.agent(agent_id), str(path), quant,
-                        chunk_size=chunk_size)
+    return export_agent(ctx.model, ctx.workspace, ctx.workspace.agent(agent_id), str(path),
+                        quant, chunk_size=chunk_size)
 
 
 def mark_moved(ctx, agent_id: str, marker: dict) -> dict:

@@ -148,7 +148,7 @@ def drop_files(m: Staged) -> None:
 def recover_staging(workspace: Path) -> list[str]:
     """On start: roll back any commit a crash cut short (its agent folder, if the agent never got
     registered), then remove every staged migration. Nothing staged is ever attached."""
-    from ..config import load_settings
+    from ..engine.settings import load_settings
 
     workspace = Path(workspace)
     root = staging_root(workspace)

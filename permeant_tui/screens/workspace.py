@@ -19,7 +19,7 @@ from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ..engine.client import AgentView
+from ..engine.api import AgentView
 from ..engine.events import EngineStats
 from ..widgets.agent_pane import AgentPane
 from ..widgets.status_bar import StatusBar

@@ -19,7 +19,7 @@ from textual.message import Message
 from textual.reactive import reactive
 from textual.widgets import Button, Input, ProgressBar
 
-from ..engine.client import AgentView, TurnView
+from ..engine.api import AgentView, TurnView
 from ..engine.events import AgentStats, TurnResult
 from .chat_turn import ChatTurn
 from .gauges import AgentGauges
@@ -237,8 +237,8 @@ class AgentPane(Vertical):
     def _sync_state(self) -> None:
         """What the border shows: the engine's state; an idle agent shows the model's."""
         state = self._engine_state
-        if state == "idle" and self._model != "ready":
-            state = "unavailable" if self._model == "failed" else "loading"
+        if state in ("idle", "loading", "unavailable"):  # the model's phase, from its events
+            state = {"ready": "idle", "failed": "unavailable"}.get(self._model, "loading")
         self.state = state
         self.detail = (f"{self._prefill[0]:,}/{self._prefill[1]:,}"
                        if state == "prefilling" and self._prefill else "")

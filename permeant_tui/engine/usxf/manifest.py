@@ -125,7 +125,8 @@ _IDENTITY_KINDS = {
     "rope_scaling": "str", "rope_layout": "str", "sliding_window": "int", "context_limit": "int",
     "weights_digest": "str", "tokenizer_digest": "str", "kv_dtype": "str",
 }
-assert set(_IDENTITY_KINDS) == {f.name for f in fields(ModelIdentity)}
+_IDENTITY_OPTIONAL = {"attention": "str"}  # absent for uniform full attention (and older files)
+assert set(_IDENTITY_KINDS) | set(_IDENTITY_OPTIONAL) == {f.name for f in fields(ModelIdentity)}
 ATTENTION_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "rope_scaling",
                     "rope_layout", "sliding_window")
 _DIM_MAX = 1 << 20
@@ -215,6 +216,9 @@ def _parse_identity(s: _Schema, m: dict) -> ModelIdentity:
     d = s.get(m, "model", "map", "manifest")
     for k, kind in _IDENTITY_KINDS.items():
         s.get(d, k, kind, "model")
+    for k, kind in _IDENTITY_OPTIONAL.items():
+        if k in d:
+            s.get(d, k, kind, "model")
     for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
         s.int_in(d, k, 1, _DIM_MAX, "model")
     if d["rope_layout"] not in ROPE_LAYOUTS:
