@@ -36,6 +36,7 @@ def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray],
     Raises kvcache.WindowExceeded for a sliding-window layer past its window."""
     from .kvcache import kv_arrays
 
+    assert agent.cache is not None, "the agent is made resident before an export"
     return kv_arrays(agent.cache, n)
 
 
@@ -47,6 +48,7 @@ def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]
 
     from .kvcache import copy_cache
 
+    assert agent.cache is not None, "the agent is made resident before a probe"
     out = []
     for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
                                 prompt_cache=copy_cache(agent.cache)):

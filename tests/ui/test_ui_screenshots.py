@@ -3,7 +3,7 @@
 Deterministic: the real Engine runs on a scripted model runner with fixed figures
 (tests/support), events are emitted and handled before the screenshot, and the cursor does not
 blink. Regenerate with `--snapshot-update`, then look at
-the SVGs in tests/__snapshots__/.
+the SVGs in tests/ui/__snapshots__/.
 """
 
 from __future__ import annotations
