@@ -67,6 +67,8 @@ def _mlx_load(f: GgufFile, spec) -> dict:
         tensors = mx.load(str(f.path))
     except Exception as exc:  # mlx raises RuntimeError/ValueError with its own text
         raise ModelLoadError(f"could not read GGUF {f.path}: {exc}") from exc
+    if not isinstance(tensors, dict):
+        raise ModelLoadError(f"could not read GGUF {f.path}: no tensors")
     out = {}
     for name, value in tensors.items():
         target = mlx_name(name, spec)
@@ -187,15 +189,14 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
     key_args = dict(args)  # the cache key: args as read, before the model build adjusts them
     timings["header"] = (time.perf_counter() - t) * 1000
     notes: list[str] = []
-    use_cache = cache_weights and digest is not None and not (
-        weights_mode == "quantized" and f.mlx_fast_path)
+    key = digest if cache_weights else None
+    use_cache = key is not None and not (weights_mode == "quantized" and f.mlx_fast_path)
     # The tokenizer (seconds for a 262k SentencePiece vocabulary) is built beside the weights.
     with ThreadPoolExecutor(1, thread_name_prefix="gguf-tokenizer") as pool:
-        tok_job = pool.submit(_timed, tokenizer_from_gguf, f.metadata, p,
-                              digest if cache_weights else None)
+        tok_job = pool.submit(_timed, tokenizer_from_gguf, f.metadata, p, key)
         t = time.perf_counter()
-        weights = (weights_cache.load_cached(digest, weights_mode, key_args)
-                   if use_cache else None)
+        weights = (weights_cache.load_cached(key, weights_mode, key_args)
+                   if key is not None and use_cache else None)
         source = "cache"
         if weights is None:
             weights, source = weights_from_file(f, weights_mode, notes)
@@ -203,9 +204,9 @@ def load_gguf_model(path: str | Path, weights_mode: str = "float32", *,
         if "rope_freqs.weight" in f.tensors:
             apply_rope_freqs(model, f.dequantize("rope_freqs.weight"), args)
         timings["weights"] = (time.perf_counter() - t) * 1000
-        if use_cache and source != "cache":
+        if key is not None and use_cache and source != "cache":
             t = time.perf_counter()
-            weights_cache.save_cached(digest, weights_mode, key_args, dict(weights))
+            weights_cache.save_cached(key, weights_mode, key_args, dict(weights))
             timings["weights_cache_write"] = (time.perf_counter() - t) * 1000
         del weights
         tok, timings["tokenizer"] = tok_job.result()

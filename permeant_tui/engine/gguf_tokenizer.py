@@ -2,7 +2,7 @@
 
 The `tokenizers.Tokenizer` itself comes from `gguf_vocab.py` (byte-level BPE per llama.cpp
 pre-tokenizer, or SentencePiece), checked against llama.cpp's own tokenizer on the same file
-in tests/test_gguf_tokenizer.py. Here: the wrapper, the chat format and the stop tokens.
+in tests/engine/test_gguf_tokenizer.py. Here: the wrapper, the chat format and the stop tokens.
 
 - Chat template: the GGUF's `tokenizer.chat_template`, rendered in a sandboxed Jinja
   environment. A file without one is a base model: Gemma files get Gemma's turn format

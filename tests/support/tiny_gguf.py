@@ -6,9 +6,11 @@ Q/K rows permuted for llama, Gemma's norms stored as 1 + w, chosen tensors quant
 from __future__ import annotations
 
 import importlib
+import importlib.util
 from pathlib import Path
 
 import numpy as np
+import pytest
 
 HARD_TEXTS = [
     "Hello, world!", " leading space", "trailing space ", "  two leading", "x  y   z    w",
@@ -23,6 +25,32 @@ HARD_TEXTS = [
     "http://example.com/a?b=c&d=e#frag", "user@example.com", "snake_case camelCase kebab-case",
     "[1, 2, 3] {\"k\": [true, null]}", "\u200bzero width", "ﬁ ligature and ½ fraction",
 ]
+
+
+BPE_SPECIALS = ["<|im_start|>user\nHi there<|im_end|>\n", "a<|endoftext|>b",
+                "<|im_end|><|im_start|>", "not special: <|im_start", "<|im_start|>"]
+SPM_SPECIALS = ["<start_of_turn>user\nHi<end_of_turn>\n", "<b>bold</b> text", "a  b   c",
+                "<bos>hello<eos>", "\n\nthe world\n", "<start_of_turn"]
+
+
+def llama_cpp_vocab(path):
+    """llama.cpp's tokenizer on a GGUF file (vocab_only: no weights are loaded)."""
+    if importlib.util.find_spec("llama_cpp") is None:
+        pytest.skip("llama-cpp-python is not installed (make test installs it)")
+    from llama_cpp import Llama
+
+    return Llama(model_path=str(path), vocab_only=True, verbose=False)
+
+
+def mismatches(ours, llm, texts, add_bos=False) -> list:
+    """(text, our ids, llama.cpp's ids) for every text the two tokenize differently."""
+    bad = []
+    for text in texts:
+        a = ours.encode(text, add_special_tokens=add_bos)
+        b = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
+        if a != b:
+            bad.append((text, a, b))
+    return bad
 
 
 def smollm2_tokenizer_meta() -> dict:

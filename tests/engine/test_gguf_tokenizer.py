@@ -6,11 +6,13 @@ test_gguf_gemma.py)."""
 
 from __future__ import annotations
 
-import importlib.util
-
 import pytest
-from tiny_gguf import (
+from support.tiny_gguf import (
+    BPE_SPECIALS,
     HARD_TEXTS,
+    SPM_SPECIALS,
+    llama_cpp_vocab,
+    mismatches,
     random_model,
     smollm2_tokenizer_meta,
     spm_tokenizer_meta,
@@ -23,18 +25,6 @@ from permeant_tui.engine.gguf_tokenizer import tokenizer_from_gguf
 CONFIG = dict(hidden_size=32, num_hidden_layers=1, intermediate_size=64, num_attention_heads=2,
               num_key_value_heads=1, rms_norm_eps=1e-6, rope_theta=1e6,
               max_position_embeddings=2048, tie_word_embeddings=True)
-BPE_SPECIALS = ["<|im_start|>user\nHi there<|im_end|>\n", "a<|endoftext|>b",
-                "<|im_end|><|im_start|>", "not special: <|im_start", "<|im_start|>"]
-SPM_SPECIALS = ["<start_of_turn>user\nHi<end_of_turn>\n", "<b>bold</b> text", "a  b   c",
-                "<bos>hello<eos>", "\n\nthe world\n", "<start_of_turn"]
-
-
-def llama_cpp_vocab(path):
-    if importlib.util.find_spec("llama_cpp") is None:
-        pytest.skip("llama-cpp-python is not installed (make test installs it)")
-    from llama_cpp import Llama
-
-    return Llama(model_path=str(path), vocab_only=True, verbose=False)
 
 
 def _tiny(tmp_path, tok: dict, name: str, arch: str = "qwen2", model_type: str = "qwen2"):
@@ -44,16 +34,6 @@ def _tiny(tmp_path, tok: dict, name: str, arch: str = "qwen2", model_type: str =
     path = tmp_path / f"{name}.gguf"
     write_gguf(path, arch, random_model(model_type, config), config, tok)
     return path
-
-
-def mismatches(ours, llm, texts, add_bos=False) -> list:
-    bad = []
-    for text in texts:
-        a = ours.encode(text, add_special_tokens=add_bos)
-        b = llm.tokenize(text.encode("utf-8"), add_bos=add_bos, special=True)
-        if a != b:
-            bad.append((text, a, b))
-    return bad
 
 
 @pytest.fixture(scope="module")

@@ -1,4 +1,4 @@
-"""GGUF architectures: tiny files written here (tests/tiny_gguf.py) load into mlx_lm models that
+"""GGUF architectures: tiny files written here (tests/support/tiny_gguf.py) load into mlx_lm models that
 compute what the same weights compute in a plain mlx_lm model (greedy ids and logits)."""
 
 from __future__ import annotations
@@ -9,7 +9,7 @@ import sys
 
 import numpy as np
 import pytest
-from tiny_gguf import (
+from support.tiny_gguf import (
     random_model,
     reference_model,
     smollm2_tokenizer_meta,

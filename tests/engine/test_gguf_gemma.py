@@ -8,8 +8,7 @@ import hashlib
 import importlib.util
 
 import pytest
-from test_gguf_tokenizer import SPM_SPECIALS, llama_cpp_vocab, mismatches
-from tiny_gguf import HARD_TEXTS
+from support.tiny_gguf import HARD_TEXTS, SPM_SPECIALS, llama_cpp_vocab, mismatches
 
 from permeant_tui.engine import embedded
 from permeant_tui.engine.errors import ModelLoadError
