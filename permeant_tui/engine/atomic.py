@@ -77,6 +77,37 @@ def write_private(path: str | Path, data: bytes | Callable[[BinaryIO], None]) ->
     return write_atomic(path, data, mode=0o600)
 
 
+def create_private(path: str | Path, data: bytes) -> Path:
+    """Create `path` (mode 0600 from the first byte) holding `data`, atomically, and never over a
+    file another process created meanwhile (FileExistsError then): for keys, which must not be
+    replaced once made."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)
+    return path
+
+
 def commit_file(tmp: str | Path, path: str | Path) -> Path:
     """Finish a write that a library made itself (mx.save_safetensors writes its own file):
     fsync `tmp`, rename it over `path`, fsync the folder. Removes `tmp` on failure."""

@@ -180,10 +180,9 @@ def file_digest(path: str | os.PathLike, cache_dir: Path | None = None) -> str:
     digest = h.hexdigest()
     if cache_file is not None:
         try:
-            cache_file.parent.mkdir(parents=True, exist_ok=True)
-            tmp = cache_file.with_suffix(".tmp")
-            tmp.write_text(digest)
-            os.replace(tmp, cache_file)
+            from .atomic import write_atomic
+
+            write_atomic(cache_file, digest.encode(), durable=False)
         except OSError:
             pass  # a cache, not a requirement
     return digest

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from ..atomic import commit_file
 from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
 from . import layout
@@ -158,19 +159,6 @@ def _unlink(p: Path) -> None:
         p.unlink()
     except OSError:
         pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds (Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_usxf(
@@ -319,9 +307,7 @@ def write_usxf(
             f.seek(0)
             f.write(head + final + sig_block)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit_file(tmp, path)  # fsync, rename over the destination, fsync the folder
     except OSError as e:
         _unlink(tmp)
         raise UsxfInvalid("io", f"cannot write {path}: {e.strerror or e}", str(path)) from None
