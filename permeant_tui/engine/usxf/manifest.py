@@ -1,7 +1,7 @@
 """The USXF manifest: typed access to untrusted decoded MessagePack and every check that does not
 need the payload bytes (docs/USXF.md 2, 2.1, 4, 7). A 1.1 manifest's per-layer lengths and
-starts are checked against `attention.layers`, and those against the identity. Any surprise is a UsxfInvalid naming the
-field and the check."""
+starts are checked against `attention.layers`, and those against the identity. Any surprise is
+a UsxfInvalid naming the field and the check."""
 
 from __future__ import annotations
 
@@ -286,7 +286,7 @@ def _parse_layers(s: _Schema, att: dict, identity: ModelIdentity, minor: int) ->
                    CHECK_LAYOUT)
     try:
         want = layer_structure(identity)
-    except (ValueError, TypeError, AttributeError, KeyError, OverflowError):
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError):
         s.fail("model.attention", "not a per-layer list of attention maps", CHECK_LAYOUT)
     if len(want) != identity.n_layers:
         s.fail("model.attention", f"{len(want)} layers for {identity.n_layers}", CHECK_LAYOUT)
