@@ -444,6 +444,11 @@ def test_resigned_payload_edit_fails_the_payload_digest(tmp_path, keys, valid):
     (lambda m: m["kv"]["tensors"][0].__setitem__("dtype", "float16"), "layout"),
     (lambda m: m["kv"]["tensors"][1].__setitem__("shape", [2, 40, 32]), "layout"),
     (lambda m: m.__setitem__("version", [1, 0]), "manifest"),
+    (lambda m: m["kv"]["tensors"][0].__setitem__("start", 1), "layout"),
+    (lambda m: m["kv"]["tensors"][3].pop("start"), "layout"),
+    (lambda m: m["attention"]["layers"][0].__setitem__("rope_theta", 1.0), "layout"),
+    (lambda m: m["attention"]["layers"][2].update(type="sliding", window=4), "layout"),
+    (lambda m: m["attention"]["layers"].pop(), "layout"),
     (lambda m: m["quant"].__setitem__("method", "q4"), "manifest"),
 ])
 def test_signed_but_inconsistent_manifests_are_refused(tmp_path, keys, valid, mutate, check):
