@@ -35,6 +35,9 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"weights    {lm.weights_mode} in memory (chosen for {runtime.device_label()}); "
           f"kv dtype {lm.identity.kv_dtype}")
     print(f"identity   {lm.identity.fingerprint}")
+    print(f"chat       {lm.chat_format}")
+    for note in lm.notes:  # e.g. GGUF types MLX lacks, re-quantized for Metal (lossy)
+        print(f"note       {note}")
     print("load ms    " + ", ".join(f"{k} {v:.0f}" for k, v in lm.timings_ms.items()))
     pf, dec = quick_speed(lm)
     print(f"speed      prefill {pf:.0f} tok/s (256 tokens), decode {dec:.1f} tok/s (32 tokens)")

@@ -36,6 +36,7 @@ def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray],
     dim): L_i = n on full layers, min(n, window) on sliding ones (USXF 1.1)."""
     from .kvlayers import logical_kv
 
+    assert agent.cache is not None, "the agent is made resident before an export"
     return logical_kv(agent.cache, n)
 
 
@@ -47,6 +48,7 @@ def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]
 
     from .kvcache import copy_cache
 
+    assert agent.cache is not None, "the agent is made resident before a probe"
     out = []
     for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
                                 prompt_cache=copy_cache(agent.cache)):

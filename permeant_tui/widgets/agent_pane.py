@@ -14,15 +14,19 @@ from collections.abc import Sequence
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.markup import escape
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Button, Input, ProgressBar
+from textual.widgets import Button, ProgressBar
 
+from ..conversation import code_blocks, team_question
 from ..engine.api import AgentView, TurnView
 from ..engine.events import AgentStats, TurnResult
+from ..engine.text import printable
 from .chat_turn import ChatTurn
 from .gauges import AgentGauges
+from .message_input import MessageInput
 
 RECENT_TURNS = 20
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
@@ -83,10 +87,14 @@ class AgentPane(Vertical):
     def __init__(self, view: AgentView, *, recent: int = RECENT_TURNS) -> None:
         super().__init__(id=f"pane-{view.agent_id}")
         self.agent_id = view.agent_id
-        self.agent_title = view.title
-        self.border_title = view.title
+        # The title comes from a file (settings, an imported USXF): one line, never markup.
+        self.agent_title = printable(view.title)
+        self.border_title = Content(self.agent_title)
         self._initial = view.turns[-recent:] if recent else ()
         self.first_index = len(view.turns) - len(self._initial)
+        self._next_index = len(view.turns)  # the transcript index of the next finished turn
+        self._last_sent = next((t.user for t in reversed(view.turns)
+                                if team_question(t.user) is None), "")
         self._turns: dict[int, ChatTurn] = {}
         self._model = "loading"  # loading | ready | failed: the model's, from its events
         self._engine_state = "idle"  # the agent's, from the engine's stats
@@ -96,15 +104,15 @@ class AgentPane(Vertical):
         self._load_more_button = Button(self._load_more_label(), id="load-more", compact=True)
         self._export_bar = ProgressBar(total=1.0, show_eta=False, id="export-progress")
         self._gauges = AgentGauges()
-        self._message_input = Input(
-            placeholder=f"Message {self.agent_title} (Enter to send)", compact=True, id="message"
+        self._message_input = MessageInput(
+            Content(f"Message {self.agent_title} (ctrl+j: new line)"), id="message"
         )
 
     def compose(self) -> ComposeResult:
         with self._conversation:
             yield self._load_more_button
-            for turn in self._initial:
-                yield ChatTurn(turn.user, turn.reply)
+            for index, turn in enumerate(self._initial, self.first_index):
+                yield ChatTurn(turn.user, turn.reply, index=index)
         yield self._export_bar
         yield self._gauges
         yield self._message_input
@@ -117,7 +125,7 @@ class AgentPane(Vertical):
     # what the person does
 
     @property
-    def input(self) -> Input:
+    def input(self) -> MessageInput:
         return self._message_input
 
     @property
@@ -125,13 +133,58 @@ class AgentPane(Vertical):
         """A turn is queued or running (by the engine's state, or a turn still streaming)."""
         return self.state in BUSY_STATES or bool(self._turns)
 
-    @on(Input.Submitted, "#message")
-    def _submit(self, event: Input.Submitted) -> None:
+    @on(MessageInput.Send)
+    def _submit(self, event: MessageInput.Send) -> None:
         event.stop()
-        text = event.value.strip()
+        text = event.text.strip()
         if text:
-            event.input.clear()
+            self._message_input.clear()
+            self._last_sent = text
             self.post_message(self.Submitted(self.agent_id, text))
+
+    @on(MessageInput.Recall)
+    def _recall(self, event: MessageInput.Recall) -> None:
+        event.stop()
+        if self._last_sent:
+            self._message_input.recall(self._last_sent)
+
+    @on(MessageInput.Page)
+    def _page(self, event: MessageInput.Page) -> None:
+        event.stop()
+        if event.direction < 0:
+            self._conversation.scroll_page_up()
+        else:
+            self._conversation.scroll_page_down()
+
+    @property
+    def last_reply(self) -> str:
+        """The newest reply shown (streamed so far, if a turn is still generating)."""
+        return next((turn.reply for turn in reversed(self._chat_turns()) if turn.reply), "")
+
+    @property
+    def last_code_block(self) -> str:
+        """The newest fenced code block in the replies shown."""
+        for turn in reversed(self._chat_turns()):
+            blocks = code_blocks(turn.reply)
+            if blocks:
+                return blocks[-1]
+        return ""
+
+    def scroll_to_turn(self, index: int) -> bool:
+        """Scroll the conversation to the turn at transcript `index` (shown already) and mark
+        it; False if it is not shown (load earlier turns first)."""
+        turn = next((t for t in self._chat_turns() if t.index == index), None)
+        if turn is None:
+            return False
+        for other in self.query(".-found"):
+            other.remove_class("-found")
+        turn.add_class("-found")
+        self._conversation.release_anchor()
+        self._conversation.scroll_to_widget(turn, animate=False, top=True)
+        return True
+
+    def _chat_turns(self) -> list[ChatTurn]:
+        return list(self._conversation.query_children(ChatTurn))
 
     @on(Button.Pressed, "#load-more")
     def _load_more(self, event: Button.Pressed) -> None:
@@ -147,7 +200,8 @@ class AgentPane(Vertical):
         self.first_index = max(first_index, 0) if turns else 0
         if turns:
             await self._conversation.mount_all(
-                [ChatTurn(turn.user, turn.reply) for turn in turns],
+                [ChatTurn(turn.user, turn.reply, index=index)
+                 for index, turn in enumerate(turns, self.first_index)],
                 after="#load-more",
             )
         self._sync_load_more()
@@ -190,6 +244,8 @@ class AgentPane(Vertical):
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
+        turn.index = self._next_index  # finished turns, and only they, join the transcript
+        self._next_index += 1
         await turn.finish(result.reply, turn_note(result))
         self._turn_ended(turn_id)
 
@@ -207,8 +263,9 @@ class AgentPane(Vertical):
     async def reset(self) -> None:
         self._turns.clear()
         self._set_prefill(None)
-        self.first_index = 0
+        self.first_index = self._next_index = 0
         await self.query(ChatTurn).remove()
+        self._gauges.clear()
         self._sync_load_more()
 
     def export_progress(self, fraction: float | None) -> None:

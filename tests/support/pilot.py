@@ -22,7 +22,7 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 
 import pytest
-from textual.widgets import Input
+from textual.widgets import Input, TextArea
 
 from permeant_tui.engine.agent import DEFAULT_AGENTS, Turn
 from permeant_tui.engine.api import AgentView, EventSink, TurnView, WorkerContext
@@ -256,8 +256,10 @@ class ScriptedEngine:
         changes = dict(changes)
         if "state" in changes:
             self._states[agent_id] = changes.pop("state")
-            self._shown = None  # settle() waits until the app has sampled it
         self._overrides[agent_id] = changes
+        if changes and self.engine.model_info() is not None:  # loaded: apply now, on the worker
+            self.engine.call(self._apply_overrides).result(timeout=30)
+        self._shown = None  # settle() waits until the app has sampled the new figures
 
     def shows_current_stats(self) -> bool:
         """The app was last handed the engine's current stats."""
@@ -274,15 +276,10 @@ class ScriptedEngine:
         if self.sink is not None:
             self.sink(event)
 
-    def _earlier_session(self, ctx: WorkerContext) -> None:
-        for agent in ctx.workspace.agents.values():
-            on_disk(agent)
-
-    def _after_load(self, ctx: WorkerContext) -> None:
-        for event in self.restored_events:  # scripted for an agent the engine did not restore
-            if self.runner.restores.pop(event.agent_id, None) is not None:
-                self.emit(event)
-        for agent_id, changes in self._overrides.items():
+    def _apply_overrides(self, ctx: WorkerContext) -> None:
+        for agent_id, changes in list(self._overrides.items()):
+            if not changes:
+                continue
             agent = ctx.workspace.agent(agent_id)
             if changes.pop("resident", True) is False and agent.resident:
                 agent.release()
@@ -299,6 +296,17 @@ class ScriptedEngine:
                 changes["tok_s_history"] = list(changes["tok_s_history"])
             for name, value in changes.items():
                 setattr(agent, name, value)
+            self._overrides[agent_id] = {}
+
+    def _earlier_session(self, ctx: WorkerContext) -> None:
+        for agent in ctx.workspace.agents.values():
+            on_disk(agent)
+
+    def _after_load(self, ctx: WorkerContext) -> None:
+        for event in self.restored_events:  # scripted for an agent the engine did not restore
+            if self.runner.restores.pop(event.agent_id, None) is not None:
+                self.emit(event)
+        self._apply_overrides(ctx)
 
 
 def with_stats(engine: ScriptedEngine, agent_id: str, **changes) -> None:
@@ -333,6 +341,13 @@ def no_cursor_blink(monkeypatch):
         return original(self, event)
 
     monkeypatch.setattr(Input, "_on_mount", on_mount)
+    original_text_area = TextArea._on_mount
+
+    def text_area_on_mount(self, event):
+        self.cursor_blink = False
+        return original_text_area(self, event)
+
+    monkeypatch.setattr(TextArea, "_on_mount", text_area_on_mount)
 
 
 @pytest.fixture(autouse=True)

@@ -39,7 +39,7 @@ INSTALL_HINT = (
 
 
 def _fixtures_dir() -> Path:
-    return Path(__file__).resolve().parent / "data"
+    return Path(__file__).resolve().parents[1] / "data"
 
 
 def _gguf_path() -> Path:

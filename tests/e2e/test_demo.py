@@ -14,7 +14,7 @@ from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.generation import common_prefix
 from permeant_tui.engine.workspace import Workspace
 
-DEMO = Path(__file__).resolve().parents[1] / "demo" / "two_sessions.py"
+DEMO = Path(__file__).resolve().parents[2] / "demo" / "two_sessions.py"
 
 
 @pytest.mark.real_model

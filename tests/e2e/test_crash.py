@@ -24,7 +24,7 @@ from permeant_tui.engine.snapshot import read_snapshot
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
 
-TESTS = Path(__file__).resolve().parent
+TESTS = Path(__file__).resolve().parents[1]
 AGENTS = ("technical", "business", "coordinator")
 LAYERS = 4  # a few more layers than tiny_model: saves take long enough to be hit by a kill
 

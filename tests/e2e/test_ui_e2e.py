@@ -1,8 +1,10 @@
 """End to end: the real `permeant` app on the embedded model, driven through tmux.
 
-Type a message, watch the reply stream, export with ctrl+e, quit with ctrl+q; then the
-workspace folder holds the transcript, the KV snapshot and the .usxf export, and the process
-exited with 0. tmux is required (`apt-get install tmux`; `make test` installs it).
+Switch panes with F2..F4 and write a two-line message (ctrl+j) as a terminal sends them (no
+stray characters typed), open and close the help (F1), then type a message, watch the reply
+stream, export with ctrl+e, quit with ctrl+q; then the workspace folder holds the transcript,
+the KV snapshot and the .usxf export, and the process exited with 0. tmux is required
+(`apt-get install tmux`; `make test` installs it).
 """
 
 from __future__ import annotations
@@ -17,7 +19,7 @@ from pathlib import Path
 
 import pytest
 
-REPO = Path(__file__).resolve().parents[1]
+REPO = Path(__file__).resolve().parents[2]
 PERMEANT = Path(sys.executable).parent / "permeant"
 WIDTH, HEIGHT = 160, 45
 
@@ -60,9 +62,59 @@ class Tmux:
         self._tmux("kill-server")
 
 
+def column(screen: str, index: int) -> str:
+    """One third of the screen: pane `index` (0 Technical, 1 Business, 2 Coordinator)."""
+    third = WIDTH // 3
+    return "\n".join(line[index * third: (index + 1) * third] for line in screen.splitlines())
+
+
 def technical_column(screen: str) -> str:
     """The left third of the screen: the Technical pane."""
-    return "\n".join(line[: WIDTH // 3] for line in screen.splitlines())
+    return column(screen, 0)
+
+
+def input_lines(pane: str) -> list[str]:
+    """The lines of a pane's message box: below the gauges' cache line, above the border."""
+    lines = [line.strip("│ ") for line in pane.splitlines()]
+    start = max(i for i, line in enumerate(lines) if "resident" in line or "on disk" in line)
+    box = []
+    for line in lines[start + 1:]:
+        if line.startswith("╰"):
+            break
+        box.append(line)
+    return [line for line in box if line]
+
+
+def switch_panes_and_edit(session: Tmux) -> None:
+    """F3/F4/F2 move the cursor between panes; ctrl+j starts a second line; nothing stray."""
+    session.keys("F3")
+    session.type("xy")
+    screen = session.wait_for(lambda s: input_lines(column(s, 1)) == ["xy"], 20,
+                              "typing to reach the Business pane after F3")
+    assert input_lines(column(screen, 0))[0].startswith("Message Technical"), screen
+    session.keys("C-j")
+    session.type("z")
+    session.wait_for(lambda s: input_lines(column(s, 1)) == ["xy", "z"], 20,
+                     "ctrl+j to start a second line")
+    session.keys("BSpace", "BSpace", "BSpace", "BSpace")
+    session.wait_for(lambda s: input_lines(column(s, 1))[0].startswith("Message Business"), 20,
+                     "the Business box to be empty again")
+    session.keys("F4")
+    session.type("w")
+    session.wait_for(lambda s: input_lines(column(s, 2)) == ["w"], 20,
+                     "typing to reach the Coordinator pane after F4")
+    session.keys("BSpace", "F2")
+    session.type("v")
+    screen = session.wait_for(lambda s: input_lines(column(s, 0)) == ["v"], 20,
+                              "typing to reach the Technical pane after F2")
+    assert input_lines(column(screen, 2))[0].startswith("Message Coordinator"), screen
+    session.keys("BSpace", "F1")
+    session.wait_for(lambda s: "Keys (escape to close)" in s, 20, "the help after F1")
+    session.keys("Escape")
+    screen = session.wait_for(lambda s: "Keys (escape to close)" not in s, 20, "help to close")
+    for stray in ("¡", "™", "£", "~", "OQ", "[1"):
+        assert not any(stray in line for pane in range(3)
+                       for line in input_lines(column(screen, pane))), (stray, screen)
 
 
 def reply_text(column: str, question: str) -> str:
@@ -98,6 +150,7 @@ def test_type_stream_export_quit(tmp_path):
     try:
         session.wait_for(lambda s: "ready ─" in s and "Message Technical" in s, 180,
                          "the panes to be ready")
+        switch_panes_and_edit(session)
         question = "Name three uses of a cache."
         session.type(question)
         session.keys("Enter")

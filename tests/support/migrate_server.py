@@ -1,4 +1,4 @@
-"""A `permeant serve` subprocess for the migration tests (tests/test_migrate*.py): started on a
+"""A `permeant serve` subprocess for the migration tests (tests/e2e/test_migrate*.py): started on a
 free loopback port, its stdout collected, stopped at the end."""
 
 from __future__ import annotations

@@ -3,7 +3,7 @@
 import ast
 from pathlib import Path
 
-PKG = Path(__file__).resolve().parents[1] / "permeant_tui"
+PKG = Path(__file__).resolve().parents[2] / "permeant_tui"
 
 
 def _imports(path: Path) -> set[str]:

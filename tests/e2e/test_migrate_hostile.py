@@ -16,7 +16,7 @@ import ssl
 import threading
 
 import pytest
-from migrate_server import send_raw, trusting_server
+from support.migrate_server import send_raw, trusting_server
 
 from permeant_tui.engine.names import AgentNameInvalid, check_agent_name, is_agent_name
 from permeant_tui.engine.text import printable

@@ -20,7 +20,7 @@ import subprocess
 import time
 
 import pytest
-from migrate_server import PYTHON, Server, send_raw, trusting_server
+from support.migrate_server import PYTHON, Server, send_raw, trusting_server
 
 from permeant_tui.engine.usxf.keys import WorkspaceKeys
 from permeant_tui.engine.worker import Engine

@@ -14,13 +14,12 @@ import numpy as np
 import pytest
 import xxhash
 from support.tiny_models import SLIDING, WINDOW, tiny_model
-from test_usxf_format import fix_header, sections
 
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.errors import UsxfInvalid
 from permeant_tui.engine.usxf import read_usxf, verify_usxf
 from permeant_tui.engine.usxf.keys import WorkspaceKeys
-from permeant_tui.engine.usxf.spec import HEADER_SIZE, SIGNATURE_DOMAIN, payload_offset_for
+from permeant_tui.engine.usxf.spec import HEADER, HEADER_SIZE, SIGNATURE_DOMAIN, payload_offset_for
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
 
@@ -123,6 +122,22 @@ def test_past_the_window_exports_imports_and_continues_like_the_source(tok, expo
                                saved_logits(src, lm, "technical"), atol=1e-4)
 
 
+def sections(data: bytes) -> dict:
+    h = HEADER.unpack(data[:HEADER_SIZE])
+    ml, po, pl = h[5], h[8], h[9]
+    return {"manifest": (64, 64 + ml), "payload": (po, po + pl)}
+
+
+def fix_header(head: bytes, **fields) -> bytes:
+    """A header with fields replaced and its checksum recomputed."""
+    names = ["magic", "major", "minor", "sig_alg", "flags", "manifest_len", "sig_len", "chunk_size",
+             "payload_offset", "payload_len", "manifest_xxh3", "header_xxh3"]
+    vals = dict(zip(names, HEADER.unpack(head[:HEADER_SIZE]), strict=True))
+    vals.update(fields)
+    raw = HEADER.pack(*[vals[n] for n in names])
+    return raw[:56] + xxhash.xxh3_64_intdigest(raw[:56]).to_bytes(8, "little")
+
+
 def resign(data: bytes, keys: WorkspaceKeys, mutate, minor: int | None = None) -> bytes:
     """Edit a file's manifest (and optionally its header's minor version) and sign it again:
     what a key holder can do. Only the semantic checks remain to catch the edit."""
@@ -219,48 +234,3 @@ def test_a_1_0_reader_rule_refuses_a_sliding_file_marked_1_0(tok, exported, tmp_
         read_usxf(old, trusted=WorkspaceKeys(src / "keys"))
     assert ei.value.check == "layout"
 
-
-# ---- the format alone (no MLX): per-layer lengths in the writer and the reader ----------------
-
-def _sliding_identity():
-    import json
-
-    from test_usxf_format import make_identity
-
-    rope = {"class": "RoPE", "dims": 8, "base": 10000.0, "traditional": False}
-    layers = [{"type": "sliding", "window": 4, "rope": rope},
-              {"type": "full", "window": 0, "rope": {**rope, "base": 1e6}},
-              {"type": "sliding", "window": 4, "rope": rope}]
-    return make_identity(attention=json.dumps(layers), sliding_window=4)
-
-
-@pytest.mark.parametrize("quant", ["none", "int8"])
-@pytest.mark.parametrize("n", [3, 17])
-def test_writer_and_reader_carry_per_layer_lengths(tmp_path, quant, n):
-    from test_usxf_format import export, make_kv
-
-    from permeant_tui.engine.usxf import KVPayload, UsxfWriteError
-
-    keys = WorkspaceKeys(tmp_path / "keys").ensure()
-    ident = _sliding_identity()
-    full = make_kv(n=n, hd=64 if quant == "int8" else 8)
-    if quant == "int8":
-        ident = ident.__class__(**{**ident.__dict__, "head_dim": 64})
-    lengths = [min(n, 4), n, min(n, 4)]
-    kv = KVPayload([k[:, n - L:] for k, L in zip(full.keys, lengths, strict=True)],
-                   [v[:, n - L:] for v, L in zip(full.values, lengths, strict=True)], "float32")
-    tokens = [(i * 37) % 1000 for i in range(n)]
-    info = export(tmp_path, keys, quant, kv=kv, identity=ident, tokens=tokens)
-    m = info.manifest
-    assert [x["type"] for x in m["attention"]["layers"]] == ["sliding", "full", "sliding"]
-    assert [x["rope_theta"] for x in m["attention"]["layers"]] == [10000.0, 1e6, 10000.0]
-    assert [t["start"] for t in m["kv"]["tensors"]] == [n - L for L in lengths for _ in "kv"]
-    got = read_usxf(info.path, trusted=keys).load_kv()
-    assert [k.shape[1] for k in got.keys] == lengths == [v.shape[1] for v in got.values]
-    if quant == "none":
-        assert all(np.array_equal(a, b) for a, b in zip(got.keys, kv.keys, strict=True))
-    if n > 4:  # every layer's full K/V for a sliding structure: refused before writing
-        with pytest.raises(UsxfWriteError) as ei:
-            export(tmp_path, keys, quant, name="b.usxf", kv=full, identity=ident, tokens=tokens)
-        assert ei.value.check == "kv-shape" and "layer 0" in ei.value.detail
-        assert not (tmp_path / "b.usxf").exists()

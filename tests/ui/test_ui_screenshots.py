@@ -3,12 +3,13 @@
 Deterministic: the real Engine runs on a scripted model runner with fixed figures
 (tests/support), events are emitted and handled before the screenshot, and the cursor does not
 blink. Regenerate with `--snapshot-update`, then look at
-the SVGs in tests/__snapshots__/.
+the SVGs in tests/ui/__snapshots__/.
 """
 
 from __future__ import annotations
 
 import asyncio
+from pathlib import Path
 
 from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     ScriptedEngine,
@@ -27,8 +28,10 @@ from permeant_tui.engine.events import (
     TurnQueued,
     TurnStarted,
 )
+from permeant_tui.preferences import Preferences
 
 WIDE = (150, 36)
+LARGE = (200, 50)
 NARROW = (80, 24)
 LABEL = "~/.local/share/permeant/default"
 
@@ -103,7 +106,7 @@ def test_reset_confirmation(snap_compare):
     engine = ScriptedEngine(views(1))
 
     async def reset(pilot) -> None:
-        await pilot.press("alt+2", "ctrl+r")
+        await pilot.press("f3", "ctrl+r")
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=WIDE,
                         run_before=settled(engine, reset))
@@ -113,7 +116,61 @@ def test_narrow_80_columns(snap_compare):
     engine = resumed_engine()
 
     async def business(pilot) -> None:
-        await pilot.press("alt+2")
+        await pilot.press("f3")
 
     assert snap_compare(PermeantApp(engine, LABEL), terminal_size=NARROW,
                         run_before=settled(engine, business))
+
+
+def test_narrow_fresh_footer(snap_compare):
+    """80x24: the compact footer shows reset, cancel, export, quit, help, panes and palette."""
+    engine = ScriptedEngine()
+    assert snap_compare(PermeantApp(engine, LABEL), terminal_size=NARROW,
+                        run_before=settled(engine))
+
+
+# The help names the config file: a fixed path, whoever runs the tests.
+PREFERENCES = Preferences(path=Path("~/.config/permeant/config.toml"))
+
+
+def help_screen(size):
+    engine = ScriptedEngine(views(1))
+
+    async def press_f1(pilot) -> None:
+        await pilot.press("f1")
+
+    return PermeantApp(engine, LABEL, preferences=PREFERENCES), settled(engine, press_f1), size
+
+
+def test_help_large(snap_compare):
+    app, run_before, size = help_screen(LARGE)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_help_narrow(snap_compare):
+    app, run_before, size = help_screen(NARROW)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def history_search(size):
+    engine = ScriptedEngine(views(12))
+
+    async def search(pilot) -> None:
+        await pilot.press("ctrl+f")
+        await pilot.pause()
+        for key in "answer 1":
+            await pilot.press("space" if key == " " else key)
+        await asyncio.sleep(0.5)  # the palette searches in a worker
+        await pilot.pause()
+
+    return PermeantApp(engine, LABEL), settled(engine, search), size
+
+
+def test_history_search_large(snap_compare):
+    app, run_before, size = history_search(LARGE)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
+
+
+def test_history_search_narrow(snap_compare):
+    app, run_before, size = history_search(NARROW)
+    assert snap_compare(app, terminal_size=size, run_before=run_before)
