@@ -32,11 +32,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="512,2048,4096")
     args = ap.parse_args()
-    import mlx.core as mx
 
     from permeant_tui.engine.agent import Agent, Turn
     from permeant_tui.engine.exchange import compare_probe, export_agent
     from permeant_tui.engine.generation import prefill
+    from permeant_tui.engine.kvcache import eval_cache
     from permeant_tui.engine.models import load_model
     from permeant_tui.engine.snapshot import attach_payload
     from permeant_tui.engine.usxf import read_usxf
@@ -70,9 +70,9 @@ def main():
                 kv = f.load_kv()
                 target = Agent("x", "technical", "Technical", "")
                 target.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype,
-                                              lm.identity.kv_dtype)
+                                              lm.identity.kv_dtype, len(f.token_ids))
                 target.cache_ids = list(f.token_ids)
-                mx.eval([c.keys for c in target.cache])
+                eval_cache(target.cache)
                 import_ms = (time.perf_counter() - t) * 1000
                 result = compare_probe(lm, target, f.fidelity)
                 rows.append((len(ids), quant, info.size / 1e6, export_ms, import_ms, prefill_ms,

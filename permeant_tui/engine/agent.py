@@ -100,9 +100,9 @@ class Agent:
         return list(zip(starts, ends, strict=True))
 
     def cache_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(c.nbytes for c in self.cache)
+        from .kvcache import cache_nbytes
+
+        return cache_nbytes(self.cache)
 
     def release(self) -> None:
         self.attach_used = False

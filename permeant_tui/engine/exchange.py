@@ -32,12 +32,12 @@ PROBE_N = 16
 
 
 def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
-    """Copies (not views) of the first n positions of every layer, shaped (kv_heads, n, dim).
-    Raises kvcache.WindowExceeded for a sliding-window layer past its window."""
-    from .kvcache import kv_arrays
+    """Copies (not views) of every layer's logical K/V after n tokens, shaped (kv_heads, L_i,
+    dim): L_i = n on full layers, min(n, window) on sliding ones (USXF 1.1)."""
+    from .kvlayers import logical_kv
 
     assert agent.cache is not None, "the agent is made resident before an export"
-    return kv_arrays(agent.cache, n)
+    return logical_kv(agent.cache, n)
 
 
 def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]:
@@ -194,6 +194,7 @@ def file_fidelity(path, model: str | None = None) -> str:
     f = read_usxf(path, trusted=None, expected_identity=lm.identity)
     kv = f.load_kv()
     agent = Agent("probe", "probe", "probe", "")
-    agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype)
+    agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype,
+                                 len(f.token_ids))
     agent.cache_ids = list(f.token_ids)
     return compare_probe(lm, agent, f.fidelity)

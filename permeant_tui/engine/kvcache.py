@@ -2,7 +2,8 @@
 
 Everything else (generation, snapshots, export, the llama.cpp bridge) asks this module, never
 `cache.keys` or `cache.offset`. A layer's state is read and rebuilt through mlx-lm's own
-`state` / `from_state` contract, so a restored cache behaves exactly as the live one did:
+`state` / `from_state` contract, so a restored cache behaves exactly as the live one did
+(engine/kvlayers.py builds USXF's per-layer K/V on LayerState, never on cache objects):
 
   full       KVCache: keys/values of every token so far (the buffer has spare capacity beyond
              `offset`; only the first `offset` positions are state).
@@ -50,8 +51,8 @@ class WindowExceeded(PermeantError):
         self.layer, self.window, self.n = layer, window, n
         super().__init__(
             f"layer {layer} is a sliding-window layer holding only its last {window} tokens; "
-            f"the full K/V of {n} tokens is not available (sliding-window export needs the "
-            f"per-layer USXF format)")
+            f"the full K/V of {n} tokens is not available (per-layer K/V: "
+            f"kvlayers.logical_kv)")
 
 
 @dataclass(frozen=True)

@@ -306,11 +306,16 @@ def attach(model, states: list) -> list:
     return kvcache.cache_from_layer_states(model, states)
 
 
-def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype: str) -> list:
-    """Build mlx_lm KV caches from numpy K/V shaped (kv_heads, seq, head_dim), as a USXF
-    payload carries them (bfloat16 as raw uint16 bits), cast to the model's KV dtype. A sliding
+def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype: str,
+                   n: int | None = None) -> list:
+    """Build mlx_lm KV caches from numpy K/V shaped (kv_heads, L_i, head_dim), as a USXF payload
+    carries them (bfloat16 as raw uint16 bits), cast to the model's KV dtype. With n (the token
+    count, USXF 1.1): each layer's logical K/V, a sliding layer only its last min(n, window)
+    positions (kvlayers). Without: every layer's full K/V (a 1.0 payload), of which a sliding
     layer keeps what mlx-lm would hold after that many tokens."""
     import mlx.core as mx
+
+    from . import kvlayers
 
     target = getattr(mx, kv_dtype)
 
@@ -320,5 +325,8 @@ def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype:
             x = x.view(mx.bfloat16)  # raw bits, not numbers
         return x[None].astype(target)
 
-    states = kvcache.states_from_full(model, [arr(k) for k in keys], [arr(v) for v in values])
+    ks, vs = [arr(k) for k in keys], [arr(v) for v in values]
+    if n is not None:
+        return kvlayers.cache_from_layers(model, ks, vs, n)
+    states = kvcache.states_from_full(model, ks, vs)
     return kvcache.cache_from_layer_states(model, states)

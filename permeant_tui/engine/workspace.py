@@ -223,7 +223,7 @@ class Workspace:
                               str(path))
         kv = f.load_kv()
         agent.cache = attach_payload(loaded.model, kv.keys, kv.values, kv.dtype,
-                                     loaded.identity.kv_dtype)
+                                     loaded.identity.kv_dtype, len(f.token_ids))
         agent.cache_ids = list(f.token_ids)
 
     def save_agent(self, agent: Agent, loaded) -> float | None:

@@ -6,6 +6,7 @@ import threading
 import numpy as np
 import pytest
 
+from permeant_tui.engine import kvcache
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.errors import ContextExhausted, TurnCancelled
 from permeant_tui.engine.events import PrefillProgress, Tokens, TurnDone, TurnQueued
@@ -48,7 +49,7 @@ def test_cached_turns_equal_fresh_reprefill(which, request):
     # The second turn reused everything the first left in the cache, reply included.
     assert r2.cached == r1.in_cache and r2.prefilled < r2.cached
     assert cached.cache_ids == cached.expected_ids(lm.tokenizer)
-    assert cached.cache[0].offset == len(cached.cache_ids)
+    assert kvcache.cache_offset(cached.cache) == len(cached.cache_ids)
 
     fresh = _agent()
     fresh.turns = list(cached.turns)
@@ -98,7 +99,7 @@ def test_cancel_between_tokens_records_nothing_and_keeps_cache_consistent(tiny_m
                  emit=emit_and_cancel, cancel=cancel, source="memory")
     assert agent.turns == before
     assert agent.cache_ids == agent.expected_ids(tiny_model.tokenizer)
-    assert agent.cache[0].offset == len(agent.cache_ids)
+    assert kvcache.cache_offset(agent.cache) == len(agent.cache_ids)
 
 
 def test_prefill_is_chunked_with_progress(tiny_model):

@@ -334,9 +334,10 @@ def mlx_model():
 
 def _mlx_prefill(model, ids):
     import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
 
-    cache = make_prompt_cache(model)
+    from permeant_tui.engine.kvcache import new_cache
+
+    cache = new_cache(model)
     logits = model(mx.array([ids]), cache=cache)
     mx.eval(logits)
     return cache, logits

@@ -14,6 +14,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 
+from permeant_tui.engine import kvcache
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.events import AgentRestored, Notice, Saved
 from permeant_tui.engine.generation import common_prefix
@@ -31,8 +32,8 @@ def kv_now(engine: Engine, agent_id: str) -> tuple[list[int], list]:
     def grab(ctx):
         a = ctx.workspace.agent(agent_id)
         n = len(a.cache_ids)
-        return list(a.cache_ids), [(np.array(c.keys[..., :n, :]), np.array(c.values[..., :n, :]))
-                                   for c in a.cache]
+        ks, vs, _ = kvcache.kv_arrays(a.cache, n)
+        return list(a.cache_ids), list(zip(ks, vs, strict=True))
 
     return engine.call(grab).result(60)
 

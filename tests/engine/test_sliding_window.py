@@ -1,8 +1,7 @@
 """Sliding-window and plain-KV models through the Engine and the CLI, past the window: a restart
 resumes from the snapshot (every cached token reused) and continues as a rebuild would; a
-cancelled turn goes back to its boundary; a tampered snapshot is rebuilt, never attached; an
-export that cannot be written yet fails cleanly and leaves the live cache alone; a recurrent
-model is refused at load with one line."""
+cancelled turn goes back to its boundary; a tampered snapshot is rebuilt, never attached; a
+recurrent model is refused at load with one line."""
 
 from __future__ import annotations
 
@@ -151,25 +150,6 @@ def test_tampered_per_layer_length_is_rebuilt_never_attached(tok, histories, tmp
     assert r.generated_ids == ref.generated_ids
 
 
-def test_export_past_the_window_fails_cleanly_and_leaves_the_cache(tok, histories, tmp_path):
-    lm = tiny_model("gemma3_text", tok)[1]
-    a, b = copy(histories("gemma3_text"), tmp_path / "a"), copy(histories("gemma3_text"),
-                                                                 tmp_path / "b")
-    engine = Engine(a, loaded=lm, eager_restore=False)
-    engine.start()
-    try:
-        engine.wait_ready(60)
-        with pytest.raises(kvcache.WindowExceeded, match="sliding-window layer"):
-            engine.export("technical").result(300)
-        assert not any((a / "exports").glob("*.usxf"))
-        r = engine.submit_future("technical", MSGS[3], max_tokens=MAX_TOKENS)[1].result(300)
-    finally:
-        engine.shutdown()
-    [ref], _ = session(b, lm, MSGS[3:])
-    assert r.generated_ids == ref.generated_ids and r.cached == ref.cached
-    np.testing.assert_array_equal(saved_logits(a, lm), saved_logits(b, lm))
-
-
 def cli(*args) -> subprocess.CompletedProcess:
     return subprocess.run([sys.executable, "-m", "permeant_tui.cli", *map(str, args)],
                           capture_output=True, text=True, timeout=600)
@@ -213,8 +193,8 @@ def test_recurrent_model_is_refused_with_one_line(tok, tmp_path):
 
 
 def test_export_within_the_window_imports_and_continues(tok, tmp_path):
-    """Until the per-layer USXF format lands, a sliding-window agent still inside its window
-    exports (every layer holds every token), and the import continues as the source does."""
+    """A sliding-window agent still inside its window exports (every layer holds every token),
+    and the import continues as the source does (past the window: test_usxf_sliding.py)."""
     from permeant_tui.engine.usxf.keys import WorkspaceKeys
 
     lm = tiny_model("gemma3_text", tok)[1]

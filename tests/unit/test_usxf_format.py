@@ -260,7 +260,7 @@ def test_progress_is_monotonic_and_ends_at_one(tmp_path, keys):
 
 def test_manifest_records_what_the_issue_lists(tmp_path, keys):
     m = export(tmp_path, keys, "int8", provenance={"runtime": "mlx", "runtime_version": "0.32"}).manifest
-    assert m["version"] == [1, 0]
+    assert m["version"] == [1, 1]
     assert m["model"]["fingerprint"] == make_identity().fingerprint
     assert m["attention"]["rope_layout"] == "interleaved" and m["attention"]["n_kv_heads"] == HEADS
     assert np.frombuffer(m["sequence"]["token_ids"], "<u4").tolist() == [(i * 37) % 1000 for i in range(N)]
@@ -443,7 +443,12 @@ def test_resigned_payload_edit_fails_the_payload_digest(tmp_path, keys, valid):
     (lambda m: m["kv"].__setitem__("source_dtype", "float64"), "manifest"),
     (lambda m: m["kv"]["tensors"][0].__setitem__("dtype", "float16"), "layout"),
     (lambda m: m["kv"]["tensors"][1].__setitem__("shape", [2, 40, 32]), "layout"),
-    (lambda m: m.__setitem__("version", [1, 1]), "manifest"),
+    (lambda m: m.__setitem__("version", [1, 0]), "manifest"),
+    (lambda m: m["kv"]["tensors"][0].__setitem__("start", 1), "layout"),
+    (lambda m: m["kv"]["tensors"][3].pop("start"), "layout"),
+    (lambda m: m["attention"]["layers"][0].__setitem__("rope_theta", 1.0), "layout"),
+    (lambda m: m["attention"]["layers"][2].update(type="sliding", window=4), "layout"),
+    (lambda m: m["attention"]["layers"].pop(), "layout"),
     (lambda m: m["quant"].__setitem__("method", "q4"), "manifest"),
 ])
 def test_signed_but_inconsistent_manifests_are_refused(tmp_path, keys, valid, mutate, check):
@@ -491,9 +496,9 @@ def test_wrong_magic_and_version(tmp_path, keys, valid):
         v = fix_header(data[:HEADER_SIZE], major=major) + data[HEADER_SIZE:]
         with pytest.raises(UsxfInvalid) as ei:
             read_usxf(rewrite(bad, v), trusted=keys)
-        assert ei.value.check == "version" and f"{major}.0" in ei.value.detail
+        assert ei.value.check == "version" and f"{major}.1" in ei.value.detail
     newer_minor = fix_header(data[:HEADER_SIZE], minor=7) + data[HEADER_SIZE:]
-    # a newer minor version is accepted by the header check; the signed manifest still says 1.0,
+    # a newer minor version is accepted by the header check; the signed manifest still says 1.1,
     # so the signature (which covers the header) is what refuses this edited file
     assert check_of(lambda: read_usxf(rewrite(bad, newer_minor), trusted=keys)) == "signature"
 

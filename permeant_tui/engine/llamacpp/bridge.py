@@ -36,42 +36,45 @@ _MATCH = ("architecture", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidd
           "tokenizer_digest")
 
 
-# --- MLX cache access: the bridge's only contact with mlx-lm cache objects. At merge this
-# --- becomes engine/kvcache.py (`kv_arrays`, `layer_states`), which owns them.
+# --- MLX cache access: through engine/kvcache.py, the one module that touches mlx-lm caches.
 
 def kv_from_mlx_cache(cache) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """An mlx_lm prompt cache (list of per-layer caches, batch 1) -> per-layer float32 numpy K
-    and V shaped (n_kv_heads, offset, head_dim), ready for `build_seq_state`. Only
-    full-attention `KVCache` layers: a rotating (sliding-window) layer raises
-    `SlidingWindowUnsupported`, any other kind `SeqStateError`, before anything is copied."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
+    and V shaped (n_kv_heads, offset, head_dim), ready for `build_seq_state`, through
+    `kvcache.kv_arrays`. Only full-attention layers: a sliding-window layer raises
+    `SlidingWindowUnsupported` (llama.cpp's iSWA attach comes with the GGUF work), any other
+    kind `SeqStateError`, before anything is copied."""
+    from .. import kvcache
 
+    specs = []
     for i, c in enumerate(cache):
-        if isinstance(c, RotatingKVCache):
-            raise SlidingWindowUnsupported(f"the MLX cache (layer {i}, window {c.max_size})")
-        if not isinstance(c, KVCache):
+        try:
+            spec = kvcache.spec_of(c)
+        except kvcache.UnsupportedModel:
+            spec = None
+        if spec is not None and spec.kind == kvcache.SLIDING:
+            raise SlidingWindowUnsupported(f"the MLX cache (layer {i}, window {spec.window})")
+        if spec is None or spec.kind != kvcache.FULL:
             raise SeqStateError(f"the MLX cache's layer {i} is a {type(c).__name__}; only "
                                 f"full-attention KV caches move to llama.cpp")
-    ks, vs = [], []
-    for c in cache:
-        n = int(c.offset)
-        k = c.keys[0, :, :n, :]
-        v = c.values[0, :, :n, :]
-        if k.dtype != mx.float32:
-            k, v = k.astype(mx.float32), v.astype(mx.float32)
-        ks.append(np.array(k))
-        vs.append(np.array(v))
-    return ks, vs
+        specs.append(spec)
+    ks, vs, dtype = kvcache.kv_arrays(cache, kvcache.cache_offset(cache))
+    return [_as_f32(k, dtype) for k in ks], [_as_f32(v, dtype) for v in vs]
+
+
+def _as_f32(a: np.ndarray, dtype: str) -> np.ndarray:
+    if dtype == "bfloat16":  # uint16 bit patterns
+        return (a.astype(np.uint32) << 16).view(np.float32)
+    return a.astype(np.float32, copy=False)
 
 
 def _refuse_sliding_mlx_model(model, what: str) -> None:
     """Refuse a model for which mlx-lm makes any rotating (sliding-window) layer cache."""
-    from mlx_lm.models.cache import RotatingKVCache, make_prompt_cache
+    from .. import kvcache
 
-    for i, c in enumerate(make_prompt_cache(model)):
-        if isinstance(c, RotatingKVCache):
-            raise SlidingWindowUnsupported(f"{what} (layer {i}, window {c.max_size})")
+    for i, spec in enumerate(kvcache.layer_specs(model)):
+        if spec.kind == kvcache.SLIDING:
+            raise SlidingWindowUnsupported(f"{what} (layer {i}, window {spec.window})")
 
 
 # --- identity -------------------------------------------------------------------------------

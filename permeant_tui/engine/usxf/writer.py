@@ -26,7 +26,13 @@ from . import layout
 from . import quant as _quant
 from .header import Header
 from .keys import WorkspaceKeys
-from .manifest import ATTENTION_FIELDS, decode_manifest, parse_manifest
+from .manifest import (
+    ATTENTION_FIELDS,
+    decode_manifest,
+    layer_structure,
+    parse_manifest,
+    stored_lengths,
+)
 from .reader import UsxfFile
 from .spec import (
     BLOCK_HASH_NAME,
@@ -83,7 +89,9 @@ def _token_array(token_ids: Sequence[int] | np.ndarray, identity: ModelIdentity)
     return a.astype("<u4")
 
 
-def _check_kv(kv: KVPayload, identity: ModelIdentity, n: int) -> None:
+def _check_kv(kv: KVPayload, identity: ModelIdentity, lengths: list[int]) -> None:
+    """Every layer's K/V against the identity: heads, head dim, and the positions the layer
+    holds (all of them on a full layer, the last min(n, window) on a sliding one)."""
     if kv.dtype not in SOURCE_DTYPES:
         raise _reject("kv-shape", f"KV dtype {kv.dtype!r} is not one of {SOURCE_DTYPES}")
     if identity.kv_dtype in SOURCE_DTYPES and identity.kv_dtype != kv.dtype:
@@ -92,6 +100,7 @@ def _check_kv(kv: KVPayload, identity: ModelIdentity, n: int) -> None:
         raise _reject("kv-shape", f"{len(kv.keys)} K and {len(kv.values)} V tensors for a model of "
                                   f"{identity.n_layers} layers")
     for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        n = lengths[i]
         for kind, a in (("K", k), ("V", v)):
             shape = tuple(np.shape(a))
             if len(shape) != 3 or shape[0] != identity.n_kv_heads or shape[1] != n or shape[2] < 1 \
@@ -192,7 +201,15 @@ def write_usxf(
         raise _reject("bounds", f"block size {block_size} outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
     tokens = _token_array(token_ids, identity)
     n = len(tokens)
-    _check_kv(kv, identity, n)
+    try:
+        structure = layer_structure(identity)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise _reject("model-identity", f"the identity's per-layer attention: {e}") from None
+    if len(structure) != identity.n_layers:
+        raise _reject("model-identity", f"{len(structure)} attention layers for a model of "
+                                        f"{identity.n_layers}")
+    lengths = stored_lengths(structure, n)
+    _check_kv(kv, identity, lengths)
     report(0.0)
 
     # 1. quantize each tensor and lay the regions out, measuring the error on what load_kv returns
@@ -215,8 +232,8 @@ def write_usxf(
             data, scales = _quant.encode(src, kv.dtype, method, group, meter, name)
             off = align_up(off, TENSOR_ALIGN)
             entry = {"name": name, "layer": layer, "kind": kind, "shape": list(src.shape),
-                     "dtype": _quant.stored_dtype(kv.dtype, method), "offset": off,
-                     "nbytes": int(data.nbytes), "scales": None}
+                     "start": n - lengths[layer], "dtype": _quant.stored_dtype(kv.dtype, method),
+                     "offset": off, "nbytes": int(data.nbytes), "scales": None}
             regions.append((off, _byte_view(data)))
             off += data.nbytes
             if scales is not None:
@@ -240,7 +257,8 @@ def write_usxf(
         "format": "usxf",
         "version": [VERSION_MAJOR, VERSION_MINOR],
         "model": identity.to_dict(),
-        "attention": {k: getattr(identity, k) for k in ATTENTION_FIELDS},
+        "attention": {**{k: getattr(identity, k) for k in ATTENTION_FIELDS},
+                      "layers": structure},
         "sequence": {"length": n, "token_dtype": "<u4", "token_ids": tokens.tobytes()},
         "blocks": {"hash": BLOCK_HASH_NAME, "block_size": block_size, "salt": "model.fingerprint",
                    "hashes": layout.block_hashes(tokens, fp, block_size)},
