@@ -46,6 +46,38 @@ def refuse_non_regular(path: Path) -> None:
         raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
 
 
+def remove_stale_temps(folder: Path, prefix: str, suffix: str) -> list[Path]:
+    """Delete `<prefix><pid>.*<suffix>` temp files in `folder` whose writer `pid` is dead (a
+    process killed mid-write never renamed them). A live process's are left alone."""
+    removed: list[Path] = []
+    try:
+        names = [p for p in Path(folder).iterdir()
+                 if p.name.startswith(prefix) and p.name.endswith(suffix)]
+    except OSError:
+        return removed
+    for p in names:
+        pid = p.name[len(prefix):].split(".", 1)[0]
+        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *,
                  mode: int = 0o644, durable: bool = True) -> Path:
     """Replace `path` with `data` (bytes, or a function that writes to the open file)."""

@@ -19,6 +19,7 @@ import msgpack
 import numpy as np
 import xxhash
 
+from ..atomic import refuse_non_regular, remove_stale_temps
 from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
 from . import layout
@@ -291,6 +292,8 @@ def write_usxf(
     payload = layout.SegmentedPayload(regions, length)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        refuse_non_regular(path)  # never rename over a device, a FIFO or a folder
+        remove_stale_temps(path.parent, f".{path.name}.", ".tmp")  # of SIGKILLed exports
         with open(tmp, "xb") as f, ThreadPoolExecutor(layout.HASH_THREADS) as pool:
             futures = [pool.submit(payload.chunk_digest, a, b) for a, b in ranges]
             try:
