@@ -195,3 +195,28 @@ def test_stale_export_temps_are_removed_by_the_next_export(tmp_path, tiny_model)
         assert out.is_file() and not dead.exists() and live.exists() and other.exists()
     finally:
         e.shutdown()
+
+
+@pytest.mark.parametrize("own_id", ["../../victim_dir", "/tmp/permeant-own-id-escape", "..",
+                                    "x" * 300])
+def test_a_trusted_files_own_hostile_agent_id_is_refused(exported, tmp_path, tiny_model, own_id):
+    from permeant_tui.engine.names import AgentNameInvalid
+    from permeant_tui.engine.usxf import AgentRecord, read_usxf, write_usxf
+
+    out, src = exported
+    f = read_usxf(out, trusted=None)
+    a = f.agent
+    hostile = tmp_path / "own-id.usxf"
+    write_usxf(hostile, identity=f.identity, token_ids=f.token_ids, kv=f.load_kv(),
+               agent=AgentRecord(own_id, a.role, a.title, a.system, a.turns), keys=_keys(src))
+    e = _target(tmp_path, tiny_model, src)
+    try:
+        before = sorted(str(p) for p in (tmp_path / "dst").rglob("*"))
+        with pytest.raises(AgentNameInvalid):
+            e.import_usxf(str(hostile)).result(60)
+        assert sorted(str(p) for p in (tmp_path / "dst").rglob("*")) == before
+    finally:
+        e.shutdown()
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dst", "own-id.usxf", "src",
+                                                          "tech.usxf"]
+    assert not os.path.exists("/tmp/permeant-own-id-escape")

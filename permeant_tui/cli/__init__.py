@@ -14,6 +14,17 @@ import sys
 from . import chat, crossruntime, doctor, exchange, migrate, tui
 from .common import add_common
 
+EPILOG = """\
+one writer per workspace: the UI, chat, export, import, serve, migrate and the demo hold the
+workspace's lock while they run; a second one is refused at once (exit 7) naming the holder.
+`status` and `usxf inspect` take no lock and work meanwhile.
+
+exit codes: 0 done (also when a turn is recorded but its KV snapshot could not be written:
+stderr says so in one line, and the snapshot is rebuilt from the transcript later); 1 error
+(settings, workspace); 2 usage, unknown agent or invalid agent name; 3 model not loaded;
+4 context exhausted; 5 invalid USXF file or token ids; 6 untrusted signer; 7 workspace busy
+or migration failed; 8 disk error (full, read-only); 130 interrupted; 141 stdout closed."""
+
 
 class Parser(argparse.ArgumentParser):
     """Usage errors in the one-line convention too (exit 2), pointing at --help."""
@@ -26,7 +37,8 @@ class Parser(argparse.ArgumentParser):
 
 
 def build_parser() -> argparse.ArgumentParser:
-    ap = Parser(prog="permeant", description=__doc__.splitlines()[0])
+    ap = Parser(prog="permeant", description=__doc__.splitlines()[0], epilog=EPILOG,
+                formatter_class=argparse.RawDescriptionHelpFormatter)
     add_common(ap)
     ap.set_defaults(func=tui.run)  # no subcommand: the workspace UI
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
