@@ -117,13 +117,13 @@ def test_full_then_read_only_disk(chatted, tmp_path):
 HOSTILE = "x\x1b]0;pwned\x07\x1b[2J\rok: forged\nline\u202e"
 
 
-def _hostile_file(src: Path, dst: Path, keys_dir: Path) -> None:
+def _hostile_file(src: Path, dst: Path, keys_dir: Path, system: str = HOSTILE) -> None:
     from permeant_tui.engine.usxf import AgentRecord, Fidelity, read_usxf, write_usxf
     from permeant_tui.engine.usxf.keys import WorkspaceKeys
 
     f = read_usxf(src, trusted=None)
     a = f.agent
-    agent = AgentRecord(a.agent_id, HOSTILE, HOSTILE, HOSTILE, a.turns)
+    agent = AgentRecord(a.agent_id, HOSTILE, HOSTILE, system, a.turns)
     write_usxf(dst, identity=f.identity, token_ids=f.token_ids, kv=f.load_kv(), agent=agent,
                keys=WorkspaceKeys(keys_dir).ensure(), fidelity=Fidelity([1], [2], 1, 5, HOSTILE))
 
@@ -142,10 +142,12 @@ def test_inspect_of_an_unknown_signer_escapes_its_text(chatted, tmp_path):
     assert r.returncode == 0 and "\x1b" not in r.stdout
 
 
-def test_inspect_piped_into_head_exits_quietly(chatted):
+def test_inspect_piped_into_head_exits_quietly(chatted, tmp_path):
     home, usxf = chatted
+    big = tmp_path / "big.usxf"  # its JSON is larger than a pipe's buffer: the write must fail
+    _hostile_file(usxf, big, tmp_path / "stranger", system="s" * 300_000)
     env = dict(os.environ, PERMEANT_HOME=str(home), HF_HUB_OFFLINE="1")
-    cmd = f"{sys.executable} -m permeant_tui.cli usxf inspect {usxf} --json | head -c 1"
+    cmd = f"{sys.executable} -m permeant_tui.cli usxf inspect {big} --json | head -c 1"
     r = subprocess.run(["bash", "-c", f"set -o pipefail; {cmd}"], capture_output=True,
                        text=True, timeout=TIMEOUT, env=env)
     assert r.stdout == "{"
