@@ -188,11 +188,13 @@ def test_stale_export_temps_are_removed_by_the_next_export(tmp_path, tiny_model)
         out = tmp_path / "out.usxf"
         dead = tmp_path / ".out.usxf.999999999.deadbeef.tmp"  # no such pid
         live = tmp_path / f".out.usxf.{os.getppid()}.cafe.tmp"  # a live process's
-        other = tmp_path / ".other.usxf.999999999.deadbeef.tmp"  # another target's
-        for p in (dead, live, other):
+        other = tmp_path / ".other.usxf.999999999.deadbeef.tmp"  # another (timestamped) name
+        mine = tmp_path / ".notes.tmp"  # not the writer's: kept
+        for p in (dead, live, other, mine):
             p.write_bytes(b"x" * 100)
         e.export("technical", str(out), fidelity=False).result(60)
-        assert out.is_file() and not dead.exists() and live.exists() and other.exists()
+        assert out.is_file() and not dead.exists() and not other.exists()
+        assert live.exists() and mine.exists()
     finally:
         e.shutdown()
 

@@ -10,6 +10,7 @@ Temp files are named `.<name>.<pid>.tmp` so a later writer can tell a dead proce
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -46,18 +47,21 @@ def refuse_non_regular(path: Path) -> None:
         raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
 
 
-def remove_stale_temps(folder: Path, prefix: str, suffix: str) -> list[Path]:
-    """Delete `<prefix><pid>.*<suffix>` temp files in `folder` whose writer `pid` is dead (a
-    process killed mid-write never renamed them). A live process's are left alone."""
+def remove_dead_temps(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Delete the temp files in `folder` whose names match `pattern` (group 1: the writer's
+    pid) and whose writer is dead (a process killed mid-write never renamed them). A live
+    process's are left alone, and so is anything not matching."""
     removed: list[Path] = []
     try:
-        names = [p for p in Path(folder).iterdir()
-                 if p.name.startswith(prefix) and p.name.endswith(suffix)]
+        entries = list(Path(folder).iterdir())
     except OSError:
         return removed
-    for p in names:
-        pid = p.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and _alive(int(pid))):
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
             continue
         try:
             if p.is_file() and not p.is_symlink():
