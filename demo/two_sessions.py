@@ -60,7 +60,7 @@ def _engine(args, **kw):
     runtime.prepare()  # OpenBLAS before the first mlx import (Linux CPU)
     from permeant_tui.engine.worker import Engine
 
-    engine = Engine(args.workspace, args.model, **kw)
+    engine = Engine(args.workspace, args.model, purpose="permeant demo", **kw)
     t = time.perf_counter()
     engine.start()
     engine.wait_ready(600)

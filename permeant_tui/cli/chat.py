@@ -46,7 +46,11 @@ def tokenize(args: argparse.Namespace) -> int:
 
 
 def chat(args: argparse.Namespace) -> int:
+    """One turn. Exit 0 once the turn is recorded, even when its KV snapshot could not be
+    written (a full or read-only disk): the reply is printed and stderr says, in one line, that
+    the snapshot will be rebuilt from the transcript."""
     from ..engine.generation import TurnParams
+    from ..engine.text import printable
 
     engine = open_engine(args, rebuild=args.rebuild)
     notices: list[str] = []
@@ -59,8 +63,8 @@ def chat(args: argparse.Namespace) -> int:
         result = fut.result()
     finally:
         engine.shutdown(cancel_running=True)
-    for n in notices:
-        print(f"permeant: {n}", file=sys.stderr)
+    for n in dict.fromkeys(notices):  # once each (a failed snapshot write is retried at exit)
+        print(f"permeant: {printable(n)}", file=sys.stderr)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:

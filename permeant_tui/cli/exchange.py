@@ -7,10 +7,12 @@ import argparse
 import json
 import sys
 
+from ..engine.text import printable
 from ..engine.usxf import QUANTS
 from .common import add_common, add_workspace, open_engine
 
 EXIT_UNTRUSTED = 6
+INSPECT_LIMIT = 4 << 20  # manifest bytes `usxf inspect` parses from an untrusted signer
 
 
 def register(subparsers) -> argparse._SubParsersAction:
@@ -34,8 +36,12 @@ def register(subparsers) -> argparse._SubParsersAction:
     p = subparsers.add_parser("usxf", help="inspect or verify USXF files")
     usxf = p.add_subparsers(dest="usxf_cmd", metavar="ACTION", required=True)
     q = usxf.add_parser("inspect", help="the manifest in readable form")
+    add_workspace(q)
     q.add_argument("file")
     q.add_argument("--json", action="store_true")
+    q.add_argument("--full", action="store_true",
+                   help=f"parse a manifest over {INSPECT_LIMIT >> 20} MiB even when its signer "
+                        "is not trusted by this workspace")
     q.set_defaults(func=inspect)
     q = usxf.add_parser("verify", help="check every byte, the block hashes and the signature")
     add_common(q)
@@ -62,6 +68,11 @@ def register(subparsers) -> argparse._SubParsersAction:
 # ---- export / import -----------------------------------------------------------------------
 
 def export(args: argparse.Namespace) -> int:
+    from ..engine.errors import PermeantError
+
+    if args.output is not None and not args.output.strip():
+        raise PermeantError("-o/--output needs a file name (leave it out for the exports "
+                            "folder)")
     engine = open_engine(args)
     try:
         info = engine.export(args.agent, args.output, args.quant,
@@ -75,6 +86,10 @@ def export(args: argparse.Namespace) -> int:
 
 
 def import_file(args: argparse.Namespace) -> int:
+    from ..engine.names import check_agent_name
+
+    if args.name is not None:
+        check_agent_name(args.name)  # before the workspace is opened or the model loads
     engine = open_engine(args)
     try:
         report = engine.import_usxf(args.file, args.name).result()
@@ -82,8 +97,10 @@ def import_file(args: argparse.Namespace) -> int:
             report["fidelity"] = engine.replay_fidelity(report["agent"]).result()
     finally:
         engine.shutdown()
-    print(f"imported {args.file} as agent {report['agent']!r}: {report['tokens']} tokens, "
-          f"signed by {report['key_id']}")
+    if report.get("replaced"):
+        print(f"agent '{report['replaced']}' had no turns: the import takes its place")
+    print(f"imported {printable(args.file)} as agent '{report['agent']}': {report['tokens']} "
+          f"tokens, signed by {report['key_id']}")
     if "fidelity" in report:
         print(f"fidelity: {report['fidelity']}")
     return 0
@@ -105,28 +122,55 @@ def manifest_json(f) -> dict:
     return clean(dict(f.manifest))
 
 
+def _bound_untrusted(args: argparse.Namespace) -> None:
+    """Before anything is decoded: a manifest over INSPECT_LIMIT is parsed only when its
+    signer is trusted by this workspace (checked again by the signature) or --full is given.
+    Reads the keys only; writes nothing and takes no lock."""
+    from ..engine.errors import UsxfInvalid
+    from ..engine.usxf.header import parse_header
+    from ..engine.usxf.keys import WorkspaceKeys, key_id_of
+    from ..engine.usxf.spec import ED25519_PUBLIC_LEN, HEADER_SIZE
+    from ..paths import resolve_workspace
+
+    with open(args.file, "rb") as fh:
+        header = parse_header(fh.read(HEADER_SIZE), args.file)
+        if args.full or header.manifest_len <= INSPECT_LIMIT:
+            return
+        fh.seek(HEADER_SIZE + header.manifest_len)
+        kid = key_id_of(fh.read(ED25519_PUBLIC_LEN))
+    if WorkspaceKeys(resolve_workspace(args.workspace) / "keys").is_trusted(kid):
+        return
+    raise UsxfInvalid("bounds", f"manifest of {header.manifest_len / 2**20:.1f} MiB from key "
+                      f"{kid}, which this workspace does not trust: not parsed (limit "
+                      f"{INSPECT_LIMIT >> 20} MiB); add --full to parse it anyway",
+                      printable(str(args.file)))
+
+
 def inspect(args: argparse.Namespace) -> int:
+    """Prints what an unknown signer wrote: every string goes through `printable`."""
     from ..engine.usxf import read_usxf
 
+    _bound_untrusted(args)
     f = read_usxf(args.file, trusted=None)
     m = manifest_json(f)
-    if args.json:
+    if args.json:  # json.dumps escapes control characters itself
         print(json.dumps({"file": str(args.file), "size": f.size, "payload_digest": f.digest,
                           "key_id": f.key_id, "manifest": m}, indent=2))
         return 0
-    ident = f.identity
-    print(f"USXF {args.file}  ({f.size / 1e6:.2f} MB)")
-    print(f"  version      {m.get('format_version', m.get('version'))}")
-    print(f"  model        {ident.name}  [{ident.architecture}]  fingerprint {ident.fingerprint}")
+    ident, agent, fid, p = f.identity, f.agent, f.fidelity, printable
+    print(f"USXF {p(str(args.file))}  ({f.size / 1e6:.2f} MB)")
+    print(f"  version      {p(str(m.get('format_version', m.get('version'))))}")
+    print(f"  model        {p(ident.name)}  [{p(ident.architecture)}]  fingerprint "
+          f"{p(ident.fingerprint)}")
     print(f"  attention    {ident.n_layers} layers, {ident.n_heads} heads, {ident.n_kv_heads} kv "
           f"heads, head dim {ident.head_dim}, RoPE base {ident.rope_theta:g} "
-          f"{ident.rope_layout}, sliding window {ident.sliding_window or 'none'}")
+          f"{p(str(ident.rope_layout))}, sliding window {ident.sliding_window or 'none'}")
     print(f"  tokens       {f.n_tokens}")
-    print(f"  quant        {f.quant}")
-    print(f"  agent        {f.agent.agent_id} ({f.agent.role}), {len(f.agent.turns)} turns")
-    if f.fidelity:
-        print(f"  fidelity     probe of {f.fidelity.n} tokens, room {f.fidelity.context_room}"
-              f"{'; ' + f.fidelity.note if f.fidelity.note else ''}")
+    print(f"  quant        {p(str(f.quant))}")
+    print(f"  agent        {p(agent.agent_id)} ({p(agent.role)}), {len(agent.turns)} turns")
+    if fid:
+        print(f"  fidelity     probe of {fid.n} tokens, room {fid.context_room}"
+              f"{'; ' + p(fid.note) if fid.note else ''}")
     print(f"  signed by    {f.key_id}  (signature valid; trust is checked by `usxf verify`)")
     print(f"  digest       {f.digest}")
     return 0

@@ -9,5 +9,5 @@ def run(args: argparse.Namespace) -> int:
     from ..app import run_tui
     from ..engine.worker import Engine
 
-    engine = Engine(args.workspace, args.model)
+    engine = Engine(args.workspace, args.model, purpose="permeant (the workspace UI)")
     return run_tui(engine, str(engine.folder))

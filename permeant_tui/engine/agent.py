@@ -36,8 +36,12 @@ class Turn:
 
     @classmethod
     def from_json(cls, d: dict) -> Turn:
-        return cls(str(d["user"]), str(d["reply"]), tuple(int(i) for i in d["generated_ids"]),
-                   float(d.get("ts", 0.0)))
+        ids = d["generated_ids"]
+        if not isinstance(ids, list):
+            raise TypeError("generated_ids is not a list")
+        # Kept as found: checked against the model's vocabulary before use
+        # (Workspace.ensure_resident), which names the agent and the turn.
+        return cls(str(d["user"]), str(d["reply"]), tuple(ids), float(d.get("ts", 0.0)))
 
 
 @dataclass

@@ -10,6 +10,7 @@ Temp files are named `.<name>.<pid>.tmp` so a later writer can tell a dead proce
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -44,6 +45,41 @@ def refuse_non_regular(path: Path) -> None:
 
     if not stat.S_ISREG(st.st_mode):
         raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
+
+
+def remove_dead_temps(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Delete the temp files in `folder` whose names match `pattern` (group 1: the writer's
+    pid) and whose writer is dead (a process killed mid-write never renamed them). A live
+    process's are left alone, and so is anything not matching."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
 
 
 def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *,

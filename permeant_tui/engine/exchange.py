@@ -19,8 +19,10 @@ import numpy as np
 
 from .agent import Agent, Turn
 from .atomic import write_atomic
-from .errors import PermeantError, UsxfInvalid, WorkspaceError
+from .errors import InvalidTokenIds, PermeantError, UsxfInvalid, WorkspaceError
+from .names import check_agent_name
 from .settings import AgentSpec
+from .token_ids import checked_ids
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -112,30 +114,44 @@ def import_usxf(lm: LoadedModel, ws: Workspace, path: str, name: str | None = No
     from .usxf import verify_usxf
     from .usxf.keys import WorkspaceKeys
 
+    if name is not None:
+        check_agent_name(name)  # before any file is read or written
     keys = WorkspaceKeys(ws.keys_dir)
     keys.ensure()
     # Every check, in bounded memory: the tensors are loaded (and verified again) when the
     # agent is first attached.
     f = verify_usxf(path, trusted=keys, expected_identity=lm.identity)
-    agent_id = name or f.agent.agent_id
-    if agent_id in ws.agents:
-        raise WorkspaceError(f"an agent named {agent_id!r} exists already; import with --as NAME")
+    agent_id = check_agent_name(name if name is not None else f.agent.agent_id)
+    existing = ws.find_agent(agent_id)
+    replaced = None
+    if existing is not None:
+        n = len(ws.agents[existing].turns)
+        if n:
+            raise WorkspaceError(f"agent '{existing}' exists and has {n} turn"
+                                 f"{'s' if n > 1 else ''}; import with --as NEW_NAME (or reset "
+                                 f"'{existing}' first)")
+        agent_id = replaced = existing  # an agent with no conversation gives way to the import
     turns = []
     for i, t in enumerate(f.agent.turns):
         if "generated_ids" not in t:
             raise UsxfInvalid("agent", f"turn {i} has no generated_ids: this file cannot be "
                               "continued as a chat agent", str(path))
         gen = t["generated_ids"]
-        if not isinstance(gen, list) or not all(
-                isinstance(x, int) and 0 <= x < lm.identity.vocab_size for x in gen):
-            raise UsxfInvalid("agent", f"turn {i}: generated_ids must be token ids below "
-                              f"{lm.identity.vocab_size}", str(path))
+        if not isinstance(gen, list):
+            raise UsxfInvalid("agent", f"turn {i}: generated_ids must be a list", str(path))
+        try:
+            gen = checked_ids(gen, lm.identity.vocab_size, f"turn {i} generated_ids")
+        except InvalidTokenIds as exc:
+            raise UsxfInvalid("agent", str(exc), str(path)) from None
         turns.append(Turn(t["user"], t["reply"], tuple(gen)))
     probe = Agent(agent_id, f.agent.role, f.agent.title, f.agent.system, turns)
     if probe.expected_ids(lm.tokenizer) != list(f.token_ids):
         raise UsxfInvalid("tokens", "the token ids do not match the transcript rendered with "
                           "this model's chat template", str(path))
+    d = ws.agent_dir(agent_id)
     dest = ws.imported_path(agent_id)
+    transcript = d / "transcript.jsonl"
+    created = [p for p in (d, dest, transcript) if not p.exists()]
 
     def copy(out) -> None:
         with open(path, "rb") as src:
@@ -144,13 +160,14 @@ def import_usxf(lm: LoadedModel, ws: Workspace, path: str, name: str | None = No
     try:
         write_atomic(dest, copy)
         title = f.agent.title if agent_id == f.agent.agent_id else agent_id.capitalize()
-        ws.add_agent(AgentSpec(agent_id, f.agent.role, title, f.agent.system), turns)
+        ws.add_agent(AgentSpec(agent_id, f.agent.role, title, f.agent.system), turns,
+                     replace=replaced is not None)
     except BaseException:
-        if agent_id not in ws.agents:
-            ws.delete_agent_files(agent_id)
+        if replaced is not None or agent_id not in ws.agents:
+            ws.delete_created(agent_id, created)
         raise
     return {"agent": agent_id, "tokens": f.n_tokens, "key_id": f.key_id, "quant": f.quant,
-            "digest": f.digest}
+            "digest": f.digest, "replaced": replaced}
 
 
 def replay_fidelity(lm: LoadedModel, ws: Workspace, agent_id: str,
@@ -178,7 +195,10 @@ def compare_probe(lm, agent: Agent, fid) -> str:
     room = lm.context_limit - len(agent.cache_ids)
     if room < len(fid.probe_prompt_ids) + fid.n:
         return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + fid.n}"
-    got = greedy_probe(lm.model, agent, fid.probe_prompt_ids, fid.n)
+    vocab = lm.identity.vocab_size
+    probe = checked_ids(fid.probe_prompt_ids, vocab, "fidelity probe_prompt_ids")
+    checked_ids(fid.expected_ids, vocab, "fidelity expected_ids")
+    got = greedy_probe(lm.model, agent, probe, fid.n)
     k = next((i for i, (a, b) in enumerate(zip(got, fid.expected_ids, strict=False)) if a != b), None)
     return f"exact {fid.n}/{fid.n}" if k is None else f"diverged at {k} ({k}/{fid.n} matched)"
 

@@ -50,6 +50,12 @@ TEAM_BRIEF = (
 )
 
 
+def snapshot_warning(agent_id: str, exc: BaseException) -> str:
+    why = getattr(exc, "strerror", None) or str(exc).splitlines()[0][:160] or type(exc).__name__
+    return (f"{agent_id}: the turn is recorded, but its KV snapshot could not be written "
+            f"({why}); it will be rebuilt from the transcript")
+
+
 @dataclass
 class Job:
     kind: str  # load | turn | save | reset | export | import | replay | call | stop
@@ -131,7 +137,17 @@ class Worker:
         return r
 
     def enforce_residency(self, keep: Agent | None = None) -> list[str]:
-        return self.ws.enforce_residency(lambda a: self.runner.save_agent(self.ws, a), keep)
+        return self.ws.enforce_residency(self.save_agent, keep)
+
+    def save_agent(self, agent: Agent) -> float | None:
+        """Write the agent's snapshot. A snapshot is a cache of the transcript: when it cannot
+        be written (a full or read-only disk) the turn stays recorded, the agent stays dirty,
+        and a warning says so; the next start rebuilds it from the transcript."""
+        try:
+            return self.runner.save_agent(self.ws, agent)
+        except (OSError, RuntimeError) as exc:  # mlx reports a failed write as RuntimeError
+            self.emit(Notice("warning", snapshot_warning(agent.agent_id, exc), agent.agent_id))
+            return None
 
     # ---- a turn ----------------------------------------------------------------------------
     def _turn_input(self, job: Job) -> tuple[str, TurnParams]:
@@ -183,7 +199,7 @@ class Worker:
             t = time.perf_counter()
             self.enforce_residency(keep=agent)
             if self.autosave:
-                self.runner.save_agent(self.ws, agent)
+                self.save_agent(agent)
             timing = dict(result.timing_ms)
             timing["model_load"] = self.timings.get("model_load", 0.0) if self._first_turn else 0.0
             timing["restore"] = restore.ms
@@ -210,8 +226,8 @@ class Worker:
             job.future.set_result(())
             return
         saved, ms = [], 0.0
-        for agent in self.ws.agents.values():
-            took = self.runner.save_agent(self.ws, agent)
+        for agent in list(self.ws.agents.values()):
+            took = self.save_agent(agent)
             if took is not None:
                 saved.append(agent.agent_id)
                 ms += took

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import json
 import os
+import stat
 import struct
 import time
 from dataclasses import dataclass
@@ -165,8 +166,14 @@ def remove_stale_temps(path: Path) -> list[Path]:
 def read_header(path: Path) -> dict:
     """Parse and bound-check the safetensors header without trusting it."""
     try:
-        size = path.stat().st_size
-        with open(path, "rb") as f:
+        # Without blocking: a FIFO in place of a snapshot must be refused, not waited on.
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            os.close(fd)
+            raise SnapshotCorrupt(str(path), "format", "not a regular file")
+        size = st.st_size
+        with os.fdopen(fd, "rb") as f:
             raw = f.read(8)
             if len(raw) < 8:
                 raise SnapshotCorrupt(str(path), "format", f"file is {size} bytes: empty or truncated")
@@ -179,6 +186,10 @@ def read_header(path: Path) -> dict:
         raise SnapshotCorrupt(str(path), "format", f"unreadable header: {exc}") from None
     if not isinstance(header, dict):
         raise SnapshotCorrupt(str(path), "format", "header is not a JSON object")
+    meta = header.get("__metadata__")
+    if meta is not None and not (isinstance(meta, dict)
+                                 and all(isinstance(v, str) for v in meta.values())):
+        raise SnapshotCorrupt(str(path), "format", "metadata is not a map of strings")
     end = 0
     for name, t in header.items():
         if name == "__metadata__":

@@ -36,6 +36,7 @@ from .events import (
 )
 from .generation import TurnParams
 from .jobs import Job, Worker
+from .lock import WorkspaceLock
 from .runner import MlxRunner, ModelRunner
 from .runtime import MemoryFigures
 from .settings import WorkspaceSettings
@@ -55,12 +56,25 @@ class Engine:
                  memory_budget_mb: int | None = None, eager_restore: bool = True,
                  rebuild: bool = False, context_limit: int | None = None,
                  loaded: LoadedModel | None = None, runner: ModelRunner | None = None,
-                 autosave: bool = True):
+                 autosave: bool = True, purpose: str = "permeant",
+                 workspace_lock: WorkspaceLock | None = None):
         """`loaded`: a model to use instead of loading one (tests, benchmarks). `runner`: the
         model runner (default: MLX; UI tests pass a scripted one). `autosave=False`: only
-        eviction, save() and shutdown write snapshots, not every turn (tests)."""
+        eviction, save() and shutdown write snapshots, not every turn (tests). `purpose`: how
+        the workspace lock names this process to a second writer (engine/lock.py);
+        `workspace_lock`: that lock, already held by the caller (serve takes it before it
+        recovers staging), released at shutdown like the engine's own.
+
+        The engine is the workspace's one writer: it takes the workspace lock before anything
+        is read or written and holds it until `shutdown()` (WorkspaceBusy, exit 7, if another
+        process holds it)."""
         self.folder = resolve_workspace(workspace)
-        ws = Workspace.open(self.folder)
+        self._wlock = (workspace_lock or WorkspaceLock(self.folder, purpose)).acquire()
+        try:
+            ws = Workspace.open(self.folder)
+        except BaseException:
+            self._wlock.release()
+            raise
         if max_resident is not None:
             ws.settings.max_resident = max_resident
         if memory_budget_mb is not None:
@@ -215,15 +229,24 @@ class Engine:
 
     def shutdown(self, cancel_running: bool = True, timeout: float = 60.0) -> None:
         if self._thread is None:
+            self._wlock.release()
             return
+        try:
+            self._stop(cancel_running, timeout)
+        finally:
+            self._wlock.release()
+
+    def _stop(self, cancel_running: bool, timeout: float) -> None:
         with self._lock:
             for job in self._queued:
                 job.cancel.set()
             if cancel_running and self._running is not None:
                 self._running.cancel.set()
         self._put(Job("stop"))
-        tid = self._thread.native_id
-        self._thread.join(timeout)
+        thread = self._thread
+        assert thread is not None
+        tid = thread.native_id
+        thread.join(timeout)
         self._thread = None
         _wait_native_exit(tid)
 

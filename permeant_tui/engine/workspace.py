@@ -15,7 +15,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -25,7 +24,14 @@ from .atomic import fsync_dir, write_atomic
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .events import RestoreReport
 from .generation import new_cache, prefill
-from .settings import AgentSpec, WorkspaceSettings, load_settings, save_settings
+from .names import check_agent_name
+from .settings import (
+    AgentSpec,
+    WorkspaceSettings,
+    load_settings,
+    read_regular,
+    save_settings,
+)
 from .snapshot import (
     attach,
     attach_payload,
@@ -34,10 +40,12 @@ from .snapshot import (
     read_snapshot,
     write_snapshot,
 )
+from .token_ids import checked_ids
 
 TRANSCRIPT = "transcript.jsonl"
 SNAPSHOT = "kv.safetensors"
 IMPORTED = "import.usxf"
+_MAX_TRANSCRIPT = 1 << 34
 
 
 class Workspace:
@@ -57,11 +65,23 @@ class Workspace:
         if not folder.exists():
             if not create:
                 raise WorkspaceError(f"no workspace at {folder}")
-            folder.mkdir(parents=True)
+            try:
+                folder.mkdir(parents=True)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot create the workspace {folder}: "
+                                     f"{exc.strerror or exc}") from None
         settings = load_settings(folder)
-        if not (folder / "workspace.json").exists():
-            save_settings(folder, settings)
-        agents, warnings = {}, []
+        if create and not (folder / "workspace.json").exists():
+            try:
+                save_settings(folder, settings)
+            except OSError as exc:  # a read-only or full disk: the defaults still work
+                warnings_at_open = [f"could not write {folder / 'workspace.json'} "
+                                    f"({exc.strerror or exc}); using the defaults"]
+            else:
+                warnings_at_open = []
+        else:
+            warnings_at_open = []
+        agents, warnings = {}, warnings_at_open
         for spec in settings.agents:
             agent = Agent(spec.id, spec.role, spec.title, spec.system)
             agent.turns, warn = read_transcript(folder / "agents" / spec.id / TRANSCRIPT)
@@ -74,7 +94,7 @@ class Workspace:
                 try:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
-                except (SnapshotInvalid, ValueError):
+                except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
             elif agent.turns:
                 agent.last_used = max(t.ts for t in agent.turns)
@@ -107,15 +127,30 @@ class Workspace:
     def keys_dir(self) -> Path:
         return self.folder / "keys"
 
-    def add_agent(self, spec: AgentSpec, turns: list[Turn]) -> Agent:
-        """Register a new agent with a transcript (used by import). Atomic per file."""
-        if spec.id in self.agents:
-            raise WorkspaceError(f"an agent named {spec.id!r} exists already; use --as NAME")
+    def find_agent(self, agent_id: str) -> str | None:
+        """The existing agent whose name equals `agent_id` casefolded (macOS disks are
+        case-insensitive: `Technical` and `technical` are one folder there), or None."""
+        key = agent_id.casefold()
+        return next((a for a in self.agents if a.casefold() == key), None)
+
+    def add_agent(self, spec: AgentSpec, turns: list[Turn], *, replace: bool = False) -> Agent:
+        """Register a new agent with a transcript (used by import). Atomic per file.
+        `replace`: an existing agent of that name that has no turns gives way to it."""
+        check_agent_name(spec.id)
+        existing = self.find_agent(spec.id)
+        if existing is not None:
+            if not replace or existing != spec.id or self.agents[existing].turns:
+                raise WorkspaceError(f"an agent named '{existing}' exists already; use --as NAME")
         d = self.agent_dir(spec.id)
         d.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in turns)
         write_atomic(d / TRANSCRIPT, lines.encode())
-        self.settings.agents.append(spec)
+        if existing is not None:
+            (d / SNAPSHOT).unlink(missing_ok=True)  # the state of an empty conversation
+            self.agents[existing].release()
+            self.settings.agents = [spec if a.id == existing else a for a in self.settings.agents]
+        else:
+            self.settings.agents.append(spec)
         save_settings(self.folder, self.settings)
         agent = Agent(spec.id, spec.role, spec.title, spec.system, list(turns))
         self.agents[spec.id] = agent
@@ -167,6 +202,7 @@ class Workspace:
                 agent.source = "memory"
             return RestoreReport(agent.source, 0.0, len(agent.cache_ids))
         tok = loaded.tokenizer
+        check_turn_ids(agent, loaded.identity.vocab_size)
         expected = agent.expected_ids(tok)
         if not expected:
             agent.cache, agent.cache_ids, agent.source = new_cache(loaded.model), [], "new"
@@ -262,8 +298,30 @@ class Workspace:
             evicted.append(victim.agent_id)
         return evicted
 
-    def delete_agent_files(self, agent_id: str) -> None:
-        shutil.rmtree(self.agent_dir(agent_id), ignore_errors=True)
+    def delete_created(self, agent_id: str, created: list[Path]) -> None:
+        """Undo a failed import: remove only the files it created, and the agent's folder if
+        the import created that too (and it is then empty). Every path is resolved and must lie
+        inside `agents/<valid name>`; anything else is left alone."""
+        check_agent_name(agent_id)
+        root = (self.folder / "agents").resolve()
+        d = self.agent_dir(agent_id)
+        if d.resolve().parent != root:
+            return
+        for p in created:
+            if p.resolve().parent == d.resolve() and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+        try:
+            d.rmdir() if d in created else None
+        except OSError:
+            pass  # not empty: something else is in it, keep it
+
+def check_turn_ids(agent: Agent, vocab_size: int) -> None:
+    """Every generated id in the transcript is a token of this model, before any reaches MLX
+    (whose embedding lookup does not bound-check): else InvalidTokenIds naming the turn."""
+    for i, t in enumerate(agent.turns):
+        checked_ids(t.generated_ids, vocab_size,
+                    f"agent '{agent.agent_id}' turn {i + 1} of {len(agent.turns)} "
+                    f"(transcript generated_ids)")
 
 
 def heal_tail(path: Path) -> None:
@@ -303,10 +361,14 @@ def heal_tail(path: Path) -> None:
 def read_transcript(path: Path) -> tuple[list[Turn], str | None]:
     """Turns from a transcript. A torn last line (a crash mid-append) is ignored and reported;
     a bad line elsewhere is an error (the file was edited or damaged)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return [], None
+    try:
+        data = read_regular(path, _MAX_TRANSCRIPT)
+    except OSError as exc:
+        raise WorkspaceError(f"{path}: unreadable transcript ({exc.strerror or exc})") from None
     turns, warn = [], None
-    lines = path.read_bytes().split(b"\n")
+    lines = data.split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue

@@ -316,7 +316,7 @@ class TargetRoutes:
                 return self.reply(m, repeated=True)
             if m.state != "prepared":
                 return err(409, "state", f"the migration is {m.state}")
-            if m.name in self.target.agent_names():
+            if m.name.casefold() in {n.casefold() for n in self.target.agent_names()}:
                 return err(409, "name-taken", f"an agent named {m.name!r} appeared on the target")
             m.state = "committing"
             t0 = time.perf_counter()

@@ -57,6 +57,7 @@ def _listen(host: str, port: int) -> socket.socket:
 def serve(opts: ServeOptions) -> int:
     import uvicorn
 
+    from ..engine.lock import WorkspaceLock
     from ..engine.usxf.keys import WorkspaceKeys
     from ..engine.worker import Engine
     from ..paths import resolve_workspace
@@ -74,16 +75,25 @@ def serve(opts: ServeOptions) -> int:
         raise MigrationError("--staging-ttl must be > 0 and --max-migrations >= 1")
     if bool(opts.tls_cert) != bool(opts.tls_key):
         raise MigrationError("--tls-cert and --tls-key go together")
-    if opts.tls_cert:
-        cert = load_server_cert(opts.tls_cert, opts.tls_key)
-    else:
-        cert = ensure_server_cert(folder / "migrate" / "tls")
-    if opts.fingerprint_only:
-        print(cert.display)
-        return 0
-    for note in recover_staging(folder):
-        say(note)
-    engine = Engine(folder, opts.model, eager_restore=False, loaded=model_override_for_tests())
+    # The workspace's one writer from here on (engine/lock.py): before the certificate and
+    # staging are touched; the engine holds it until shutdown.
+    wlock = WorkspaceLock(folder, "permeant serve").acquire()
+    try:
+        if opts.tls_cert:
+            cert = load_server_cert(opts.tls_cert, opts.tls_key)
+        else:
+            cert = ensure_server_cert(folder / "migrate" / "tls")
+        if opts.fingerprint_only:
+            print(cert.display)
+            wlock.release()
+            return 0
+        for note in recover_staging(folder):
+            say(note)
+        engine = Engine(folder, opts.model, eager_restore=False,
+                        loaded=model_override_for_tests(), workspace_lock=wlock)
+    except BaseException:
+        wlock.release()
+        raise
     keys = WorkspaceKeys(folder / "keys").ensure()
     print(f"permeant serve: workspace {folder}", flush=True)
     print(f"  TLS certificate {'created: ' if cert.created else ''}{cert.cert_path}", flush=True)

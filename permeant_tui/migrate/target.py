@@ -137,14 +137,15 @@ class Target:
         return gone
 
     def free_name(self, wanted: str | None, fallback: str) -> tuple[str | None, str]:
-        taken = self.agent_names() | {m.name for m in self.active()}
+        # casefolded, as the workspace compares names (macOS disks are case-insensitive)
+        taken = {n.casefold() for n in self.agent_names() | {m.name for m in self.active()}}
         if wanted is not None:
-            return (wanted, "") if wanted not in taken else (None, f"an agent named {wanted!r} "
-                                                                   "exists on the target")
+            return (wanted, "") if wanted.casefold() not in taken else (
+                None, f"an agent named {wanted!r} exists on the target")
         base = fallback if is_agent_name(fallback) else "agent"
         for i in range(1, 1000):
             cand = base if i == 1 else f"{base[:58]}-{i}"
-            if cand not in taken:
+            if cand.casefold() not in taken:
                 return cand, ""
         return None, "no free agent name"
 

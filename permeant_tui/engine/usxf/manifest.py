@@ -231,7 +231,7 @@ def parse_manifest(m: dict, header: Header, key_id: str, path: str | None = None
     source_dtype, method, group, tensors = _parse_tensors(s, m, identity, n, header, layers)
     chunk_digests, digest = _parse_payload(s, m, header)
     agent = _parse_agent(s, m, n)
-    fidelity = _parse_fidelity(s, m)
+    fidelity = _parse_fidelity(s, m, identity.vocab_size)
     prov = s.get(m, "provenance", "map", "manifest")
     for k, v in prov.items():
         if not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))):
@@ -421,14 +421,17 @@ def _parse_agent(s: _Schema, m: dict, n: int) -> AgentRecord:
     return AgentRecord(turns=turns, **vals)
 
 
-def _parse_fidelity(s: _Schema, m: dict) -> Fidelity | None:
+def _parse_fidelity(s: _Schema, m: dict, vocab_size: int) -> Fidelity | None:
+    """The probe's ids are token ids of the file's model: each below its vocabulary (a replay
+    feeds them to the model, whose embedding lookup does not bound-check)."""
     f = s.get(m, "fidelity", "map|nil", "manifest", CHECK_FIDELITY)
     if f is None:
         return None
+    top = vocab_size - 1 if vocab_size > 0 else 2**32 - 1
     probe = s.ints(s.get(f, "probe_prompt_ids", "list", "fidelity", CHECK_FIDELITY),
-                   "fidelity.probe_prompt_ids", 0, 2**32 - 1, CHECK_FIDELITY)
+                   "fidelity.probe_prompt_ids", 0, top, CHECK_FIDELITY)
     expected = s.ints(s.get(f, "expected_ids", "list", "fidelity", CHECK_FIDELITY),
-                      "fidelity.expected_ids", 0, 2**32 - 1, CHECK_FIDELITY)
+                      "fidelity.expected_ids", 0, top, CHECK_FIDELITY)
     nn = s.int_in(f, "n", 0, 2**32, "fidelity", CHECK_FIDELITY)
     if nn != len(expected):
         s.fail("fidelity.n", f"{nn} but {len(expected)} expected ids", CHECK_FIDELITY)

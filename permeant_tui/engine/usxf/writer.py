@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import os
 import platform
+import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -19,7 +20,7 @@ import msgpack
 import numpy as np
 import xxhash
 
-from ..atomic import commit_file
+from ..atomic import commit_file, refuse_non_regular, remove_dead_temps
 from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
 from . import layout
@@ -163,6 +164,9 @@ def _header(manifest_bytes: bytes, chunk_size: int, payload_offset: int, length:
     return Header(*HEADER.unpack(head)[1:], raw=head)
 
 
+_TEMP_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # `tmp` in write_usxf
+
+
 def _unlink(p: Path) -> None:
     try:
         p.unlink()
@@ -297,6 +301,8 @@ def write_usxf(
     payload = layout.SegmentedPayload(regions, length)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        refuse_non_regular(path)  # never rename over a device, a FIFO or a folder
+        remove_dead_temps(path.parent, _TEMP_RE)  # of exports killed mid-write (any name)
         with open(tmp, "xb") as f, ThreadPoolExecutor(layout.HASH_THREADS) as pool:
             futures = [pool.submit(payload.chunk_digest, a, b) for a, b in ranges]
             try:
