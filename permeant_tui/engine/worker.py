@@ -66,7 +66,7 @@ class Engine:
         recovers staging), released at shutdown like the engine's own.
 
         The engine is the workspace's one writer: it takes the workspace lock before anything
-        is read or written and holds it until `shutdown()` (WorkspaceBusy, exit 7, if another
+        is read or written and holds it until `shutdown()` (WorkspaceBusy, exit 9, if another
         process holds it)."""
         self.folder = resolve_workspace(workspace)
         self._wlock = (workspace_lock or WorkspaceLock(self.folder, purpose)).acquire()
