@@ -16,11 +16,13 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import statistics
 import sys
 import tempfile
 import time
 from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from resume import timed  # noqa: E402  (one timing helper for both resume benches)
 
 ROOT = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
 sys.path.insert(0, ROOT)
@@ -56,15 +58,6 @@ def build(folder: Path, tok, window: int, pattern: int) -> Path:
     (folder / "config.json").write_text(json.dumps(config))
     write_tokenizer(folder, tok)
     return folder
-
-
-def timed(fn, repeats: int) -> float:
-    out = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        fn()
-        out.append((time.perf_counter() - t) * 1000)
-    return statistics.median(out)
 
 
 def measure(lm, label: str, n: int, folder: Path, repeats: int) -> dict:

@@ -14,6 +14,7 @@ import numpy as np
 import pytest
 import xxhash
 from support.tiny_models import SLIDING, WINDOW, tiny_model
+from support.usxf_files import fix_header
 
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.errors import UsxfInvalid
@@ -126,16 +127,6 @@ def sections(data: bytes) -> dict:
     h = HEADER.unpack(data[:HEADER_SIZE])
     ml, po, pl = h[5], h[8], h[9]
     return {"manifest": (64, 64 + ml), "payload": (po, po + pl)}
-
-
-def fix_header(head: bytes, **fields) -> bytes:
-    """A header with fields replaced and its checksum recomputed."""
-    names = ["magic", "major", "minor", "sig_alg", "flags", "manifest_len", "sig_len", "chunk_size",
-             "payload_offset", "payload_len", "manifest_xxh3", "header_xxh3"]
-    vals = dict(zip(names, HEADER.unpack(head[:HEADER_SIZE]), strict=True))
-    vals.update(fields)
-    raw = HEADER.pack(*[vals[n] for n in names])
-    return raw[:56] + xxhash.xxh3_64_intdigest(raw[:56]).to_bytes(8, "little")
 
 
 def resign(data: bytes, keys: WorkspaceKeys, mutate, minor: int | None = None) -> bytes:
