@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import threading
 import time
+from collections import deque
 from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field, replace
@@ -14,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 
 from .agent import Agent
 from .api import WorkerContext
+from .batch import BatchTurn
 from .errors import ModelLoadError, PermeantError, TurnCancelled
 from .events import (
     AgentReset,
@@ -31,6 +33,7 @@ from .events import (
     Tokens,
     TurnDone,
     TurnFailed,
+    TurnResult,
     TurnStarted,
 )
 from .events import TurnCancelled as TurnCancelledEvent
@@ -64,6 +67,65 @@ class Job:
     future: Future = field(default_factory=Future)
     turn_id: int = 0
     cancel: threading.Event = field(default_factory=threading.Event)
+
+
+class JobQueue:
+    """The worker's FIFO. `put_all` enqueues several jobs at once (the team's two first turns
+    arrive together); `group` hands the worker a turn job together with the turn jobs of other
+    agents queued right behind it, which it may decode in one batch."""
+
+    def __init__(self) -> None:
+        self._jobs: deque[Job] = deque()
+        self._cv = threading.Condition()
+
+    def put(self, job: Job) -> None:
+        self.put_all([job])
+
+    def put_all(self, jobs: list[Job]) -> None:
+        with self._cv:
+            self._jobs.extend(jobs)
+            self._cv.notify()
+
+    def get(self) -> Job:
+        with self._cv:
+            while not self._jobs:
+                self._cv.wait()
+            return self._jobs.popleft()
+
+    def group(self, first: Job, limit: int) -> list[Job]:
+        """`first` and the turn jobs right behind it, of other agents, up to `limit` in all.
+        A coordinator's team turn waits for the others' answers and never joins a group."""
+        group = [first]
+        if not _groupable(first):
+            return group
+        with self._cv:
+            while (self._jobs and len(group) < limit and _groupable(self._jobs[0])
+                   and self._jobs[0].agent_id not in {j.agent_id for j in group}):
+                group.append(self._jobs.popleft())
+        return group
+
+
+def _groupable(job: Job) -> bool:
+    return job.kind == "turn" and "team" not in job.payload and not job.cancel.is_set()
+
+
+@dataclass(eq=False)
+class _Begun:
+    """A turn job between its start and its end (see Worker.turns)."""
+
+    job: Job
+    agent: Agent
+    text: str = ""
+    params: TurnParams = field(default_factory=TurnParams)
+    started: bool = False
+    restore: RestoreReport | None = None
+
+    @property
+    def source(self) -> str:
+        return self.restore.source if self.restore is not None else "new"
+    on_start: Callable[[int, int], None] = field(default=lambda cached, todo: None)
+    emit: Callable[[Event], None] = field(default=lambda ev: None)
+    outcome: TurnResult | BaseException | None = None
 
 
 class Worker:
@@ -168,55 +230,111 @@ class Worker:
             self.states.finished(agent_id, outcome, started)
 
     def turn(self, job: Job) -> None:
+        self.turns([job])
+
+    def max_batch(self) -> int:
+        """How many queued turns of different agents may run together (1 before the model
+        loads, and for models whose caches cannot batch)."""
+        return self.runner.max_batch() if self.loaded is not None else 1
+
+    def turns(self, jobs: list[Job]) -> None:
+        """Turn jobs of distinct agents. Two or more whose agents are resident together are
+        prefilled one by one and decoded in one batch (engine/batch.py); any other runs alone."""
+        begun = [b for b in map(self._begin, jobs) if b is not None]
+        batch = [b for b in begun if b.agent.resident] if len(begun) > 1 else []
+        if len(batch) > 1:
+            specs = [BatchTurn(b.agent, b.text, b.params, b.job.turn_id, b.emit, b.job.cancel,
+                               b.source, b.on_start) for b in batch]
+            outcomes = self.runner.run_turns(specs)
+            for b, out in zip(batch, outcomes, strict=True):  # durable first: every transcript line
+                b.outcome = self._record(b, out)
+            for b in batch:  # then snapshots, events and futures
+                self._end(b)
+        for b in begun:
+            if b.outcome is not None or b in batch:
+                continue
+            try:
+                if not b.agent.resident:  # evicted by a later agent's restore in this group
+                    b.restore = self.restore(b.agent)
+                one: TurnResult | BaseException = self.runner.run_turn(
+                    b.agent, b.text, b.params, turn_id=b.job.turn_id, emit=b.emit,
+                    cancel=b.job.cancel, source=b.source, on_start=b.on_start)
+            except BaseException as exc:  # noqa: BLE001 - reported by _end
+                one = exc
+            b.outcome = self._record(b, one)
+            self._end(b)
+
+    def _begin(self, job: Job) -> _Begun | None:
+        """A turn up to its model work: input, state, residency. None when it ended here (the
+        outcome is already reported)."""
         assert job.agent_id is not None
         agent_id = job.agent_id
-        agent = self.ws.agent(agent_id)
-        started = False
+        b = _Begun(job, self.ws.agent(agent_id))
         try:
             if job.cancel.is_set():
                 raise TurnCancelled("cancelled before it started")
             self.need_model()
-            text, params = self._turn_input(job)
+            b.text, b.params = self._turn_input(job)
             with self.lock:
                 self.states.started(agent_id)
-            started = True
-            restore = self.restore(agent)
-            source = restore.source
+            b.started = True
+            b.restore = self.restore(b.agent)
+        except BaseException as exc:  # noqa: BLE001 - reported by _end
+            b.outcome = exc
+            self._end(b)
+            return None
+        source, text = b.source, b.text
 
-            def on_start(cached: int, todo: int) -> None:
-                self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text))
+        def on_start(cached: int, todo: int) -> None:
+            self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text))
 
-            def emit(ev: Event) -> None:
-                if isinstance(ev, Tokens) and self.states[agent_id] == "prefilling":
-                    with self.lock:
-                        self.states.generating(agent_id)
-                self.emit(ev)
+        def emit(ev: Event) -> None:
+            if isinstance(ev, Tokens) and self.states[agent_id] == "prefilling":
+                with self.lock:
+                    self.states.generating(agent_id)
+            self.emit(ev)
 
-            result = self.runner.run_turn(agent, text, params, turn_id=job.turn_id, emit=emit,
-                                          cancel=job.cancel, source=source, on_start=on_start)
-            # Durable first: the transcript line, then the snapshot.
-            self.ws.append_turn(agent, agent.turns[-1])
+        b.on_start, b.emit = on_start, emit
+        return b
+
+    def _record(self, b: _Begun, out: TurnResult | BaseException) -> TurnResult | BaseException:
+        """Durable first: the transcript line of a completed turn (before any snapshot)."""
+        if isinstance(out, BaseException):
+            return out
+        try:
+            self.ws.append_turn(b.agent, b.agent.turns[-1])
+        except BaseException as exc:  # noqa: BLE001 - reported by _end
+            return exc
+        return out
+
+    def _end(self, b: _Begun) -> None:
+        """Snapshot, events and the future of a turn whose outcome is known."""
+        job, agent, agent_id, out = b.job, b.agent, b.agent.agent_id, b.outcome
+        try:
+            if isinstance(out, BaseException):
+                raise out
+            assert out is not None and b.restore is not None
             t = time.perf_counter()
             self.enforce_residency(keep=agent)
             if self.autosave:
                 self.save_agent(agent)
-            timing = dict(result.timing_ms)
+            timing = dict(out.timing_ms)
             timing["model_load"] = self.timings.get("model_load", 0.0) if self._first_turn else 0.0
-            timing["restore"] = restore.ms
+            timing["restore"] = b.restore.ms
             timing["save"] = (time.perf_counter() - t) * 1000  # this agent's and any evictee's
             self._first_turn = False
-            result = replace(result, timing_ms=timing)
+            result = replace(out, timing_ms=timing)
             agent.attach_used = True
-            self._finished(agent_id, "done", started)
+            self._finished(agent_id, "done", b.started)
             self.emit(TurnDone(agent_id, job.turn_id, result))
             job.future.set_result(result)
         except TurnCancelled as exc:
-            self._finished(agent_id, "cancelled", started)
+            self._finished(agent_id, "cancelled", b.started)
             rewind = getattr(exc, "rewind", None)  # how the cache went back (generation.py)
             self.emit(TurnCancelledEvent(agent_id, job.turn_id, rewind))
             job.future.set_exception(exc)
         except BaseException as exc:
-            self._finished(agent_id, "failed", started)
+            self._finished(agent_id, "failed", b.started)
             self.emit(TurnFailed(agent_id, job.turn_id, type(exc).__name__, str(exc)))
             job.future.set_exception(exc)
 

@@ -120,6 +120,15 @@ def new_cache(model) -> list:
     return _cls().make_prompt_cache(model)
 
 
+def batchable(cache: list) -> bool:
+    """True when every layer can join mlx-lm's batched caches and come back out unchanged:
+    KVCache, and RotatingKVCache without kept tokens (BatchRotatingKVCache drops `keep`)."""
+    c = _cls()
+    return all(type(layer) is c.KVCache
+               or (type(layer) is c.RotatingKVCache and getattr(layer, "keep", 0) == 0)
+               for layer in cache)
+
+
 def spec_of(layer) -> LayerSpec:
     c = _cls()
     if type(layer) is c.KVCache:

@@ -21,6 +21,7 @@ from .events import Event, RestoreReport, TurnResult
 from .runtime import MemoryFigures
 
 if TYPE_CHECKING:
+    from .batch import BatchTurn
     from .generation import TurnParams
     from .models import LoadedModel
     from .usxf.reader import UsxfFile
@@ -52,6 +53,13 @@ class ModelRunner(Protocol):
                  on_start: Callable[[int, int], None]) -> TurnResult:
         """One turn; appends the Turn to agent.turns only when it completes."""
 
+    def max_batch(self) -> int:
+        """How many agents' turns `run_turns` decodes together (1: no batching)."""
+
+    def run_turns(self, turns: list[BatchTurn]) -> list[TurnResult | BaseException]:
+        """Turns of distinct resident agents, decoded in one batch; per turn its result or the
+        exception that ended it (engine/batch.py)."""
+
     def export(self, ws: Workspace, agent: Agent, path: str | None, quant: str, *,
                fidelity: bool, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:
         """Write a USXF file of the (resident) agent: (the file, ms taken)."""
@@ -73,6 +81,7 @@ class MlxRunner:
         self.spec, self.context_limit = spec, context_limit
         self.digest_cache = digest_cache
         self.lm: LoadedModel | None = preloaded
+        self._batch: int | None = None
 
     def load(self, progress: Callable[[str, float], None]) -> LoadedModel:
         if self.lm is None:
@@ -118,6 +127,19 @@ class MlxRunner:
         return run_turn(lm.model, lm.tokenizer, agent, text, params,
                         context_limit=lm.context_limit, turn_id=turn_id, emit=emit,
                         cancel=cancel, source=source, on_start=on_start)
+
+    def max_batch(self) -> int:
+        from .batch import MAX_BATCH, batchable
+
+        if self._batch is None:
+            self._batch = MAX_BATCH if batchable(self._model().model) else 1
+        return self._batch
+
+    def run_turns(self, turns: list[BatchTurn]) -> list[TurnResult | BaseException]:
+        from .batch import run_turns
+
+        lm = self._model()
+        return run_turns(lm.model, lm.tokenizer, turns, context_limit=lm.context_limit)
 
     def export(self, ws: Workspace, agent: Agent, path: str | None, quant: str, *,
                fidelity: bool, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:

@@ -9,7 +9,6 @@ is engine/jobs.py; the model work behind it is the runner (engine/runner.py).
 
 from __future__ import annotations
 
-import queue
 import threading
 import time
 import traceback
@@ -35,7 +34,7 @@ from .events import (
     TurnResult,
 )
 from .generation import TurnParams
-from .jobs import Job, Worker
+from .jobs import Job, JobQueue, Worker
 from .lock import WorkspaceLock
 from .runner import MlxRunner, ModelRunner
 from .runtime import MemoryFigures
@@ -88,9 +87,9 @@ class Engine:
         self._states = AgentStates(ws.agents)
         self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
                               eager=eager_restore, rebuild=rebuild, autosave=autosave)
-        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._jobs = JobQueue()
         self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
-        self._running: Job | None = None
+        self._running: list[Job] = []  # the turn jobs in flight (several when batched)
         self._turn_seq = 0
         self._thread: threading.Thread | None = None
         self._mem = MemoryFigures(0, 0, 0)
@@ -151,25 +150,33 @@ class Engine:
 
     def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        job = self._queue_turn(agent_id, text, max_tokens, params)
+        return job.turn_id, job.future
+
+    def _queue_turn(self, agent_id: str, text: str, max_tokens: int | None,
+                    params: TurnParams | None, put: bool = True) -> Job:
         self._ws.agent(agent_id)  # unknown agents fail here, in the caller's thread
         p = params or TurnParams(max_tokens=max_tokens or self._ws.settings.max_tokens)
         if max_tokens is not None:
             p = replace(p, max_tokens=max_tokens)
         job = self._turn_job(agent_id, {"text": text, "params": p})
         self._emit(TurnQueued(agent_id, job.turn_id, text))
-        self._put(job)
-        return job.turn_id, job.future
+        if put:
+            self._put(job)
+        return job
 
     def ask_team(self, question: str,
                  max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:
         """Technical and business answer; then the coordinator synthesises both. The returned
         Future resolves to {agent_id: TurnResult}."""
-        _, f_tech = self.submit_future("technical", question, max_tokens)
-        _, f_biz = self.submit_future("business", question, max_tokens)
+        # The two answers are queued together so the worker can decode them in one batch.
+        tech, biz = (self._queue_turn(a, question, max_tokens, None, put=False)
+                     for a in ("technical", "business"))
+        f_tech, f_biz = tech.future, biz.future
         job = self._turn_job("coordinator", {"team": (question, f_tech, f_biz),
                                              "max_tokens": max_tokens})
         self._emit(TurnQueued("coordinator", job.turn_id, ""))
-        self._put(job)
+        self._jobs.put_all([tech, biz, job])
         team: Future[dict[str, TurnResult]] = Future()
 
         def collect(_) -> None:
@@ -187,8 +194,9 @@ class Engine:
             for job in self._queued:
                 if job.agent_id == agent_id:
                     job.cancel.set()
-            if self._running is not None and self._running.agent_id == agent_id:
-                self._running.cancel.set()
+            for job in self._running:
+                if job.agent_id == agent_id:
+                    job.cancel.set()
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
                fidelity: bool = True) -> Future[UsxfFile]:
@@ -240,8 +248,8 @@ class Engine:
         with self._lock:
             for job in self._queued:
                 job.cancel.set()
-            if cancel_running and self._running is not None:
-                self._running.cancel.set()
+            for job in self._running if cancel_running else ():
+                job.cancel.set()
         self._put(Job("stop"))
         thread = self._thread
         assert thread is not None
@@ -280,6 +288,7 @@ class Engine:
     def _run(self) -> None:
         while True:
             job = self._jobs.get()
+            group = [job]
             try:
                 if job.kind == "stop":
                     try:
@@ -289,20 +298,25 @@ class Engine:
                         job.future.set_result(None)
                     return
                 if job.kind == "turn":
+                    group = self._jobs.group(job, self._worker.max_batch())
                     with self._lock:
-                        if job in self._queued:
-                            self._queued.remove(job)
-                        self._running = job
-                self._worker.handle(job)
+                        for j in group:
+                            if j in self._queued:
+                                self._queued.remove(j)
+                        self._running = group
+                    self._worker.turns(group)
+                else:
+                    self._worker.handle(job)
             except BaseException as exc:  # noqa: BLE001 - the worker must survive everything
-                if not job.future.done():
-                    job.future.set_exception(exc)
+                for j in group:
+                    if not j.future.done():
+                        j.future.set_exception(exc)
                 if job.kind != "turn":
                     self._emit(Notice("error", f"{job.kind} failed: {exc}", job.agent_id))
             finally:
                 if job.kind == "turn":
                     with self._lock:
-                        self._running = None
+                        self._running = []
                 self._refresh_stats(memory=True)
 
     # ---- stats -----------------------------------------------------------------------------

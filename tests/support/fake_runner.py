@@ -110,8 +110,10 @@ class FakeRunner:
                  export_error: BaseException | None = None, export_ms: float = 42.0,
                  export_size: int = 3_355_443, save_ms: float = 3.5,
                  model: FakeModel | None = None, device: str = "cpu", blas: str = "OpenBLAS",
-                 memory: MemoryFigures = MEMORY) -> None:
+                 memory: MemoryFigures = MEMORY, batch: int = 1) -> None:
         self.restores = dict(restores or {})
+        self.batch = batch  # how many turns run_turns takes together (1: the engine never asks)
+        self.batches: list[tuple[str, ...]] = []
         self.manual, self.chunk_words, self.delay = manual, chunk_words, delay
         self.fail_next = dict(fail_next or {})
         self.export_error, self.export_ms, self.export_size = export_error, export_ms, export_size
@@ -242,6 +244,22 @@ class FakeRunner:
             cached=cached, prefilled=to_prefill, generated=generated,
             in_cache=len(agent.cache_ids), context_limit=self.model.context_limit,
             timing_ms={"ttft": 120.0}, decode_tok_s=18.9)
+
+    def max_batch(self) -> int:
+        return self.batch
+
+    def run_turns(self, turns) -> list:
+        """The scripted turns of a batch, one after another (the grouping is what is tested)."""
+        self.batches.append(tuple(t.agent.agent_id for t in turns))
+        out: list = []
+        for t in turns:
+            try:
+                out.append(self.run_turn(t.agent, t.text, t.params, turn_id=t.turn_id,
+                                         emit=t.emit, cancel=t.cancel, source=t.source,
+                                         on_start=t.on_start))
+            except BaseException as exc:  # noqa: BLE001 - per turn, as the real one
+                out.append(exc)
+        return out
 
     def export(self, ws, agent: Agent, path, quant: str, *, fidelity: bool, progress):
         self.exports.append(agent.agent_id)
