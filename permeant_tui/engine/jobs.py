@@ -134,9 +134,9 @@ class Worker:
 
     def __init__(self, ws: Workspace, runner: ModelRunner, states: AgentStates,
                  lock: threading.Lock, emit: Callable[[Event], None], *, eager: bool,
-                 rebuild: bool, autosave: bool) -> None:
+                 rebuild: bool, autosave: bool, batch: bool = True) -> None:
         self.ws, self.runner, self.states, self.lock, self.emit = ws, runner, states, lock, emit
-        self.eager, self.rebuild, self.autosave = eager, rebuild, autosave
+        self.eager, self.rebuild, self.autosave, self.batch = eager, rebuild, autosave, batch
         self.loaded: LoadedModel | None = None
         self.load_error: str | None = None
         self.ready = threading.Event()
@@ -235,7 +235,7 @@ class Worker:
     def max_batch(self) -> int:
         """How many queued turns of different agents may run together (1 before the model
         loads, and for models whose caches cannot batch)."""
-        return self.runner.max_batch() if self.loaded is not None else 1
+        return self.runner.max_batch() if self.loaded is not None and self.batch else 1
 
     def turns(self, jobs: list[Job]) -> None:
         """Turn jobs of distinct agents. Two or more whose agents are resident together are

@@ -56,13 +56,15 @@ class Engine:
                  rebuild: bool = False, context_limit: int | None = None,
                  loaded: LoadedModel | None = None, runner: ModelRunner | None = None,
                  autosave: bool = True, purpose: str = "permeant",
-                 workspace_lock: WorkspaceLock | None = None):
+                 workspace_lock: WorkspaceLock | None = None, batch: bool = True):
         """`loaded`: a model to use instead of loading one (tests, benchmarks). `runner`: the
         model runner (default: MLX; UI tests pass a scripted one). `autosave=False`: only
         eviction, save() and shutdown write snapshots, not every turn (tests). `purpose`: how
         the workspace lock names this process to a second writer (engine/lock.py);
         `workspace_lock`: that lock, already held by the caller (serve takes it before it
-        recovers staging), released at shutdown like the engine's own.
+        recovers staging), released at shutdown like the engine's own. `batch=False`: turns
+        of different agents queued together run one after another instead of in one batched
+        decode (engine/batch.py; bench/team.py compares the two).
 
         The engine is the workspace's one writer: it takes the workspace lock before anything
         is read or written and holds it until `shutdown()` (WorkspaceBusy, exit 9, if another
@@ -86,7 +88,8 @@ class Engine:
         self._lock = threading.Lock()  # guards the turn bookkeeping and the agent states
         self._states = AgentStates(ws.agents)
         self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
-                              eager=eager_restore, rebuild=rebuild, autosave=autosave)
+                              eager=eager_restore, rebuild=rebuild, autosave=autosave,
+                              batch=batch)
         self._jobs = JobQueue()
         self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
         self._running: list[Job] = []  # the turn jobs in flight (several when batched)

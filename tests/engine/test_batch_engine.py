@@ -11,12 +11,11 @@ from support.fake_runner import FakeRunner
 
 from permeant_tui.engine.errors import TurnCancelled
 from permeant_tui.engine.events import Tokens
-from permeant_tui.engine.runner import MlxRunner
 from permeant_tui.engine.worker import Engine
 
 
-def team(tiny_model, folder, q="Ship now or wait a week?"):
-    engine = Engine(folder, loaded=tiny_model, eager_restore=False)
+def team(tiny_model, folder, q="Ship now or wait a week?", batch=True):
+    engine = Engine(folder, loaded=tiny_model, eager_restore=False, batch=batch)
     engine.start()
     engine.wait_ready(30)
     out = engine.ask_team(q, max_tokens=12).result(300)
@@ -24,13 +23,12 @@ def team(tiny_model, folder, q="Ship now or wait a week?"):
     return out
 
 
-def test_team_batched_equals_sequential(tiny_model, tmp_path, monkeypatch):
+def test_team_batched_equals_sequential(tiny_model, tmp_path):
     batched = team(tiny_model, tmp_path / "a")
     assert batched["technical"].timing_ms.get("batched") == 1.0
     assert batched["business"].timing_ms.get("batched") == 1.0
     assert "batched" not in batched["coordinator"].timing_ms  # it waits for both answers
-    monkeypatch.setattr(MlxRunner, "max_batch", lambda self: 1)
-    sequential = team(tiny_model, tmp_path / "b")
+    sequential = team(tiny_model, tmp_path / "b", batch=False)
     assert "batched" not in sequential["technical"].timing_ms
     for agent in ("technical", "business", "coordinator"):
         assert batched[agent].generated_ids == sequential[agent].generated_ids, agent
