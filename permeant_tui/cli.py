@@ -24,6 +24,9 @@ def _add_common(p: argparse.ArgumentParser, workspace: bool = True) -> None:
 
 
 def build_parser() -> argparse.ArgumentParser:
+    from .engine.exchange import PROBE_N
+    from .engine.usxf.spec import QUANTS
+
     ap = argparse.ArgumentParser(prog="permeant", description=__doc__.splitlines()[0])
     _add_common(ap)
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
@@ -55,8 +58,10 @@ def build_parser() -> argparse.ArgumentParser:
     _add_common(p)
     p.add_argument("agent")
     p.add_argument("-o", "--output", metavar="FILE")
-    p.add_argument("--quant", choices=["none", "f16", "bf16", "int8"], default="none")
+    p.add_argument("--quant", choices=list(QUANTS), default="none")
     p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity probe")
+    p.add_argument("--probe", type=int, default=PROBE_N, metavar="N",
+                   help=f"greedy tokens in the fidelity probe (default {PROBE_N})")
 
     p = sub.add_parser("import", help="verify a USXF file and attach it as an agent")
     _add_common(p)
@@ -74,6 +79,8 @@ def build_parser() -> argparse.ArgumentParser:
     q.add_argument("file")
     q.add_argument("--fidelity", action="store_true",
                    help="also attach it to the model and replay the fidelity probe")
+    q.add_argument("--probe", type=int, default=None, metavar="N",
+                   help="replay only the probe's first N tokens (default: all it recorded)")
 
     p = sub.add_parser("keys", help="this workspace's signing key and trusted keys")
     ks = p.add_subparsers(dest="keys_cmd", metavar="ACTION", required=True)
@@ -240,7 +247,7 @@ def cmd_export(args) -> int:
     engine = _engine(args)
     try:
         info = engine.export(args.agent, args.output, args.quant,
-                             fidelity=not args.no_fidelity).result()
+                             fidelity=0 if args.no_fidelity else args.probe).result()
     finally:
         engine.shutdown()
     print(f"exported {args.agent} -> {info.path}")

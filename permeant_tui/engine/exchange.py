@@ -22,7 +22,7 @@ from .snapshot import fsync_dir
 
 # Appended directly after the exported KV state: a new user turn and the assistant header.
 PROBE_SUFFIX = "\n<|im_start|>user\nContinue.<|im_end|>\n<|im_start|>assistant\n"
-PROBE_N = 16
+PROBE_N = 128  # default probe length (export --probe N, usxf verify --fidelity --probe N)
 
 
 def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
@@ -40,9 +40,19 @@ def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray],
     return keys, values, dtype
 
 
-def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]:
+def _top2_margin(logprobs) -> float:
+    """Top-1 minus top-2 logit (log-softmax keeps differences): how close the greedy choice was."""
+    import mlx.core as mx
+
+    top = mx.topk(logprobs.reshape(-1), 2)
+    return float(mx.max(top) - mx.min(top))
+
+
+def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int,
+                 margins: list[float] | None = None) -> list[int]:
     """Feed probe_ids after the agent's cache, decode n greedy tokens, then trim back.
-    The agent's cache and ids are unchanged afterwards."""
+    The agent's cache and ids are unchanged afterwards. When `margins` is a list, each step's
+    top-2 logit margin is appended to it."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -50,9 +60,11 @@ def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]
 
     base = len(agent.cache_ids)
     out = []
-    for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
-                                prompt_cache=agent.cache):
+    for tok, logprobs in generate_step(mx.array(probe_ids), model, max_tokens=n,
+                                       prompt_cache=agent.cache):
         out.append(int(tok))
+        if margins is not None:
+            margins.append(_top2_margin(logprobs))
     trim_to(agent, base)
     return out
 
@@ -66,12 +78,16 @@ def make_fidelity(engine, agent: Agent, n: int = PROBE_N):
     if room < len(probe) + n:
         return Fidelity(probe, [], 0, max(room, 0),
                         note=f"not checked: context room {room} < {len(probe) + n}")
-    return Fidelity(probe, greedy_probe(lm.model, agent, probe, n), n, room,
-                    note=f"greedy {n} tokens after the fixed probe prompt")
+    margins: list[float] = []
+    expected = greedy_probe(lm.model, agent, probe, n, margins)
+    return Fidelity(probe, expected, n, room, note=f"greedy {n} tokens after the fixed probe prompt",
+                    margins=[float(f"{m:.4g}") for m in margins])
 
 
 def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
-                 fidelity: bool = True, progress=None, chunk_size: int | None = None):
+                 fidelity: bool | int = True, progress=None, chunk_size: int | None = None):
+    """fidelity: True records a probe of PROBE_N tokens, an int N one of N tokens, False or 0
+    none."""
     from . import runtime
     from .usxf import AgentRecord, KVPayload, write_usxf
     from .usxf.keys import WorkspaceKeys
@@ -85,7 +101,8 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
     sync_to_transcript(lm.model, lm.tokenizer, agent)
     n = len(agent.cache_ids)
     keys_np, values_np, dtype = _kv_numpy(agent, n)
-    fid = make_fidelity(engine, agent) if fidelity else None
+    probe_n = PROBE_N if fidelity is True else int(fidelity)
+    fid = make_fidelity(engine, agent, probe_n) if probe_n > 0 else None
     spans = agent.turn_spans(lm.tokenizer)
     turns = [{"user": t.user, "reply": t.reply, "span": list(s),
               "generated_ids": list(t.generated_ids)} for t, s in zip(agent.turns, spans, strict=False)]
@@ -173,17 +190,30 @@ def replay_fidelity(engine, agent_id: str) -> str:
     return compare_probe(lm, agent, f.fidelity)
 
 
-def compare_probe(lm, agent: Agent, fid) -> str:
+def compare_probe(lm, agent: Agent, fid, n: int | None = None) -> str:
+    """Replay the probe (its first n tokens when n is given): "exact N/N", "diverged at k (k/N
+    matched; source top-2 margin m there)", or "not checked: ..." (never a defect)."""
     if fid is None:
         return "not checked: the file carries no fidelity probe"
     if fid.n == 0:
         return fid.note or "not checked: no probe recorded"
+    n = fid.n if n is None else max(1, min(n, fid.n))
     room = lm.context_limit - len(agent.cache_ids)
-    if room < len(fid.probe_prompt_ids) + fid.n:
-        return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + fid.n}"
-    got = greedy_probe(lm.model, agent, fid.probe_prompt_ids, fid.n)
-    k = next((i for i, (a, b) in enumerate(zip(got, fid.expected_ids, strict=False)) if a != b), None)
-    return f"exact {fid.n}/{fid.n}" if k is None else f"diverged at {k} ({k}/{fid.n} matched)"
+    if room < len(fid.probe_prompt_ids) + n:
+        return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + n}"
+    got = greedy_probe(lm.model, agent, fid.probe_prompt_ids, n)
+    return probe_verdict(got, fid.expected_ids[:n], fid.margins)
+
+
+def probe_verdict(got: list[int], expected: list[int], margins: list[float] | None) -> str:
+    n = len(expected)
+    k = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+    if k is None:
+        return f"exact {n}/{n}"
+    where = f"diverged at {k} ({k}/{n} matched"
+    if margins is not None and k < len(margins):
+        return f"{where}; source top-2 margin {margins[k]:.3g} there)"
+    return f"{where}; no source margins recorded)"
 
 
 # ---- `permeant usxf ...` ----------------------------------------------------------------------
@@ -263,4 +293,4 @@ def fidelity_of_file(args) -> str:
     agent = Agent("probe", "probe", "probe", "")
     agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype)
     agent.cache_ids = list(f.token_ids)
-    return compare_probe(lm, agent, f.fidelity)
+    return compare_probe(lm, agent, f.fidelity, getattr(args, "probe", None))

@@ -113,9 +113,12 @@ def _agent_dict(agent: AgentRecord) -> dict:
 def _fidelity_dict(f: Fidelity | None) -> dict | None:
     if f is None:
         return None
-    return {"probe_prompt_ids": [int(x) for x in f.probe_prompt_ids],
-            "expected_ids": [int(x) for x in f.expected_ids], "n": int(f.n),
-            "context_room": int(f.context_room), "note": f.note}
+    d = {"probe_prompt_ids": [int(x) for x in f.probe_prompt_ids],
+         "expected_ids": [int(x) for x in f.expected_ids], "n": int(f.n),
+         "context_room": int(f.context_room), "note": f.note}
+    if f.margins is not None:  # optional key (1.0 readers ignore it)
+        d["margins"] = [float(x) for x in f.margins]
+    return d
 
 
 def _provenance(extra: dict | None) -> dict:
@@ -221,22 +224,23 @@ def write_usxf(
                 src = _quant.as_source_array(arr, kv.dtype)
             except ValueError as e:
                 raise _reject("kv-shape", f"{name}: {e}") from None
-            if method == "int8" and src.shape[2] % group:
+            if method in ("int8", "kivi8") and src.shape[2] % group and not (
+                    method == "kivi8" and kind == "k"):
                 raise _reject("kv-shape", f"{name}: head_dim {src.shape[2]} is not a multiple of "
-                                          f"the int8 group {group}")
-            data, scales = _quant.encode(src, kv.dtype, method, group, meter, name)
+                                          f"the {method} group {group}")
+            stored = _quant.encode(src, kv.dtype, method, group, meter, name, kind)
             off = align_up(off, TENSOR_ALIGN)
             entry = {"name": name, "layer": layer, "kind": kind, "shape": list(src.shape),
                      "dtype": _quant.stored_dtype(kv.dtype, method), "offset": off,
-                     "nbytes": int(data.nbytes), "scales": None}
-            regions.append((off, _byte_view(data)))
-            off += data.nbytes
-            if scales is not None:
+                     "nbytes": int(stored.data.nbytes), "scales": None, **stored.fields}
+            regions.append((off, _byte_view(stored.data)))
+            off += stored.data.nbytes
+            for key, dtype, part in stored.parts:  # int8: scales; kivi8: scales, zeros, kept
                 off = align_up(off, TENSOR_ALIGN)
-                entry["scales"] = {"dtype": _quant.SCALE_DTYPE, "shape": list(scales.shape),
-                                   "offset": off, "nbytes": int(scales.nbytes)}
-                regions.append((off, _byte_view(scales)))
-                off += scales.nbytes
+                entry[key] = {"dtype": dtype, "shape": list(part.shape), "offset": off,
+                              "nbytes": int(part.nbytes)}
+                regions.append((off, _byte_view(part)))
+                off += part.nbytes
             table.append(entry)
         report(0.35 * (layer + 1) / max(n_layers, 1))
     length = off
@@ -257,9 +261,7 @@ def write_usxf(
         "blocks": {"hash": BLOCK_HASH_NAME, "block_size": block_size, "salt": "model.fingerprint",
                    "hashes": layout.block_hashes(tokens, fp, block_size)},
         "kv": {"source_dtype": kv.dtype, "layout": KV_LAYOUT, "tensors": table},
-        "quant": {"method": method, "group_size": group if method == "int8" else None,
-                  "scale_dtype": _quant.SCALE_DTYPE if method == "int8" else None,
-                  "error": meter.as_dict()},
+        "quant": _quant.quant_header(method, group, meter.as_dict()),
         "payload": {"offset": 0, "length": length, "chunk_size": chunk_size,
                     "alignment": PAYLOAD_ALIGN, "tensor_alignment": TENSOR_ALIGN,
                     "chunk_hash": CHUNK_HASH_NAME, "chunks": [bytes(32)] * len(ranges),
