@@ -8,7 +8,8 @@ Both asymmetric: 8-bit codes with a float16 scale and zero per group, `x' = code
 A few positions of each tensor are kept in float16 instead: the first `keep_first` (the
 attention sink: SmolLM2 puts a third of all attention on position 0) and the `keep_fraction`
 of the others with the smallest vector norm (the secondary sinks, tokens whose small keys and
-values take much attention). They take no part in the groups' statistics, so a sink's values
+values take much attention). Key groups are `key_group` tokens, the last one taking the
+remainder (key_group to 2 * key_group - 1 tokens), so a short tensor pays no partial group. They take no part in the groups' statistics, so a sink's values
 do not widen its group's range. Chosen from the tensor alone, no model needed.
 
 Measured on SmolLM2-135M (bench/fidelity.py, docs/USXF.md 14): per-channel keys cut the key
@@ -25,8 +26,8 @@ import numpy as np
 METHOD = "kivi8"
 KEY_GROUP = 64  # tokens per key group (per channel)
 VALUE_GROUP = 64  # channels per value group (per token)
-KEEP_FIRST = 4
-KEEP_FRACTION = 0.01
+KEEP_FIRST = 1
+KEEP_FRACTION = 0.005
 SCALE_DTYPE = "float16"
 CODE_DTYPE = "uint8"
 LEVELS = 255
@@ -60,8 +61,8 @@ class Regions:
 
 def scales_shape(kind: str, h: int, m: int, d: int, key_group: int, group: int) -> tuple[int, ...]:
     """The scale (and zero) array of a tensor holding m quantized positions."""
-    if kind == "k":
-        return (h, -(-m // key_group), d)
+    if kind == "k":  # m // key_group groups, the last one taking the remainder
+        return (h, max(1, m // key_group) if m else 0, d)
     return (h, m, d // group)
 
 
@@ -126,13 +127,14 @@ def encode(x32: np.ndarray, kind: str, key_group: int = KEY_GROUP, group: int = 
         codes = np.empty(rest.shape, CODE_DTYPE)
         scales = np.empty(sshape, "<f2")
         zeros = np.empty(sshape, "<f2")
-        full = mq // key_group * key_group
+        ng = sshape[1]
+        full = (ng - 1) * key_group if ng else 0
         if full:  # whole groups at once: (h, groups, G, d), statistics over G
-            g4 = rest[:, :full].reshape(h, full // key_group, key_group, d)
+            g4 = rest[:, :full].reshape(h, ng - 1, key_group, d)
             c, s, z = _quantize(g4, g4.min(axis=2), g4.max(axis=2), 2)
             codes[:, :full] = c.reshape(h, full, d)
-            scales[:, :full // key_group], zeros[:, :full // key_group] = s, z
-        if full < mq:
+            scales[:, :ng - 1], zeros[:, :ng - 1] = s, z
+        if ng:  # the last group: key_group to 2 * key_group - 1 tokens (or all of fewer)
             tail = rest[:, full:]
             c, s, z = _quantize(tail, tail.min(axis=1), tail.max(axis=1), 1)
             codes[:, full:], scales[:, -1], zeros[:, -1] = c, s, z
@@ -151,13 +153,14 @@ def decode(codes: np.ndarray, scales: np.ndarray, zeros: np.ndarray, kept: np.nd
     s32, z32 = scales.astype("<f4"), zeros.astype("<f4")
     if kind == "k":
         out = np.empty((h, mq, d), "<f4")
-        full = mq // key_group * key_group
+        ng = s32.shape[1]
+        full = (ng - 1) * key_group if ng else 0
         if full:
-            g = codes[:, :full].reshape(h, full // key_group, key_group, d).astype("<f4")
-            g *= s32[:, :full // key_group, None, :]
-            g += z32[:, :full // key_group, None, :]
+            g = codes[:, :full].reshape(h, ng - 1, key_group, d).astype("<f4")
+            g *= s32[:, :ng - 1, None, :]
+            g += z32[:, :ng - 1, None, :]
             out[:, :full] = g.reshape(h, full, d)
-        if full < mq:
+        if ng:
             out[:, full:] = codes[:, full:] * s32[:, -1:, :] + z32[:, -1:, :]
     else:
         g = codes.reshape(h, mq, d // group, group).astype("<f4")
@@ -182,7 +185,9 @@ def error_bound(x32: np.ndarray, enc: Encoded, kind: str, key_group: int, group:
     h, m, d = x32.shape
     s32 = enc.scales.astype("<f4")
     if kind == "k":
-        per = np.repeat(s32, key_group, axis=1)[:, :m - len(enc.kept)]
+        mq = m - len(enc.kept)
+        idx = np.minimum(np.arange(mq) // key_group, max(s32.shape[1] - 1, 0))
+        per = s32[:, idx]
     else:
         per = np.repeat(s32, group, axis=2)
     bound = np.empty((h, m, d), "<f4")
