@@ -5,6 +5,8 @@ import sys
 
 import pytest
 
+from permeant_tui.engine.exchange import PROBE_N
+
 CLI = [sys.executable, "-m", "permeant_tui.cli"]
 
 
@@ -32,7 +34,7 @@ def test_capture_in_llamacpp_then_import_and_continue_in_mlx(captured):
     r = run("import", captured["file"], "--workspace", captured["ws"], "--check-fidelity")
     assert "imported" in r.stdout
     # llama.cpp decoded the probe; MLX replays it on the attached state.
-    assert "fidelity: exact 16/16" in r.stdout or "fidelity: diverged at" in r.stdout
+    assert f"fidelity: exact {PROBE_N}/{PROBE_N}" in r.stdout or "fidelity: diverged at" in r.stdout
     import json
 
     chat = run("chat", "captured", "And how do we fix it?", "--workspace", captured["ws"],
@@ -48,7 +50,7 @@ def test_attach_in_llamacpp_continues(captured):
     assert "warm start: attach est" in r.stdout and "re-prefill est" in r.stdout
     assert "continued 8 tokens in llama.cpp" in r.stdout
     # The captured probe was decoded by llama.cpp itself: attached back, it must reproduce.
-    assert "16/16 of the exporter's probe tokens reproduced" in r.stdout
+    assert f"{PROBE_N}/{PROBE_N} of the exporter's probe tokens reproduced" in r.stdout
 
 
 def test_attach_refuses_tampered_file_and_exhausted_context(captured):

@@ -121,7 +121,8 @@ def attach_usxf(path: str, gguf: Path, n_continue: int, trusted, *, threads: int
     out(f"verified {path}: {n} tokens, quant {f.quant}, signed by {f.key_id} "
         f"({verify_s * 1000:.0f} ms)")
     try:
-        rt = LlamaCppRuntime(str(gguf), n_ctx=min(limit, max(n + n_continue + 64, 512)), kv_dtype="f32",
+        probe_len = len(f.fidelity.probe_prompt_ids) + f.fidelity.n if f.fidelity else 0
+        rt = LlamaCppRuntime(str(gguf), n_ctx=min(limit, max(n + max(n_continue, probe_len) + 64, 512)), kv_dtype="f32",
                              n_threads=threads)
     except ImportError as exc:
         raise ModelLoadError(f"llama.cpp runtime unavailable: {exc}") from None
@@ -182,7 +183,7 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
     ident = lm.identity
     if len(ids) + max_tokens + 64 > ident.context_limit:
         raise ContextExhausted(0, len(ids), max_tokens, ident.context_limit)
-    rt = LlamaCppRuntime(str(gguf), n_ctx=len(ids) + max_tokens + 64, kv_dtype="f32",
+    rt = LlamaCppRuntime(str(gguf), n_ctx=len(ids) + max_tokens + 64 + PROBE_N, kv_dtype="f32",
                          n_threads=threads)
     t = time.perf_counter()
     logits = rt.prefill(ids)

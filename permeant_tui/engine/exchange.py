@@ -114,14 +114,37 @@ def export_agent(engine, agent: Agent, path: str | None, quant: str = "none", *,
     keys.ensure()
     import mlx.core as mx
 
+    kl = {} if quant == "none" else {"next_token_kl": next_token_kl(lm, agent, keys_np, values_np,
+                                                                      dtype, quant)}
     return write_usxf(
         path, identity=lm.identity, token_ids=list(agent.cache_ids),
         kv=KVPayload(keys_np, values_np, dtype), agent=record, keys=keys, quant=quant,
-        fidelity=fid, progress=progress,
+        fidelity=fid, progress=progress, error_extra=kl,
         **({"chunk_size": chunk_size} if chunk_size else {}),  # migration tests use small chunks
         provenance={"runtime": "mlx", "runtime_version": mx.__version__,
                     "device": runtime.device_label(), "weights": lm.weights_mode},
     )
+
+
+def next_token_kl(lm, agent: Agent, keys_np, values_np, dtype: str, quant: str) -> float:
+    """KL(source || receiver) of the next-token distribution after the probe prompt, the
+    receiver holding the KV as `quant` delivers it (recorded as quant.error.next_token_kl)."""
+    import mlx.core as mx
+
+    from .generation import trim_to
+    from .snapshot import attach_payload
+    from .usxf import quant as q
+
+    probe = mx.array([lm.tokenizer.encode(PROBE_SUFFIX)])
+    base = len(agent.cache_ids)
+    src = lm.model(probe, cache=agent.cache)[0, -1].astype(mx.float32)
+    trim_to(agent, base)
+    cache = attach_payload(lm.model, [q.received(k, dtype, quant, "k") for k in keys_np],
+                           [q.received(v, dtype, quant, "v") for v in values_np], dtype,
+                           lm.identity.kv_dtype)
+    got = lm.model(probe, cache=cache)[0, -1].astype(mx.float32)
+    lp, lq = src - mx.logsumexp(src), got - mx.logsumexp(got)
+    return max(float(mx.sum(mx.exp(lp) * (lp - lq))), 0.0)
 
 
 def import_usxf(engine, path: str, name: str | None = None) -> dict:

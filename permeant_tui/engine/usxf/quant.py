@@ -229,3 +229,18 @@ def decode(data: np.ndarray, scales: np.ndarray | None, source_dtype: str, metho
     else:
         x32 = to_float32(data, target)
     return from_float32(x32, source_dtype)
+
+
+def received(x: np.ndarray, source_dtype: str, method: str, kind: str = "k") -> np.ndarray:
+    """What a receiver's load_kv() returns for this tensor sent with `method` (source dtype):
+    for measuring a transfer's effect on the model before writing (next-token KL at export)."""
+    x = as_source_array(x, source_dtype)
+    group = group_size_for(x.shape[-1])
+    st = encode(x, source_dtype, method, group, None, "tensor", kind)
+    if method == "kivi8" and stored_dtype(source_dtype, method) != source_dtype:
+        p = {k: a for k, _, a in st.parts}
+        back = kivi.decode(st.data, p["scales"], p["zeros"], np.frombuffer(st.fields["kept"], "<u4"),
+                           p["kept_values"], kind, kivi.KEY_GROUP, group)
+        return from_float32(back, source_dtype)
+    return decode(st.data, st.parts[0][2] if st.parts else None, source_dtype, method, group)
+

@@ -121,6 +121,16 @@ def _fidelity_dict(f: Fidelity | None) -> dict | None:
     return d
 
 
+def _extra(error_extra: dict | None) -> dict:
+    out = {}
+    for k, v in (error_extra or {}).items():
+        if not isinstance(k, str) or k in ("max_abs", "rms", "source_max_abs", "source_rms") or \
+                isinstance(v, bool) or not isinstance(v, (int, float)):
+            raise _reject("quant", f"quant.error[{k!r}]: a further number under a new name")
+        out[k] = float(v)
+    return out
+
+
 def _provenance(extra: dict | None) -> dict:
     p: dict = {
         "writer": WRITER,
@@ -190,9 +200,11 @@ def write_usxf(
     progress: Callable[[float], None] | None = None,
     chunk_size: int = CHUNK_SIZE,
     block_size: int = BLOCK_SIZE,
+    error_extra: dict[str, float] | None = None,
 ) -> UsxfFile:
     """Export one agent's KV state as a signed USXF file, atomically. Raises UsxfWriteError
-    (nothing written) when the input is inconsistent, or check `io` when the disk refuses."""
+    (nothing written) when the input is inconsistent, or check `io` when the disk refuses.
+    `error_extra`: further measured numbers for `quant.error` (e.g. `next_token_kl`)."""
     method = quant
     report = progress or (lambda _f: None)
     path = Path(path)
@@ -261,7 +273,7 @@ def write_usxf(
         "blocks": {"hash": BLOCK_HASH_NAME, "block_size": block_size, "salt": "model.fingerprint",
                    "hashes": layout.block_hashes(tokens, fp, block_size)},
         "kv": {"source_dtype": kv.dtype, "layout": KV_LAYOUT, "tensors": table},
-        "quant": _quant.quant_header(method, group, meter.as_dict()),
+        "quant": _quant.quant_header(method, group, {**meter.as_dict(), **_extra(error_extra)}),
         "payload": {"offset": 0, "length": length, "chunk_size": chunk_size,
                     "alignment": PAYLOAD_ALIGN, "tensor_alignment": TENSOR_ALIGN,
                     "chunk_hash": CHUNK_HASH_NAME, "chunks": [bytes(32)] * len(ranges),
