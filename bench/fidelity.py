@@ -27,6 +27,7 @@ results. Meant for a quiet machine; print the load average beside the figures.
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import shlex
@@ -246,6 +247,10 @@ def count_tokens(tok):
     return count
 
 
+def digest(conv) -> str:
+    return hashlib.sha256(json.dumps([conv.system, conv.turns]).encode()).hexdigest()[:16]
+
+
 def kivi_params() -> list:
     from permeant_tui.engine.usxf import kivi
 
@@ -294,8 +299,9 @@ def main(argv=None) -> int:
     for conv in convs:
         f = folder / f"{conv.name}.json"
         res = json.loads(f.read_text()) if f.exists() else None
-        if res is not None and res.get("kivi8_params") != kivi_params():
-            res = None  # kivi8 changed since: measure again
+        if res is not None and (res.get("kivi8_params") != kivi_params()
+                                or res.get("conversation") != digest(conv)):
+            res = None  # kivi8 or the conversation changed since: measure again
         if res is None or any(t not in res.get("none", {}) for t in targets):
             if args.report_only:
                 continue
@@ -303,6 +309,7 @@ def main(argv=None) -> int:
             res = run_conversation(conv, lm, targets, args, gguf)
             res["wall_s"] = time.perf_counter() - t
             res["kivi8_params"] = kivi_params()
+            res["conversation"] = digest(conv)
             res["loadavg"] = os.getloadavg()[0]
             f.write_text(json.dumps(res))
             print(report.line(res, targets), flush=True)

@@ -13,8 +13,8 @@ from __future__ import annotations
 import random
 from dataclasses import dataclass
 
-SIZES = (200, 450, 900, 1600, 2600, 4000)
-QUICK = (("technical", 450), ("code", 900), ("logs", 1600), ("business", 200))
+SIZES = (240, 450, 900, 1600, 2600, 4000)
+QUICK = (("technical", 450), ("code", 900), ("logs", 1600), ("business", 240))
 
 SYSTEMS = {
     "technical": "You are a technical expert specializing in API debugging and system architecture.",
@@ -274,9 +274,9 @@ _ROLE = {"technical": "technical", "business": "business", "coordinator": "coord
 KINDS = tuple(_ROLE)
 
 
-def _trimmed(text: str, units: int) -> str:
+def _trimmed(text: str, units: int, sep: str | None = None) -> str:
     """The first `units` lines of a multi-line text (logs, code), else its first words."""
-    sep = "\n" if text.count("\n") > 4 else " "
+    sep = sep or ("\n" if text.count("\n") > 4 else " ")
     parts = text.split(sep)
     out = sep.join(parts[:units])
     if sep == "\n" and "```" in text and out.count("```") % 2:
@@ -312,11 +312,11 @@ def build(kind: str, target: int, count_tokens) -> Conversation:
             lo, hi = 0, len(reply.split(" "))
             while lo < hi:
                 mid = (lo + hi + 1) // 2
-                if count_tokens(system, turns + [(user, _trimmed(reply, mid))]) <= target:
+                if count_tokens(system, turns + [(user, _trimmed(reply, mid, " "))]) <= target:
                     lo = mid
                 else:
                     hi = mid - 1
-            reply = _trimmed(reply, lo)
+            reply = _trimmed(reply, lo, " ")
         else:
             user = _trimmed(user, lo)
         if lo >= 3 or not turns:
