@@ -52,12 +52,12 @@ def table(results: list[dict], targets: list[str], n: int) -> str:
                         f"{_fmt_k(statistics.median(ks), n)} | {kl0:.1e} | {_margins(margins)} |")
     out = "\n".join(rows)
     for t in targets:
-        both = [r for r in results if t in r.get("f16", {}) and t in r.get("kivi8", {})]
-        base = [r for r in both if r["f16"][t]["k"] >= n]
-        if both:
-            kept = sum(r["kivi8"][t]["k"] >= n for r in base)
-            out += (f"\n{t}: kivi8 exact @{n} on {kept} of the {len(base)} conversations where "
-                    f"f16 is exact @{n}")
+        base = [r for r in results if t in r.get("f16", {}) and r["f16"][t]["k"] >= n]
+        if base:
+            kept = ", ".join(f"{q} {sum(r[q][t]['k'] >= n for r in base)}" for q in
+                             ("bf16", "int8", "kivi8") if all(t in r.get(q, {}) for r in base))
+            out += (f"\n{t}: of the {len(base)} conversations where f16 is exact @{n}, exact "
+                    f"@{n} too: {kept}")
     sizes = [r["tokens"] for r in results]
     if sizes:
         out += (f"\n{len(results)} conversations of {min(sizes)} to {max(sizes)} tokens "

@@ -6,6 +6,7 @@ reaches the disk, so the writer cannot produce a file the reader refuses.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import secrets
@@ -125,8 +126,8 @@ def _extra(error_extra: dict | None) -> dict:
     out = {}
     for k, v in (error_extra or {}).items():
         if not isinstance(k, str) or k in ("max_abs", "rms", "source_max_abs", "source_rms") or \
-                isinstance(v, bool) or not isinstance(v, (int, float)):
-            raise _reject("quant", f"quant.error[{k!r}]: a further number under a new name")
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _reject("quant", f"quant.error[{k!r}]: a further finite number under a new name")
         out[k] = float(v)
     return out
 
