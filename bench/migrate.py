@@ -61,29 +61,29 @@ def grow_agent(engine, name: str, n_tokens: int) -> int:
     """Bring agent `name` to about n_tokens of cached context by appending one long user turn
     (and a short reply); only the new tokens are prefilled on the source (not timed). The
     first call creates the agent."""
-    from permeant_tui.config import AgentSpec
     from permeant_tui.engine.agent import Agent, Turn
     from permeant_tui.engine.generation import sync_to_transcript
+    from permeant_tui.engine.settings import AgentSpec
 
-    tok = engine.loaded.tokenizer
     system = "You are a technical expert specializing in API debugging and system architecture."
     reply = "Understood."
-    gen = tuple(tok.encode(reply)) + (tok.eos_token_id,)
 
-    def build(e):
-        if name not in e.ws.agents:
-            e.ws.add_agent(AgentSpec(name, "technical", name, system), [])
-        agent = e.ws.agent(name)
-        e._restore(agent)
+    def build(ctx):
+        tok, ws = ctx.model.tokenizer, ctx.workspace
+        gen = tuple(tok.encode(reply)) + (tok.eos_token_id,)
+        if name not in ws.agents:
+            ws.add_agent(AgentSpec(name, "technical", name, system), [])
+        ctx.restore(name)
+        agent = ws.agent(name)
         probe = Agent(name, "technical", name, system, [*agent.turns, Turn("", reply, gen)])
         base = len(probe.expected_ids(tok))
         filler = tok.encode(FILLER * (n_tokens // 40 + 2))[: max(1, n_tokens - base)]
         turn = Turn(tok.decode(filler), reply, gen, time.time())
         agent.turns.append(turn)
-        e.ws.append_turn(agent, turn)
-        sync_to_transcript(e.loaded.model, tok, agent)  # prefills only the new turn
+        ws.append_turn(agent, turn)
+        sync_to_transcript(ctx.model.model, tok, agent)  # prefills only the new turn
         agent.dirty = True
-        e.ws.save_agent(agent, e.loaded)
+        ws.save_agent(agent, ctx.model)
         return len(agent.cache_ids)
 
     return engine.call(build).result()
@@ -99,12 +99,11 @@ def main() -> int:
 
     import mlx.core as mx
 
-    from permeant_tui.config import load_settings, save_settings
     from permeant_tui.engine.models import load_model
+    from permeant_tui.engine.settings import load_settings, save_settings
     from permeant_tui.engine.usxf.keys import WorkspaceKeys
     from permeant_tui.engine.worker import Engine
     from permeant_tui.migrate import migrate_agent
-    from permeant_tui.migrate.commands import shutdown_engine
 
     tmp = Path(tempfile.mkdtemp(prefix="permeant-bench-migrate-"))
     env = {**os.environ, "PERMEANT_HOME": str(tmp / "home"), "PERMEANT_CACHE": str(tmp / "cache")}
@@ -164,7 +163,7 @@ def main() -> int:
                     row["ratio"] = pre["moved"] / row["moved"]
                     row["ratio_total"] = pre["total"] / row["total"]
     finally:
-        shutdown_engine(engine)
+        engine.shutdown()
         proc.terminate()
         proc.wait(60)
 

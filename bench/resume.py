@@ -4,6 +4,10 @@ read of the same bytes and with mlx-lm's own prompt-cache files, and a whole-wor
 start (a new process, model plus three agents restored and ready).
 
     .venv/bin/python bench/resume.py [--contexts 512,2048,4096] [--repeats 5] [--no-rebuild-start]
+        [--no-sliding | --sliding-only] [--sliding-contexts 1024] [--sliding-model gemma3-270m]
+
+The last section (bench/resume_sliding.py) adds a sliding-window model: a Gemma-3-shaped one
+past its window against the same shape with every layer full attention.
 
 Every figure is measured in this run, on the embedded SmolLM2-135M-Instruct. "cold" means the
 file's pages were dropped from the page cache first (posix_fadvise DONTNEED after fsync), which
@@ -237,13 +241,13 @@ engine = Engine(sys.argv[1], eager_restore=True, rebuild=sys.argv[2] == "rebuild
                 on_event=events.append)
 engine.start()
 engine.wait_ready(3600)
-engine.call(lambda e: None).result()
+engine.call(lambda ctx: None).result()
 ready = time.time()
 mem = runtime.memory_figures()
 print(json.dumps({
     "process_start_to_ready_ms": (ready - born) * 1000,
     "engine_start_to_ready_ms": (ready - t0) * 1000,
-    "model_load_ms": engine.timings["model_load"],
+    "model_load_ms": engine.model_info().load_ms,
     "agents": [(e.agent_id, e.source, round(e.ms, 1), e.tokens) for e in events
                if isinstance(e, AgentRestored)],
     "rss_mb": mem.rss_bytes / 1e6, "mlx_active_mb": mem.mlx_active_bytes / 1e6,
@@ -255,12 +259,12 @@ os._exit(0)  # measured; do not let shutdown write the rebuilt snapshots back
 def build_workspace(folder: Path, lm, ctx: dict) -> None:
     """Three agents with the same 4096-token conversation (one prefill builds all three
     snapshots; restore cost does not depend on what the tokens say)."""
-    from permeant_tui.config import AgentSpec, Settings, save_settings
+    from permeant_tui.engine.settings import AgentSpec, WorkspaceSettings, save_settings
     from permeant_tui.engine.snapshot import write_snapshot
     from permeant_tui.engine.workspace import Workspace
 
     agent = ctx["agent"]
-    settings = Settings(agents=[AgentSpec(i, i, i.title(), agent.system)
+    settings = WorkspaceSettings(agents=[AgentSpec(i, i, i.title(), agent.system)
                                 for i in ("technical", "business", "coordinator")])
     save_settings(folder, settings)
     ws = Workspace.open(folder)
@@ -294,11 +298,18 @@ def main() -> int:
                     help="skip the cold start that rebuilds all three agents by prefill (slow)")
     ap.add_argument("--no-llamacpp", action="store_true",
                     help="skip the llama.cpp baseline (used when llama-cpp-python is installed)")
+    ap.add_argument("--no-sliding", action="store_true", help="skip the sliding-window section")
+    ap.add_argument("--sliding-only", action="store_true", help="run only that section")
+    ap.add_argument("--sliding-contexts", default="1024")
+    ap.add_argument("--sliding-model", default="gemma3-270m",
+                    help="a real sliding-window model for a second row, when it loads")
     args = ap.parse_args()
 
     from permeant_tui.engine import runtime
 
     blas = runtime.prepare()
+    if args.sliding_only:
+        return sliding(args)
     import mlx.core as mx
 
     from permeant_tui.engine.models import load_model
@@ -401,6 +412,18 @@ def main() -> int:
                   f"{sum(a[2] for a in runs[2][1]['agents']) / sum(a[2] for a in runs[0][1]['agents']):.0f}x")
     finally:
         shutil.rmtree(tmp, ignore_errors=True)
+    if not args.no_sliding:
+        print()
+        sliding(args)
+    return 0
+
+
+def sliding(args) -> int:
+    sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+    import resume_sliding
+
+    resume_sliding.run([int(x) for x in args.sliding_contexts.split(",")], args.repeats,
+                       args.sliding_model or None)
     return 0
 
 

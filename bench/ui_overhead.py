@@ -44,13 +44,16 @@ def headless_turn(lm, max_tokens: int) -> tuple[float, float, int]:
 
 
 async def ui_turn(lm, max_tokens: int) -> tuple[float, float, int]:
+    from pathlib import Path
+
     from permeant_tui.app import EngineEvent, PermeantApp
     from permeant_tui.engine.events import Tokens, TurnDone, TurnFailed
+    from permeant_tui.engine.settings import WorkspaceSettings, save_settings
     from permeant_tui.engine.worker import Engine
 
     with tempfile.TemporaryDirectory() as folder:
+        save_settings(Path(folder), WorkspaceSettings(max_tokens=max_tokens))  # what Enter asks
         engine = Engine(folder, loaded=lm)
-        engine.ws.settings.max_tokens = max_tokens
         done: list[TurnDone | TurnFailed] = []
         batches = 0
 

@@ -32,11 +32,11 @@ def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--tokens", default="512,2048,4096")
     args = ap.parse_args()
-    import mlx.core as mx
 
     from permeant_tui.engine.agent import Agent, Turn
     from permeant_tui.engine.exchange import compare_probe, export_agent
     from permeant_tui.engine.generation import prefill
+    from permeant_tui.engine.kvcache import eval_cache
     from permeant_tui.engine.models import load_model
     from permeant_tui.engine.snapshot import attach_payload
     from permeant_tui.engine.usxf import read_usxf
@@ -48,11 +48,6 @@ def main():
     rows = []
     with tempfile.TemporaryDirectory() as d:
         ws = Workspace.open(Path(d) / "src")
-
-        class E:  # what export_agent needs of an engine
-            loaded = lm
-
-        E.ws = ws
         for n in [int(x) for x in args.tokens.split(",")]:
             agent = Agent(f"t{n}", "technical", "Technical",
                           "You are a technical expert specializing in API debugging.")
@@ -68,16 +63,16 @@ def main():
             for quant in ("none", "f16", "bf16", "int8"):
                 out = Path(d) / f"{n}-{quant}.usxf"
                 t = time.perf_counter()
-                info = export_agent(E, agent, str(out), quant)
+                info = export_agent(lm, ws, agent, str(out), quant)
                 export_ms = (time.perf_counter() - t) * 1000
                 t = time.perf_counter()
                 f = read_usxf(out, trusted=WorkspaceKeys(ws.keys_dir), expected_identity=lm.identity)
                 kv = f.load_kv()
                 target = Agent("x", "technical", "Technical", "")
                 target.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype,
-                                              lm.identity.kv_dtype)
+                                              lm.identity.kv_dtype, len(f.token_ids))
                 target.cache_ids = list(f.token_ids)
-                mx.eval([c.keys for c in target.cache])
+                eval_cache(target.cache)
                 import_ms = (time.perf_counter() - t) * 1000
                 result = compare_probe(lm, target, f.fidelity)
                 rows.append((len(ids), quant, info.size / 1e6, export_ms, import_ms, prefill_ms,

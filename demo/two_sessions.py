@@ -60,21 +60,23 @@ def _engine(args, **kw):
     runtime.prepare()  # OpenBLAS before the first mlx import (Linux CPU)
     from permeant_tui.engine.worker import Engine
 
-    engine = Engine(args.workspace, args.model, **kw)
+    engine = Engine(args.workspace, args.model, purpose="permeant demo", **kw)
     t = time.perf_counter()
     engine.start()
     engine.wait_ready(600)
-    engine.call(lambda e: None).result()  # eager restores (if any) run before this job
+    engine.call(lambda ctx: None).result()  # eager restores (if any) run before this job
     return engine, (time.perf_counter() - t) * 1000
 
 
 def session_1(args) -> int:
+    from permeant_tui.engine.workspace import Workspace
+
     engine, ready_ms = _engine(args, eager_restore=False)
     try:
-        lm = engine.loaded
-        say(f"model      {lm.identity.name}, {lm.weights_mode} weights; loaded in "
-            f"{engine.timings.get('model_load', ready_ms):.0f} ms")
-        earlier = {a.agent_id: len(a.turns) for a in engine.ws.agents.values() if a.turns}
+        info = engine.model_info()
+        say(f"model      {info.name}, {info.weights_mode} weights; loaded in "
+            f"{info.load_ms or ready_ms:.0f} ms")
+        earlier = {a.agent_id: len(a.turns) for a in engine.agents() if a.turns}
         if earlier:
             say(f"note       this workspace has earlier turns ({earlier}); session 1 adds to them")
         say(f"question   {QUESTION}\n")
@@ -90,9 +92,10 @@ def session_1(args) -> int:
     finally:
         engine.shutdown()
     say("snapshots on disk:")
+    ws = Workspace.open(engine.folder)  # as the next process will find it
     for agent_id in AGENTS:
-        snap = engine.ws.snapshot_path(agent_id)
-        agent = engine.ws.agent(agent_id)
+        snap = ws.snapshot_path(agent_id)
+        agent = ws.agent(agent_id)
         say(f"  {agent_id:<12} {agent.tokens_on_disk:>6} tokens  "
             f"{snap.stat().st_size / 1e6:>7.1f} MB  {snap}")
     say("session 1 ends: the process exits, nothing stays in memory.")
@@ -107,22 +110,22 @@ def session_2(args) -> int:
     events: list = []
     engine, ready_ms = _engine(args, eager_restore=True, on_event=events.append)
     try:
-        lm = engine.loaded
+        info = engine.model_info()
         restored = {e.agent_id: e for e in events if isinstance(e, AgentRestored)}
         for n in events:
             if isinstance(n, Notice):
                 say(f"{n.level:<10} {n.message}")
-        say(f"model      {lm.identity.name}: loaded in {engine.timings['model_load']:.0f} ms; "
+        say(f"model      {info.name}: loaded in {info.load_ms:.0f} ms; "
             f"model + all agents ready {ready_ms:.0f} ms after engine start")
 
-        def reprefill(e) -> dict:
+        def reprefill(ctx) -> dict:
             """What the restore saved: prefill each agent's conversation into a scratch cache."""
             out = {}
-            for a in e.ws.agents.values():
-                ids = a.expected_ids(e.loaded.tokenizer)
+            for a in ctx.workspace.agents.values():
+                ids = a.expected_ids(ctx.model.tokenizer)
                 scratch = Agent(a.agent_id, a.role, a.title, a.system)
                 t = time.perf_counter()
-                prefill(e.loaded.model, scratch, ids)
+                prefill(ctx.model.model, scratch, ids)
                 out[a.agent_id] = {"tokens": len(ids), "ms": (time.perf_counter() - t) * 1000}
             return out
 

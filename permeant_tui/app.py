@@ -1,24 +1,30 @@
-"""The Textual app: wiring between the workspace screen and an `EngineClient`. Nothing else.
+"""The Textual app: wiring between the workspace screen and the engine (`EngineAPI`). Nothing else.
 
 Engine events arrive on the engine's worker thread; the sink given to `connect` only posts
 them to the app (thread-safe). `on_engine_event` is the one router from events to widgets and
 notifications. Widgets post what the person asked for; the handlers below call the engine.
-Gauges are fed by one timer that samples `engine.stats()`.
+Gauges and each agent's state are fed by one timer that samples `engine.stats()` (sampled at
+once, too, when an event says a turn moved on).
 """
 
 from __future__ import annotations
 
 import sys
+from collections import deque
 from collections.abc import Callable
+from pathlib import Path
 from typing import Any, TypeVar
 
 from textual.app import App
 from textual.binding import Binding
+from textual.command import CommandPalette
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from .commands import WorkspaceCommands
-from .engine.client import AgentView, EngineClient
+from .conversation import TEAM_BRIEF_OPENING, conversation_markdown
+from .engine.agent import DEFAULT_AGENTS
+from .engine.api import AgentView, EngineAPI
+from .engine.atomic import write_atomic
 from .engine.events import (
     AgentReset,
     AgentRestored,
@@ -43,7 +49,11 @@ from .engine.events import (
     TurnQueued,
     TurnStarted,
 )
+from .engine.text import printable
+from .palette import HistorySearch, WorkspaceCommands
+from .preferences import Preferences, load_preferences
 from .screens.confirm import ConfirmScreen
+from .screens.help import HelpScreen, binding_ids, workspace_keys
 from .screens.migrate import MigrateScreen, MigrationRequest
 from .screens.workspace import WorkspaceScreen
 from .widgets.agent_pane import RECENT_TURNS, AgentPane
@@ -52,7 +62,6 @@ from .widgets.team_prompt import TeamPrompt
 
 T = TypeVar("T")
 
-DEFAULT_AGENTS = (("technical", "Technical"), ("business", "Business"), ("coordinator", "Coordinator"))
 # What to do next, by error class name (engine/errors.py).
 ADVICE = {
     "ContextExhausted": "Reset the agent with ctrl+r (its transcript is archived) "
@@ -60,6 +69,9 @@ ADVICE = {
     "ModelLoadError": "Check the model path, or start permeant with the default model.",
 }
 RESTORED_BY = {"snapshot": "snapshot", "usxf": "USXF file"}
+# Events after which an agent's state has changed: the stats are sampled then, not only on the
+# timer, so the panes follow the engine's state promptly.
+STATE_EVENTS = (TurnQueued, TurnStarted, TurnDone, TurnFailed, TurnCancelled, AgentReset)
 
 
 class EngineEvent(Message):
@@ -72,15 +84,15 @@ class EngineEvent(Message):
 
 class PermeantApp(App[None]):
     TITLE = "Permeant"
-    # The default screen's CSS_PATH is not read by Textual (only pushed screens'), so the
-    # workspace's stylesheet is loaded here.
-    CSS_PATH = ["styles/app.tcss", "styles/workspace.tcss"]
+    # What is app-wide, then the workspace screen's stylesheet (beside it, as every screen's
+    # is): Textual reads the CSS_PATH of pushed screens only, not the default screen's.
+    CSS_PATH = ["styles/app.tcss", "screens/workspace.tcss"]
     COMMANDS = App.COMMANDS | {WorkspaceCommands}
     STATS_INTERVAL = 0.5
     BINDINGS = [
         Binding("ctrl+e", "export", "Export", id="export", priority=True,
                 tooltip="Export the focused agent's KV state as a USXF file"),
-        Binding("ctrl+s", "save", "Save", id="save", priority=True,
+        Binding("ctrl+s", "save", "Save", id="save", priority=True, show=False,
                 tooltip="Save every agent's KV snapshot now"),
         Binding("escape", "cancel_turn", "Cancel", id="cancel",
                 tooltip="Cancel the focused agent's turn (from the team prompt: the team's turns)"),
@@ -88,25 +100,35 @@ class PermeantApp(App[None]):
                 tooltip="Forget the focused agent's conversation and KV cache (asks first)"),
         Binding("ctrl+q", "quit", "Quit", id="quit", priority=True,
                 tooltip="Finish or cancel the turn in flight, save every agent, quit"),
+        # `?` only outside text boxes (they consume printable keys before bindings see them).
+        Binding("f1,question_mark", "help", "Help", id="help",
+                tooltip="Show every key and its keymap id"),
+        Binding("ctrl+f", "search", "Search", id="search", priority=True, show=False,
+                tooltip="Search every agent's conversation; Enter jumps to the turn"),
     ]
-    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset"})
+    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset", "help", "search"})
 
-    def __init__(self, engine: EngineClient, workspace_label: str = "") -> None:
+    def __init__(self, engine: EngineAPI, workspace_label: str = "",
+                 preferences: Preferences | None = None) -> None:
         super().__init__()
         self.engine = engine
         self.workspace_label = workspace_label
+        self.preferences = preferences if preferences is not None else load_preferences()
         self.engine_stopped = False
         self._quitting = False
         self._save_requested = False
         self._titles: dict[str, str] = {}
+        self._team_questions: deque[str] = deque()  # asked, coordinator turn not yet queued
+        self.set_keymap(self.preferences.keymap)
 
     # start-up
 
     def get_default_screen(self) -> WorkspaceScreen:
         views = self._call(self.engine.agents) or [
-            AgentView(agent_id, agent_id, title, "", ()) for agent_id, title in DEFAULT_AGENTS
+            AgentView(agent_id, role, title, system, ())
+            for agent_id, role, title, system in DEFAULT_AGENTS
         ]
-        self._titles = {view.agent_id: view.title for view in views}
+        self._titles = {view.agent_id: printable(view.title) for view in views}
         return WorkspaceScreen(views, self.workspace_label)
 
     @property
@@ -114,6 +136,7 @@ class PermeantApp(App[None]):
         return self.screen_stack[0]  # type: ignore[return-value]
 
     def on_ready(self) -> None:
+        self._check_preferences()
         # After the first paint: the workspace is on screen before the model starts loading.
         self.engine.connect(self._sink)
         self._call(self.engine.start)
@@ -134,9 +157,10 @@ class PermeantApp(App[None]):
     async def on_engine_event(self, message: EngineEvent) -> None:
         try:
             await self._route(message.event)
+            if isinstance(message.event, STATE_EVENTS):
+                self._sample_stats()
         except Exception as error:  # a display problem must never take the workspace down
-            self.notify(f"{type(message.event).__name__}: {error}", title="Display error",
-                        severity="error", markup=False)
+            self._tell(f"{type(message.event).__name__}: {error}", "Display error", "error")
 
     async def _route(self, event: Event) -> None:
         screen = self.workspace
@@ -144,7 +168,7 @@ class PermeantApp(App[None]):
         title = self._title(getattr(event, "agent_id", None))
         match event:
             case ModelLoading():
-                screen.status.loading(event.stage, event.fraction)
+                screen.status.model_loading(event.stage, event.fraction)
             case ModelReady():
                 screen.status.ready(event.name, event.device, event.blas, event.weights_dtype,
                                     event.context_limit)
@@ -159,7 +183,10 @@ class PermeantApp(App[None]):
             case AgentRestored():
                 self._notify_restored(event, title)
             case TurnQueued() if pane:
-                await pane.turn_queued(event.turn_id, event.user)
+                user = event.user
+                if not user and self._team_questions:  # the coordinator's part of a team turn
+                    user = TEAM_BRIEF_OPENING + self._team_questions.popleft()
+                await pane.turn_queued(event.turn_id, user)
             case TurnStarted() if pane:
                 await pane.turn_started(event.turn_id, event.user, event.to_prefill)
             case PrefillProgress() if pane:
@@ -227,7 +254,12 @@ class PermeantApp(App[None]):
         self._call(self.engine.submit, message.agent_id, message.text)
 
     def on_team_prompt_asked(self, message: TeamPrompt.Asked) -> None:
-        self._call(self.engine.ask_team, message.question)
+        self._team_questions.append(message.question)
+        try:
+            self.engine.ask_team(message.question)
+        except Exception as error:
+            self._team_questions.pop()
+            self._failed("ask team", error)
 
     async def on_agent_pane_load_more(self, message: AgentPane.LoadMore) -> None:
         turns = self._call(self.engine.load_more, message.agent_id, message.before, RECENT_TURNS)
@@ -236,7 +268,8 @@ class PermeantApp(App[None]):
             await pane.prepend_history(turns, message.before - len(turns))
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
-        if action in self.WORKSPACE_ACTIONS and isinstance(self.screen, (ConfirmScreen, MigrateScreen)):
+        if action in self.WORKSPACE_ACTIONS and isinstance(
+                self.screen, (ConfirmScreen, MigrateScreen, HelpScreen)):
             return False
         return True
 
@@ -287,11 +320,68 @@ class PermeantApp(App[None]):
             if request is not None:
                 self._tell(f"to {request.target} (quant {request.quant})",
                            f"Migrating {pane.agent_title}")
-                self._call(self.engine.migrate, pane.agent_id, request.target, request.pin,
-                           request.quant, request.move)
+
+                def migrate() -> None:
+                    from .migrate import start_migration  # the network stack, only when used
+
+                    start_migration(self.engine, pane.agent_id, request.target, pin=request.pin,
+                                    quant=request.quant, move=request.move, on_event=self._sink)
+
+                self._call(migrate)
             pane.input.focus()
 
         self.push_screen(MigrateScreen(pane.agent_title), go)
+
+    def action_help(self) -> None:
+        if not isinstance(self.screen, HelpScreen):
+            sections = workspace_keys(self.BINDINGS, self.preferences.keymap,
+                                      self.get_key_display)
+            self.push_screen(HelpScreen(sections, printable(
+                f"Change a key in {self.preferences.shown_path}, e.g. under [keymap]: "
+                '"pane.1" = "alt+1"')))
+
+    def action_search(self) -> None:
+        if not isinstance(self.screen, CommandPalette):
+            self.push_screen(CommandPalette(providers=[HistorySearch], id="--history-search",
+                                            placeholder="Search every agent's conversation…"))
+
+    async def show_turn(self, agent_id: str, index: int) -> None:
+        """Focus `agent_id`'s pane and scroll to the turn at transcript `index` (a search hit),
+        loading earlier turns first if it is not shown yet."""
+        pane = self.workspace.pane(agent_id)
+        if pane is None:
+            return
+        self.workspace.activate(agent_id)
+        if index < pane.first_index:
+            turns = self._call(self.engine.load_more, agent_id, pane.first_index,
+                               pane.first_index - index)
+            if turns is None:
+                return
+            await pane.prepend_history(turns, pane.first_index - len(turns))
+        self.call_after_refresh(pane.scroll_to_turn, index)
+
+    def action_export_markdown(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is None:
+            return
+        views = self._call(self.engine.agents) or []
+        view = next((v for v in views if v.agent_id == pane.agent_id), None)
+        if view is None:
+            return
+        path = Path(self.engine.folder) / "exports" / f"{view.agent_id}.md"
+        try:
+            write_atomic(path, conversation_markdown(view).encode("utf-8"))
+        except OSError as error:
+            self._tell(f"{error}\nCheck the exports folder has room and is writable.",
+                       f"Markdown export of {pane.agent_title} failed", "error", timeout=20)
+            return
+        self._tell(f"{path}\n{len(view.turns):,} turns", f"Exported {pane.agent_title} as "
+                   "Markdown", timeout=12)
+
+    def _check_preferences(self) -> None:
+        known = binding_ids(self.BINDINGS, ConfirmScreen.BINDINGS, MigrateScreen.BINDINGS)
+        for problem in self.preferences.check(known):
+            self._tell(problem, "Keymap", "warning", timeout=15)
 
     async def action_quit(self) -> None:
         if self._quitting:
@@ -318,7 +408,11 @@ class PermeantApp(App[None]):
 
     def _tell(self, text: str, title: str = "", severity: str = "information",
               timeout: float | None = None) -> None:
-        self.notify(text, title=title, severity=severity, timeout=timeout, markup=False)  # type: ignore[arg-type]
+        """A notification; its text may come from files or the network: never markup, and
+        control characters escaped (line breaks kept between lines)."""
+        text = "\n".join(printable(line) for line in str(text).split("\n"))
+        self.notify(text, title=printable(title), severity=severity,  # type: ignore[arg-type]
+                    timeout=timeout, markup=False)
 
     def _call(self, method: Callable[..., T], *args: Any, quiet: bool = False) -> T | None:
         """Call the engine; a failure becomes a notification, never a crash."""
@@ -326,12 +420,14 @@ class PermeantApp(App[None]):
             return method(*args)
         except Exception as error:
             if not quiet:
-                self._tell(str(error) or type(error).__name__,
-                           f"{method.__name__.replace('_', ' ')} failed", "error", timeout=15)
+                self._failed(method.__name__.replace("_", " "), error)
             return None
 
+    def _failed(self, what: str, error: Exception) -> None:
+        self._tell(str(error) or type(error).__name__, f"{what} failed", "error", timeout=15)
 
-def run_tui(engine: EngineClient, workspace_label: str = "") -> int:
+
+def run_tui(engine: EngineAPI, workspace_label: str = "") -> int:
     """Run the workspace until the person quits; returns the process exit code.
 
     The app connects and starts the engine itself. However the app ends, the engine is shut

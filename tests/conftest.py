@@ -4,6 +4,8 @@ llama with the real tokenizer (fast unit tests), and isolated data dirs."""
 from __future__ import annotations
 
 import json
+import os
+import tempfile
 from pathlib import Path
 
 import pytest
@@ -11,6 +13,13 @@ import pytest
 from permeant_tui.engine import runtime
 
 runtime.prepare()  # OpenBLAS before the first mlx import, as the CLI does
+
+# Large model files (the assembled Gemma GGUF, cached float32 weights) are shared by every test
+# run on this machine instead of being rebuilt per test: they are keyed by content digest and
+# written atomically (engine/weights_cache.py), so sharing cannot mix models. Subprocesses
+# inherit it.
+os.environ.setdefault("PERMEANT_MODEL_CACHE", str(
+    Path(tempfile.gettempdir()) / f"permeant-test-models-{os.getuid()}"))
 
 # llama.cpp's outputs for the embedded GGUF, kept in the repository (tests/data/README.md)
 FIXTURES = Path(__file__).resolve().parent / "data"
@@ -20,6 +29,8 @@ FIXTURES = Path(__file__).resolve().parent / "data"
 def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PERMEANT_HOME", str(tmp_path_factory.mktemp("home")))
     monkeypatch.setenv("PERMEANT_CACHE", str(tmp_path_factory.mktemp("cache")))
+    # The UI's config file (keymap): never the developer's own.
+    monkeypatch.setenv("PERMEANT_CONFIG", str(tmp_path_factory.mktemp("config") / "config.toml"))
 
 
 @pytest.fixture(scope="session")

@@ -28,8 +28,9 @@ def open_engine(args: argparse.Namespace, **kw):
     call `shutdown()` (use try/finally)."""
     from ..engine.worker import Engine
 
+    cmd = " ".join(x for x in (getattr(args, "cmd", None), getattr(args, "usxf_cmd", None)) if x)
     engine = Engine(getattr(args, "workspace", None), getattr(args, "model", None),
-                    eager_restore=False, **kw)
+                    eager_restore=False, purpose=f"permeant {cmd}".strip(), **kw)
     engine.start()
     try:
         engine.wait_ready()

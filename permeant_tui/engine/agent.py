@@ -36,8 +36,12 @@ class Turn:
 
     @classmethod
     def from_json(cls, d: dict) -> Turn:
-        return cls(str(d["user"]), str(d["reply"]), tuple(int(i) for i in d["generated_ids"]),
-                   float(d.get("ts", 0.0)))
+        ids = d["generated_ids"]
+        if not isinstance(ids, list):
+            raise TypeError("generated_ids is not a list")
+        # Kept as found: checked against the model's vocabulary before use
+        # (Workspace.ensure_resident), which names the agent and the turn.
+        return cls(str(d["user"]), str(d["reply"]), tuple(ids), float(d.get("ts", 0.0)))
 
 
 @dataclass
@@ -56,8 +60,8 @@ class Agent:
     last_used: float = field(default_factory=time.time)
     restore_ms: float = 0.0
     tokens_on_disk: int = 0  # tokens in the snapshot on disk (for gauges when not resident)
-    # Figures for gauges.
-    state: str = "idle"
+    bytes_on_disk: int = 0  # size of that snapshot
+    # Figures for gauges (the turn state lives in the engine: engine/states.py).
     last_tok_s: float = 0.0
     last_ttft_ms: float = 0.0
     tok_s_history: list[float] = field(default_factory=list)
@@ -100,9 +104,9 @@ class Agent:
         return list(zip(starts, ends, strict=True))
 
     def cache_bytes(self) -> int:
-        if self.cache is None:
-            return 0
-        return sum(c.nbytes for c in self.cache)
+        from .kvcache import cache_nbytes
+
+        return cache_nbytes(self.cache)
 
     def release(self) -> None:
         self.attach_used = False

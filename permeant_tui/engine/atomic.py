@@ -10,6 +10,7 @@ Temp files are named `.<name>.<pid>.tmp` so a later writer can tell a dead proce
 from __future__ import annotations
 
 import os
+import re
 from collections.abc import Callable
 from pathlib import Path
 from typing import BinaryIO
@@ -46,6 +47,41 @@ def refuse_non_regular(path: Path) -> None:
         raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
 
 
+def remove_dead_temps(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+    """Delete the temp files in `folder` whose names match `pattern` (group 1: the writer's
+    pid) and whose writer is dead (a process killed mid-write never renamed them). A live
+    process's are left alone, and so is anything not matching."""
+    removed: list[Path] = []
+    try:
+        entries = list(Path(folder).iterdir())
+    except OSError:
+        return removed
+    for p in entries:
+        m = pattern.fullmatch(p.name)
+        if m is None:
+            continue
+        pid = int(m.group(1))
+        if pid != os.getpid() and _alive(pid):
+            continue
+        try:
+            if p.is_file() and not p.is_symlink():
+                p.unlink()
+                removed.append(p)
+        except OSError:
+            pass
+    return removed
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:
+        return True  # exists, owned by someone else
+    return True
+
+
 def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *,
                  mode: int = 0o644, durable: bool = True) -> Path:
     """Replace `path` with `data` (bytes, or a function that writes to the open file)."""
@@ -75,6 +111,37 @@ def write_atomic(path: str | Path, data: bytes | Callable[[BinaryIO], None], *,
 def write_private(path: str | Path, data: bytes | Callable[[BinaryIO], None]) -> Path:
     """`write_atomic` with mode 0600 from creation (secrets never exist world-readable)."""
     return write_atomic(path, data, mode=0o600)
+
+
+def create_private(path: str | Path, data: bytes) -> Path:
+    """Create `path` (mode 0600 from the first byte) holding `data`, atomically, and never over a
+    file another process created meanwhile (FileExistsError then): for keys, which must not be
+    replaced once made."""
+    import tempfile
+
+    path = Path(path)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
+    try:
+        os.fchmod(fd, 0o600)
+        os.write(fd, data)
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+    try:
+        os.link(tmp, path)  # atomic, and fails if the name exists
+    except FileExistsError:
+        raise
+    except OSError:  # a filesystem without hard links
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
+        try:
+            os.write(fd, data)
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    finally:
+        os.unlink(tmp)
+    fsync_dir(path.parent)
+    return path
 
 
 def commit_file(tmp: str | Path, path: str | Path) -> Path:

@@ -73,7 +73,7 @@ class UsxfInvalid(PermeantError):
 class WorkspaceBusy(WorkspaceError):
     """Another process holds the workspace's writer lock (the message names it)."""
 
-    exit_code = 7
+    exit_code = 9
 
 
 class InvalidTokenIds(PermeantError):

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 from dataclasses import dataclass, field
 
+from .states import AgentState
+
 
 @dataclass(frozen=True)
 class Event:
@@ -98,6 +100,8 @@ class TurnResult:
     timing_ms: dict = field(default_factory=dict)
     decode_tok_s: float = 0.0
     finish_reason: str = "stop"
+    # how the cache was brought back before the turn: None (no need) | "trim" | "rebuild"
+    rewind: str | None = None
 
     def to_json(self) -> dict:
         return {
@@ -115,7 +119,18 @@ class TurnResult:
             "timing_ms": {k: round(v, 2) for k, v in self.timing_ms.items()},
             "decode_tok_s": round(self.decode_tok_s, 2),
             "finish_reason": self.finish_reason,
+            "rewind": self.rewind,
         }
+
+
+@dataclass(frozen=True)
+class RestoreReport:
+    """How an agent's KV state became resident."""
+
+    source: str  # memory | new | snapshot | usxf | prefill
+    ms: float
+    tokens: int
+    reason: str | None = None  # why a snapshot was not used, when source == "prefill"
 
 
 @dataclass(frozen=True)
@@ -137,6 +152,7 @@ class TurnFailed(Event):
 class TurnCancelled(Event):
     agent_id: str
     turn_id: int
+    rewind: str | None = None  # how the cache went back: "trim" | "checkpoint" | "rebuild"
 
 
 @dataclass(frozen=True)
@@ -212,10 +228,10 @@ class AgentStats:
     agent_id: str
     role: str
     title: str
-    tokens: int
-    bytes: int
+    tokens: int  # in the cache, or in the snapshot on disk when not resident
+    bytes: int  # likewise
     resident: bool
-    state: str  # idle | queued | prefilling | generating | done | failed | loading
+    state: AgentState  # the engine's turn state of the agent (engine/states.py)
     context_limit: int
     last_used: float
     last_tok_s: float

@@ -13,9 +13,14 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
+from . import kvcache
 from .agent import Agent, Turn
 from .errors import ContextExhausted, TurnCancelled
-from .events import PrefillProgress, Tokens, TurnResult
+from .events import Event, PrefillProgress, Tokens, TurnResult
+from .kvcache import cache_offset, new_cache
+
+__all__ = ["TurnParams", "cache_offset", "common_prefix", "new_cache", "prefill", "rebuild",
+           "run_turn", "sync_to_transcript", "trim_to", "undo_turn"]
 
 PREFILL_CHUNK = 512
 BATCH_SECONDS = 0.04
@@ -37,27 +42,56 @@ def common_prefix(a: list[int], b: list[int]) -> int:
     return i
 
 
-def new_cache(model) -> list:
-    from mlx_lm.models.cache import make_prompt_cache
-
-    return make_prompt_cache(model)
-
-
-def cache_offset(cache: list) -> int:
-    return cache[0].offset if cache else 0
-
-
-def trim_to(agent: Agent, n: int) -> None:
-    """Drop cached positions beyond n (O(1): KVCache.trim moves the offset)."""
-    from mlx_lm.models.cache import trim_prompt_cache
-
+def trim_to(agent: Agent, n: int, model=None) -> str | None:
+    """Make the agent's cache hold only its first n ids, and say how: None (nothing to drop),
+    "trim" (O(1): the layers' offsets move back), or "rebuild" (a sliding-window layer that holds
+    its whole window cannot be trimmed: the first n ids are prefilled into a fresh cache; needs
+    `model`, else CacheRewindError). Ids and K/V never disagree afterwards."""
     extra = cache_offset(agent.cache) - n
-    if extra > 0:
-        trim_prompt_cache(agent.cache, extra)
-    del agent.cache_ids[n:]
+    if extra <= 0:
+        del agent.cache_ids[n:]
+        return None
+    if kvcache.can_rewind(agent.cache, extra):
+        kvcache.rewind(agent.cache, extra)
+        del agent.cache_ids[n:]
+        return "trim"
+    if model is None:
+        raise kvcache.CacheRewindError(f"cannot trim {extra} tokens from a sliding-window cache "
+                                       "and no model was given to rebuild it")
+    return rebuild(model, agent, n)
 
 
-def prefill(model, agent: Agent, ids: list[int], *, progress: Callable[[int, int], None] | None = None,
+def rebuild(model, agent: Agent, n: int) -> str:
+    """A fresh cache holding the agent's first n ids, by prefill."""
+    keep = agent.cache_ids[:n]
+    agent.cache, agent.cache_ids = new_cache(model), []
+    prefill(model, agent, keep)
+    return "rebuild"
+
+
+def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str | None:
+    """Bring the cache back to its first n ids, the state `cp` was taken at (the start of a
+    turn): trim when every layer can, else restore the checkpoint (sliding layers past their
+    window), else rebuild by prefill. Returns None (nothing to undo) | "trim" | "checkpoint" |
+    "rebuild"."""
+    if cache_offset(agent.cache) == n:
+        del agent.cache_ids[n:]
+        return None
+    if kvcache.can_rewind(agent.cache, cache_offset(agent.cache) - n):
+        trim_to(agent, n)
+        return "trim"
+    if cp.offset == n:
+        try:
+            kvcache.restore_checkpoint(agent.cache, cp)
+            del agent.cache_ids[n:]
+            return "checkpoint"
+        except kvcache.CacheRewindError:
+            pass
+    return rebuild(model, agent, n)
+
+
+def prefill(model, agent: Agent, ids: list[int], *,
+            progress: Callable[[int, int], None] | None = None,
             cancel: threading.Event | None = None, chunk: int = PREFILL_CHUNK) -> None:
     """Run `ids` through the model into the agent's cache (no sampling), in chunks."""
     import mlx.core as mx
@@ -70,7 +104,7 @@ def prefill(model, agent: Agent, ids: list[int], *, progress: Callable[[int, int
             raise TurnCancelled("cancelled during prefill")
         part = ids[done:done + chunk]
         model(mx.array([part]), cache=agent.cache)
-        mx.eval([c.state for c in agent.cache])
+        kvcache.eval_cache(agent.cache)
         agent.cache_ids.extend(part)
         done += len(part)
         if progress:
@@ -78,13 +112,13 @@ def prefill(model, agent: Agent, ids: list[int], *, progress: Callable[[int, int
 
 
 def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
-    """Make the cache hold exactly agent.expected_ids(): trim to the common prefix, prefill the
-    rest. Returns how many tokens were prefilled (0 in the usual case)."""
+    """Make the cache hold exactly agent.expected_ids(): trim to the common prefix (or rebuild,
+    see trim_to), prefill the rest. Returns how many tokens were prefilled (0 usually)."""
     expected = agent.expected_ids(tokenizer)
     if agent.cache is None:
         agent.cache, agent.cache_ids = new_cache(model), []
     keep = common_prefix(agent.cache_ids, expected)
-    trim_to(agent, keep)
+    trim_to(agent, keep, model)
     rest = expected[keep:]
     if rest:
         prefill(model, agent, rest)
@@ -92,13 +126,15 @@ def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
 
 
 def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
-             context_limit: int, turn_id: int, emit: Callable[[object], None],
+             context_limit: int, turn_id: int, emit: Callable[[Event], None],
              cancel: threading.Event, source: str,
              on_start: Callable[[int, int], None] | None = None) -> TurnResult:
     """Run one turn of `agent`; append the Turn to agent.turns only when it completes.
 
     Raises ContextExhausted before touching the cache when the turn cannot fit, and
-    TurnCancelled when `cancel` is set (the cache is then brought back to the transcript).
+    TurnCancelled when `cancel` is set (the cache is then brought back to the transcript; the
+    exception's `rewind` says how: "trim", "checkpoint" or "rebuild"). TurnResult.rewind says
+    how the cache was brought back to the prompt's cached prefix before the turn (None: no need).
     """
     import mlx.core as mx
     from mlx_lm.generate import generate_step
@@ -113,7 +149,8 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
         cached -= 1
     if len(prompt) + params.max_tokens > context_limit:
         raise ContextExhausted(cached, len(prompt) - cached, params.max_tokens, context_limit)
-    trim_to(agent, cached)
+    rewind = trim_to(agent, cached, model)  # None in the usual case: the cache is a prefix
+    cp = kvcache.checkpoint(agent.cache)  # what a cancel needs once trimming cannot go back
     todo = prompt[cached:]
     if on_start:
         on_start(cached, len(todo))
@@ -155,11 +192,12 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
                 pending_text, pending_ids, last_emit = "", [], now
             if cancel.is_set():
                 raise TurnCancelled("cancelled")
-    except TurnCancelled:
+    except TurnCancelled as exc:
         gen.close()
         # What the cache holds now: the prompt and the generated tokens fed so far.
         agent.cache_ids = (prompt[:cached] + todo + generated)[:cache_offset(agent.cache)]
         agent.dirty = True
+        exc.rewind = undo_turn(model, agent, cp, cached)  # type: ignore[attr-defined]
         sync_to_transcript(model, tokenizer, agent)
         raise
     finally:
@@ -175,7 +213,8 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     offset = cache_offset(agent.cache)
     if offset != len(agent.cache_ids):  # defensive: never let ids and K/V disagree
         agent.cache_ids = agent.cache_ids[:offset]
-        trim_to(agent, min(offset, len(agent.cache_ids)))
+        trim_to(agent, min(offset, len(agent.cache_ids)), model)
+    kvcache.check_offsets(agent.cache, len(agent.cache_ids))
     # The reply keeps a leading space the streaming detokenizer trims for display: re-rendered
     # in the next prompt it must re-tokenize to the generated ids, or the next turn would
     # re-read the whole reply instead of reusing it from the cache.
@@ -197,5 +236,5 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
         in_cache=cache_offset(agent.cache), context_limit=context_limit,
         timing_ms={"prefill": (t_first - t0) * 1000, "ttft": (t_first - t0) * 1000,
                    "decode": decode_s * 1000},
-        decode_tok_s=tok_s, finish_reason=finish,
+        decode_tok_s=tok_s, finish_reason=finish, rewind=rewind,
     )

@@ -1,26 +1,55 @@
 """A tokenizer rebuilt from GGUF metadata, shaped the way mlx_lm's TokenizerWrapper expects.
 
-For `gpt2`-style GGUF vocabularies (SmolLM2 and most llama-3-era models) a `tokenizers` BPE
-with a Digits(individual) + ByteLevel pre-tokenizer reproduces llama.cpp's token ids (checked
-against llama.cpp's output in tests/test_tokenizer.py). Control tokens (type 3) and
-user-defined tokens (type 4) are special: parsed as one token when they occur in text, as
-llama.cpp's tokenizer does with parse_special=True.
+The `tokenizers.Tokenizer` itself comes from `gguf_vocab.py` (byte-level BPE per llama.cpp
+pre-tokenizer, or SentencePiece), checked against llama.cpp's own tokenizer on the same file
+in tests/engine/test_gguf_tokenizer.py. Here: the wrapper, the chat format and the stop tokens.
+
+- Chat template: the GGUF's `tokenizer.chat_template`, rendered in a sandboxed Jinja
+  environment. A file without one is a base model: Gemma files get Gemma's turn format
+  (`<start_of_turn>user ... <end_of_turn>`), others a plain "Role: text" transcript;
+  `chat_format` and `is_base_model` say which, for the UI and `status`.
+- Stop tokens: the metadata's EOS, EOT and EOM ids, plus the token the chat format itself
+  writes after an assistant turn (found by rendering one, not from a list of known names).
 """
 
 from __future__ import annotations
 
+from functools import partial
 from pathlib import Path
+from typing import Any
 
 from .errors import ModelLoadError
 
 _CONTROL, _USER_DEFINED = 3, 4
+
+# Gemma's own turn format (google/gemma-3-*-it), text only: the base model has no template.
+GEMMA_TURNS = (
+    "{{ bos_token }}"
+    "{%- if messages and messages[0]['role'] == 'system' -%}"
+    "{%- set first_user_prefix = messages[0]['content'] + '\n\n' -%}"
+    "{%- set loop_messages = messages[1:] -%}"
+    "{%- else -%}{%- set first_user_prefix = '' -%}{%- set loop_messages = messages -%}"
+    "{%- endif -%}"
+    "{%- for message in loop_messages -%}"
+    "{%- set role = 'model' if message['role'] == 'assistant' else message['role'] -%}"
+    "{{ '<start_of_turn>' + role + '\n' + (first_user_prefix if loop.first else '') }}"
+    "{{ message['content'] | trim }}{{ '<end_of_turn>\n' }}"
+    "{%- endfor -%}"
+    "{%- if add_generation_prompt -%}{{ '<start_of_turn>model\n' }}{%- endif -%}"
+)
+PLAIN_TRANSCRIPT = (
+    "{{ bos_token }}{%- for message in messages -%}"
+    "{{ (message['role'] | capitalize) + ': ' + (message['content'] | trim) + '\n\n' }}"
+    "{%- endfor -%}{%- if add_generation_prompt -%}{{ 'Assistant:' }}{%- endif -%}"
+)
 
 
 class GgufTokenizer:
     """The subset of a Hugging Face tokenizer that mlx_lm and this project use."""
 
     def __init__(self, tok, vocab: list[str], specials: dict[str, int], bos_id: int | None,
-                 eos_id: int | None, chat_template: str | None, add_bos: bool):
+                 eos_id: int | None, chat_template: str | None, add_bos: bool,
+                 chat_format: str = "gguf template"):
         self._tok = tok
         self._vocab = vocab
         self._ids = {t: i for i, t in enumerate(vocab)}
@@ -31,7 +60,13 @@ class GgufTokenizer:
         self.eos_token = vocab[eos_id] if eos_id is not None else None
         self.chat_template = chat_template
         self.add_bos = add_bos
-        self._template = None
+        self.chat_format = chat_format
+        self._template: Any = None  # a jinja2 Template, compiled on first use
+
+    @property
+    def is_base_model(self) -> bool:
+        """No chat template in the file: the chat format is ours, not the model's training."""
+        return self.chat_format != "gguf template"
 
     def __len__(self) -> int:
         return len(self._vocab)
@@ -83,46 +118,77 @@ class GgufTokenizer:
         return self.encode(text) if tokenize else text
 
 
-def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>"):
-    """-> mlx_lm TokenizerWrapper around a GgufTokenizer."""
+def _sid(meta: dict, key: str) -> int | None:
+    v = meta.get(key)
+    if v is None:
+        return None
+    v = int(v.item() if hasattr(v, "item") else v)
+    return v if v >= 0 else None
+
+
+def end_of_turn_id(tok: GgufTokenizer) -> int | None:
+    """The special token the chat format writes right after an assistant's text, if any."""
+    marker = "\u2063reply\u2063"
+    try:
+        text = tok.apply_chat_template(
+            [{"role": "user", "content": "hi"}, {"role": "assistant", "content": marker}],
+            tokenize=False)
+    except Exception:  # a template that refuses this conversation says nothing about stops
+        return None
+    _, found, after = text.partition(marker)
+    if not found or not after:
+        return None
+    ids = tok.encode(after)
+    return ids[0] if ids and ids[0] in tok.specials.values() else None
+
+
+def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>", cache_key: str | None = None):
+    """-> mlx_lm TokenizerWrapper around a GgufTokenizer. `cache_key` (the file's digest) lets
+    a SentencePiece vocabulary's derived merges be cached."""
     import numpy as np
-    from mlx_lm.tokenizer_utils import BPEStreamingDetokenizer, TokenizerWrapper
-    from tokenizers import AddedToken, Tokenizer, decoders, models, pre_tokenizers
+    from mlx_lm.tokenizer_utils import (
+        BPEStreamingDetokenizer,
+        SPMStreamingDetokenizer,
+        TokenizerWrapper,
+    )
+
+    from .gguf_vocab import ADD_BOS_BY_DEFAULT, bpe_tokenizer, spm_tokenizer
 
     kind = meta.get("tokenizer.ggml.model")
-    if kind != "gpt2":
-        raise ModelLoadError(
-            f"{path}: GGUF tokenizer model {kind!r} is not supported (only BPE 'gpt2' vocabularies);"
-            " pass an MLX model directory instead"
-        )
+    if "tokenizer.ggml.tokens" not in meta:
+        raise ModelLoadError(f"{path}: GGUF file has no tokenizer vocabulary")
     vocab: list[str] = list(meta["tokenizer.ggml.tokens"])
-    merges = [tuple(m.split(" ", 1)) for m in meta["tokenizer.ggml.merges"]]
-    types = np.array(meta.get("tokenizer.ggml.token_type", np.ones(len(vocab))))
-
-    def sid(key):
-        v = meta.get(key)
-        return int(v.item()) if v is not None else None
-
-    bpe = models.BPE(vocab={t: i for i, t in enumerate(vocab)}, merges=merges,
-                     byte_fallback=False, ignore_merges=False)
-    tok = Tokenizer(bpe)
-    tok.pre_tokenizer = pre_tokenizers.Sequence([
-        pre_tokenizers.Digits(individual_digits=True),
-        pre_tokenizers.ByteLevel(add_prefix_space=False, use_regex=True),
-    ])
-    tok.decoder = decoders.ByteLevel()
+    types = np.asarray(meta.get("tokenizer.ggml.token_type", np.ones(len(vocab))), dtype=np.int64)
+    pre = str(meta.get("tokenizer.ggml.pre") or "default")
+    if kind == "gpt2":
+        tok = bpe_tokenizer(meta, vocab, types, path)
+        detok = BPEStreamingDetokenizer
+        add_bos_default = pre in ADD_BOS_BY_DEFAULT
+    elif kind == "llama":
+        tok = spm_tokenizer(meta, vocab, types, path, cache_key)
+        prefix = bool(meta.get("tokenizer.ggml.add_space_prefix", True))
+        detok = partial(SPMStreamingDetokenizer, trim_space=prefix)
+        add_bos_default = True
+    else:
+        raise ModelLoadError(
+            f"{path}: GGUF tokenizer model {kind!r} is not supported (BPE 'gpt2' and "
+            "SentencePiece 'llama' vocabularies are); pass an MLX model directory instead")
     special_ids = [int(i) for i in np.nonzero((types == _CONTROL) | (types == _USER_DEFINED))[0]]
-    tok.add_special_tokens([AddedToken(vocab[i], special=True, normalized=False)
-                            for i in special_ids])
     specials = {vocab[i]: i for i in special_ids}
-    add_bos = bool(meta["tokenizer.ggml.add_bos_token"].item()) \
-        if "tokenizer.ggml.add_bos_token" in meta else False
-    base = GgufTokenizer(
-        tok, vocab, specials, sid("tokenizer.ggml.bos_token_id"), sid("tokenizer.ggml.eos_token_id"),
-        meta.get("tokenizer.chat_template"), add_bos,
-    )
-    eos = {base.eos_token_id} if base.eos_token_id is not None else set()
-    for name in ("<|im_end|>", "<|eot_id|>", "<|end_of_text|>", "<|endoftext|>"):
-        if name in specials:
-            eos.add(specials[name])
-    return TokenizerWrapper(base, detokenizer_class=BPEStreamingDetokenizer, eos_token_ids=eos)
+    add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
+    template = meta.get("tokenizer.chat_template")
+    chat_format = "gguf template"
+    if template is None:
+        gemma = str(meta.get("general.architecture", "")).startswith("gemma") and \
+            "<start_of_turn>" in specials
+        template = GEMMA_TURNS if gemma else PLAIN_TRANSCRIPT
+        chat_format = "gemma turns (base model)" if gemma else "plain transcript (base model)"
+    base = GgufTokenizer(tok, vocab, specials, _sid(meta, "tokenizer.ggml.bos_token_id"),
+                         _sid(meta, "tokenizer.ggml.eos_token_id"), template, add_bos,
+                         chat_format)
+    eos = {i for i in (_sid(meta, f"tokenizer.ggml.{k}_token_id") for k in ("eos", "eot", "eom"))
+           if i is not None}
+    turn_end = end_of_turn_id(base)
+    if turn_end is not None:
+        eos.add(turn_end)
+    return TokenizerWrapper(base, detokenizer_class=detok, eos_token_ids=eos)

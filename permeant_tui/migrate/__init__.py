@@ -1,21 +1,17 @@
 """Live migration of an agent between hosts (docs/MIGRATION.md).
 
-`permeant serve` runs a target daemon (server.py: Starlette on uvicorn, TLS with a pinned
-self-signed certificate, every request signed with the source workspace's Ed25519 key);
-`permeant migrate AGENT --to HOST:PORT` moves an agent's KV state there (client.py). The UI
-calls `migrate_agent(engine, agent_id, target, pin, quant, move, progress)` from a thread that
-is not the engine worker. No Textual and no MLX import here at module level.
+The source side (source.py, over transport.py and tls.py): `migrate_agent(engine, agent_id,
+target, ...)` moves an agent's KV state to a `permeant serve` target and returns a report;
+front ends call `start_migration(engine, agent_id, target, pin, quant, move, on_event)`, which
+runs it on its own thread and reports through engine events.
+
+The target side: serve.py starts it; target.py holds its state and authentication, guard.py
+bounds and authenticates every request, routes.py answers them, staging.py keeps the staged
+files and commit.py verifies and attaches them. protocol.py is what both sides share.
+No Textual and no MLX import here at module level.
 """
 
 from .protocol import MigrationError
+from .source import MigrationReport, migrate_agent, start_migration
 
-
-def migrate_agent(engine, agent_id, target, pin=None, quant="none", move=False, progress=None,
-                  **kw):
-    """See client.migrate_agent (imported lazily: the CLI parser imports this package)."""
-    from .client import migrate_agent as _migrate
-
-    return _migrate(engine, agent_id, target, pin, quant, move, progress, **kw)
-
-
-__all__ = ["MigrationError", "migrate_agent"]
+__all__ = ["MigrationError", "MigrationReport", "migrate_agent", "start_migration"]

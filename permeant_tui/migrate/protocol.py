@@ -39,7 +39,6 @@ KEY_ID_RE = re.compile(r"[0-9a-f]{16}")
 NONCE_RE = re.compile(r"[0-9a-f]{32}")
 DIGEST_RE = re.compile(r"[0-9a-f]{64}")
 MIGRATION_ID_RE = re.compile(r"[0-9a-f]{32}")
-AGENT_NAME_RE = re.compile(r"[A-Za-z0-9][A-Za-z0-9_.-]{0,63}")
 
 MODES = ("kv", "reprefill")
 
@@ -139,6 +138,10 @@ class Limits:
     clock_skew_s: float = 120.0  # timestamp window, each side
     max_nonces: int = 200_000  # remembered nonces (each lives 2 x clock_skew_s)
     body_timeout_s: float = 120.0  # to receive one request body
+    max_request_head_bytes: int = 16 << 10  # request line + headers of one request
+    max_header_fields: int = 64  # header fields of one request
+    request_head_timeout_s: float = 10.0  # from connecting (or a request's first byte) to its
+    #                                       last header
 
     def public(self) -> dict:
         return {"max_head_bytes": self.max_head_bytes, "max_chunk_bytes": self.max_chunk_bytes,

@@ -17,10 +17,10 @@ import os
 import socket
 import ssl
 import stat
-import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..engine.atomic import write_atomic, write_private
 from .protocol import CertificateMismatch, MigrationError, format_fingerprint
 
 CERT_NAME = "cert.pem"
@@ -49,17 +49,6 @@ def pem_fingerprint(pem: bytes) -> str:
 
     cert = x509.load_pem_x509_certificate(pem)
     return der_fingerprint(cert.public_bytes(serialization.Encoding.DER))
-
-
-def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # 0600 from the start
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    os.replace(tmp, path)
 
 
 def ensure_server_cert(folder: Path, common_name: str = "permeant-serve") -> ServerCert:
@@ -92,12 +81,10 @@ def ensure_server_cert(folder: Path, common_name: str = "permeant-serve") -> Ser
                 .add_extension(x509.SubjectAlternativeName(sans), critical=False)
                 .add_extension(x509.BasicConstraints(ca=False, path_length=None), critical=True)
                 .sign(key, hashes.SHA256()))
-        _write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
-                                                   serialization.PrivateFormat.PKCS8,
-                                                   serialization.NoEncryption()))
-        tmp = cert_path.with_name(f".{CERT_NAME}.{os.getpid()}.tmp")
-        tmp.write_bytes(cert.public_bytes(serialization.Encoding.PEM))
-        os.replace(tmp, cert_path)
+        write_private(key_path, key.private_bytes(serialization.Encoding.PEM,
+                                                  serialization.PrivateFormat.PKCS8,
+                                                  serialization.NoEncryption()))
+        write_atomic(cert_path, cert.public_bytes(serialization.Encoding.PEM))
         created = True
     elif stat.S_IMODE(key_path.stat().st_mode) & 0o077:
         os.chmod(key_path, 0o600)  # a private key readable by others is tightened

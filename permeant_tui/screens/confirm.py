@@ -11,7 +11,7 @@ from textual.widgets import Button, Label
 
 
 class ConfirmScreen(ModalScreen[bool]):
-    CSS_PATH = "../styles/confirm.tcss"
+    CSS_PATH = "dialog.tcss"
     BINDINGS = [
         Binding("escape,n", "cancel", "Cancel", id="confirm.cancel", tooltip="Keep things as they are"),
         Binding("y", "confirm", "Yes", id="confirm.yes", tooltip="Go ahead"),

@@ -11,6 +11,8 @@ from textual.containers import Horizontal, Vertical
 from textual.screen import ModalScreen
 from textual.widgets import Button, Checkbox, Input, Label, Select
 
+from ..engine.usxf import QUANTS
+
 
 @dataclass(frozen=True)
 class MigrationRequest:
@@ -21,7 +23,7 @@ class MigrationRequest:
 
 
 class MigrateScreen(ModalScreen[MigrationRequest | None]):
-    CSS_PATH = "../styles/confirm.tcss"
+    CSS_PATH = "dialog.tcss"
     BINDINGS = [Binding("escape", "cancel", "Cancel", id="migrate.cancel",
                         tooltip="Close without migrating")]
 
@@ -37,7 +39,7 @@ class MigrateScreen(ModalScreen[MigrationRequest | None]):
             yield Input(placeholder="HOST:PORT", id="target")
             yield Input(placeholder="certificate fingerprint (sha256, printed by the target)",
                         id="pin")
-            yield Select([(q, q) for q in ("none", "f16", "bf16", "int8")], value="none",
+            yield Select([(q, q) for q in QUANTS], value="none",
                          allow_blank=False, id="quant")
             yield Checkbox("move (archive it here once the target commits)", id="move")
             with Horizontal(id="buttons"):

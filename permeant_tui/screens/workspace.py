@@ -1,9 +1,11 @@
 """The workspace: status bar, one pane per agent, the team prompt and the footer.
 
 Wide terminals show the panes side by side. Below `WIDE` columns they stack: the active pane
-takes the room and the others shrink to their title and state (click one, or alt+1..3).
-Its stylesheet, styles/workspace.tcss, is loaded by the app. The screen knows which agent is "focused" (the last pane that had focus), for the app's
-export, cancel and reset actions.
+takes the room and the others shrink to their title and state (click one, or F2..F4), and the
+footer turns compact.
+The screen knows which agent is "focused" (the last pane that had focus), for the app's
+export, cancel and reset actions. Its stylesheet, workspace.tcss beside it, styles the widgets
+it hosts (the app loads it: Textual does not read a default screen's CSS_PATH).
 """
 
 from __future__ import annotations
@@ -13,12 +15,12 @@ from collections.abc import Sequence
 from textual.app import ComposeResult
 from textual.binding import Binding
 from textual.containers import Horizontal
-from textual.events import Click, DescendantFocus
+from textual.events import Click, DescendantFocus, Resize
 from textual.reactive import reactive
 from textual.screen import Screen
 from textual.widgets import Footer
 
-from ..engine.client import AgentView
+from ..engine.api import AgentView
 from ..engine.events import EngineStats
 from ..widgets.agent_pane import AgentPane
 from ..widgets.status_bar import StatusBar
@@ -32,18 +34,27 @@ PANES = Binding.Group("Pane")
 class WorkspaceScreen(Screen):
     HORIZONTAL_BREAKPOINTS = [(0, "-narrow"), (WIDE, "-wide")]
     BINDINGS = [
-        Binding("tab", "cycle(1)", "Next pane", id="pane.next", show=False,
+        Binding("tab", "cycle(1)", "Next pane", id="pane.next", show=False, priority=True,
                 tooltip="Move to the next agent pane (then the team prompt)"),
         Binding("shift+tab", "cycle(-1)", "Previous pane", id="pane.previous", show=False,
+                priority=True,
                 tooltip="Move to the previous agent pane"),
-        Binding("alt+1", "focus_pane(0)", "Technical", id="pane.1", group=PANES,
-                tooltip="Focus the first agent's input"),
-        Binding("alt+2", "focus_pane(1)", "Business", id="pane.2", group=PANES,
-                tooltip="Focus the second agent's input"),
-        Binding("alt+3", "focus_pane(2)", "Coordinator", id="pane.3", group=PANES,
-                tooltip="Focus the third agent's input"),
-        Binding("ctrl+t", "focus_team", "Team", id="team.focus",
+        # F-keys, not alt+digit: terminals and tmux send alt+1 as ESC 1, which Textual reads
+        # as macOS Option+1 and types "¡" into the input. F2..F4 arrive everywhere.
+        # Pane keys are priority bindings: handled as the app reads them, so characters typed
+        # in the same burst ("F3 x y" in one read) go to the new pane, not the old one.
+        Binding("f2", "focus_pane(0)", "Pane 1", id="pane.1", group=PANES, priority=True,
+                tooltip="Focus the first agent's pane (Technical)"),
+        Binding("f3", "focus_pane(1)", "Pane 2", id="pane.2", group=PANES, priority=True,
+                tooltip="Focus the second agent's pane (Business)"),
+        Binding("f4", "focus_pane(2)", "Pane 3", id="pane.3", group=PANES, priority=True,
+                tooltip="Focus the third agent's pane (Coordinator)"),
+        Binding("ctrl+t", "focus_team", "Team", id="team.focus", show=False, priority=True,
                 tooltip="Ask the team: technical and business answer, then the coordinator"),
+        Binding("ctrl+o", "copy_reply", "Copy reply", id="copy.reply", show=False,
+                priority=True, tooltip="Copy the focused agent's last reply to the clipboard"),
+        Binding("ctrl+g", "copy_code", "Copy code", id="copy.code", show=False, priority=True,
+                tooltip="Copy the last code block of the focused agent's replies"),
     ]
 
     active_agent: reactive[str] = reactive("", init=False)
@@ -56,6 +67,7 @@ class WorkspaceScreen(Screen):
         self._panes = {view.agent_id: AgentPane(view) for view in self._views}
         self._status = StatusBar(workspace_label)
         self._team = TeamPrompt()
+        self._footer = Footer()
         self.set_reactive(WorkspaceScreen.active_agent, views[0].agent_id if views else "")
 
     def compose(self) -> ComposeResult:
@@ -65,11 +77,14 @@ class WorkspaceScreen(Screen):
                 pane.set_class(pane.agent_id == self.active_agent, "-active")
                 yield pane
         yield self._team
-        yield Footer()
+        yield self._footer
 
     def on_mount(self) -> None:
         if self.panes:
             self.panes[0].input.focus()
+
+    def on_resize(self, event: Resize) -> None:
+        self._footer.compact = event.size.width < WIDE
 
     # lookups the app uses
 
@@ -112,8 +127,10 @@ class WorkspaceScreen(Screen):
         if pane is None:
             return
         self.active_agent = agent_id
-        # In the stacked layout the pane only becomes visible with the class change above.
-        self.call_after_refresh(pane.input.focus)
+        # At once, not after a refresh (as `focus()` would): keys typed right after F3 arrive
+        # in the same read from the terminal and must reach the new pane. In the stacked
+        # layout the pane becomes visible with the class change above, focused already.
+        self.set_focus(pane.input)
 
     def watch_active_agent(self, agent_id: str) -> None:
         for pane in self.panes:
@@ -128,10 +145,10 @@ class WorkspaceScreen(Screen):
     def on_click(self, event: Click) -> None:
         # A stacked (collapsed) pane opens when clicked.
         widget = event.widget
-        while widget is not None and not isinstance(widget, AgentPane):
-            widget = widget.parent if widget.parent is not self else None
-        if isinstance(widget, AgentPane) and widget.agent_id != self.active_agent:
-            self.activate(widget.agent_id)
+        pane = next((node for node in widget.ancestors_with_self if isinstance(node, AgentPane)),
+                    None) if widget is not None else None
+        if pane is not None and pane.agent_id != self.active_agent:
+            self.activate(pane.agent_id)
 
     def action_focus_pane(self, index: int) -> None:
         panes = self.panes
@@ -139,7 +156,7 @@ class WorkspaceScreen(Screen):
             self.activate(panes[index].agent_id)
 
     def action_focus_team(self) -> None:
-        self.team_prompt.input.focus()
+        self.set_focus(self.team_prompt.input)
 
     def action_cycle(self, step: int) -> None:
         stops = [pane.agent_id for pane in self.panes] + [TEAM]
@@ -155,3 +172,25 @@ class WorkspaceScreen(Screen):
         pane = self.active_pane
         if pane is not None:
             pane.request_more()
+
+    # the clipboard (OSC 52, through Textual: terminals that allow it put it on the system's)
+
+    def action_copy_reply(self) -> None:
+        pane = self.active_pane
+        if pane is not None:
+            self._copy(pane.last_reply, f"{pane.agent_title}'s last reply", "no reply to copy yet")
+
+    def action_copy_code(self) -> None:
+        pane = self.active_pane
+        if pane is not None:
+            self._copy(pane.last_code_block, f"code block from {pane.agent_title}",
+                       "no code block in the replies shown")
+
+    def _copy(self, text: str, what: str, nothing: str) -> None:
+        if not text:
+            self.notify(nothing, title="Nothing copied", severity="warning", markup=False)
+            return
+        self.app.copy_to_clipboard(text)
+        lines = text.count("\n") + 1
+        self.notify(f"{what} ({lines:,} line{'s' if lines != 1 else ''}, {len(text):,} "
+                    "characters)", title="Copied", markup=False)

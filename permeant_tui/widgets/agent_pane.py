@@ -2,7 +2,9 @@
 
 The pane never calls the engine. It posts what the person asked for (`Submitted`, `LoadMore`)
 and the app calls the engine; the app's event router calls the methods below as engine events
-arrive. The turn state (queued, prefilling n/m, generating, done, ...) is the border subtitle.
+arrive (they stream the text). The agent's state (queued, prefilling, generating, done, ...) is
+the engine's own, read from `AgentStats.state` on the app's stats timer, and shown as the border
+subtitle; events only add the prefill count ("prefilling 120/300").
 """
 
 from __future__ import annotations
@@ -12,18 +14,24 @@ from collections.abc import Sequence
 from textual import on
 from textual.app import ComposeResult
 from textual.containers import Vertical, VerticalScroll
+from textual.content import Content
 from textual.markup import escape
 from textual.message import Message
 from textual.reactive import reactive
-from textual.widgets import Button, Input, ProgressBar
+from textual.widgets import Button, ProgressBar
 
-from ..engine.client import AgentView, TurnView
+from ..conversation import code_blocks, team_question
+from ..engine.api import AgentView, TurnView
 from ..engine.events import AgentStats, TurnResult
+from ..engine.text import printable
 from .chat_turn import ChatTurn
 from .gauges import AgentGauges
+from .message_input import MessageInput
 
 RECENT_TURNS = 20
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
+# The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
+# loads ("loading") or after it failed to load ("unavailable").
 STATE_LABELS = {
     "loading": "waiting for the model",
     "idle": "ready",
@@ -32,7 +40,6 @@ STATE_LABELS = {
     "generating": "generating",
     "done": "done",
     "failed": "failed",
-    "cancelled": "cancelled",
     "unavailable": "no model",
 }
 STATE_STYLES = {
@@ -80,25 +87,32 @@ class AgentPane(Vertical):
     def __init__(self, view: AgentView, *, recent: int = RECENT_TURNS) -> None:
         super().__init__(id=f"pane-{view.agent_id}")
         self.agent_id = view.agent_id
-        self.agent_title = view.title
-        self.border_title = view.title
+        # The title comes from a file (settings, an imported USXF): one line, never markup.
+        self.agent_title = printable(view.title)
+        self.border_title = Content(self.agent_title)
         self._initial = view.turns[-recent:] if recent else ()
         self.first_index = len(view.turns) - len(self._initial)
+        self._next_index = len(view.turns)  # the transcript index of the next finished turn
+        self._last_sent = next((t.user for t in reversed(view.turns)
+                                if team_question(t.user) is None), "")
         self._turns: dict[int, ChatTurn] = {}
+        self._model = "loading"  # loading | ready | failed: the model's, from its events
+        self._engine_state = "idle"  # the agent's, from the engine's stats
+        self._prefill: tuple[int, int] | None = None  # (done, total) of the turn prefilling
         # Kept, not queried: events and the stats timer reach these many times a second.
         self._conversation = VerticalScroll(classes="conversation")
         self._load_more_button = Button(self._load_more_label(), id="load-more", compact=True)
         self._export_bar = ProgressBar(total=1.0, show_eta=False, id="export-progress")
         self._gauges = AgentGauges()
-        self._message_input = Input(
-            placeholder=f"Message {self.agent_title} (Enter to send)", compact=True, id="message"
+        self._message_input = MessageInput(
+            Content(f"Message {self.agent_title} (ctrl+j: new line)"), id="message"
         )
 
     def compose(self) -> ComposeResult:
         with self._conversation:
             yield self._load_more_button
-            for turn in self._initial:
-                yield ChatTurn(turn.user, turn.reply)
+            for index, turn in enumerate(self._initial, self.first_index):
+                yield ChatTurn(turn.user, turn.reply, index=index)
         yield self._export_bar
         yield self._gauges
         yield self._message_input
@@ -111,20 +125,66 @@ class AgentPane(Vertical):
     # what the person does
 
     @property
-    def input(self) -> Input:
+    def input(self) -> MessageInput:
         return self._message_input
 
     @property
     def busy(self) -> bool:
-        return self.state in BUSY_STATES
+        """A turn is queued or running (by the engine's state, or a turn still streaming)."""
+        return self.state in BUSY_STATES or bool(self._turns)
 
-    @on(Input.Submitted, "#message")
-    def _submit(self, event: Input.Submitted) -> None:
+    @on(MessageInput.Send)
+    def _submit(self, event: MessageInput.Send) -> None:
         event.stop()
-        text = event.value.strip()
+        text = event.text.strip()
         if text:
-            event.input.clear()
+            self._message_input.clear()
+            self._last_sent = text
             self.post_message(self.Submitted(self.agent_id, text))
+
+    @on(MessageInput.Recall)
+    def _recall(self, event: MessageInput.Recall) -> None:
+        event.stop()
+        if self._last_sent:
+            self._message_input.recall(self._last_sent)
+
+    @on(MessageInput.Page)
+    def _page(self, event: MessageInput.Page) -> None:
+        event.stop()
+        if event.direction < 0:
+            self._conversation.scroll_page_up()
+        else:
+            self._conversation.scroll_page_down()
+
+    @property
+    def last_reply(self) -> str:
+        """The newest reply shown (streamed so far, if a turn is still generating)."""
+        return next((turn.reply for turn in reversed(self._chat_turns()) if turn.reply), "")
+
+    @property
+    def last_code_block(self) -> str:
+        """The newest fenced code block in the replies shown."""
+        for turn in reversed(self._chat_turns()):
+            blocks = code_blocks(turn.reply)
+            if blocks:
+                return blocks[-1]
+        return ""
+
+    def scroll_to_turn(self, index: int) -> bool:
+        """Scroll the conversation to the turn at transcript `index` (shown already) and mark
+        it; False if it is not shown (load earlier turns first)."""
+        turn = next((t for t in self._chat_turns() if t.index == index), None)
+        if turn is None:
+            return False
+        for other in self.query(".-found"):
+            other.remove_class("-found")
+        turn.add_class("-found")
+        self._conversation.release_anchor()
+        self._conversation.scroll_to_widget(turn, animate=False, top=True)
+        return True
+
+    def _chat_turns(self) -> list[ChatTurn]:
+        return list(self._conversation.query_children(ChatTurn))
 
     @on(Button.Pressed, "#load-more")
     def _load_more(self, event: Button.Pressed) -> None:
@@ -140,7 +200,8 @@ class AgentPane(Vertical):
         self.first_index = max(first_index, 0) if turns else 0
         if turns:
             await self._conversation.mount_all(
-                [ChatTurn(turn.user, turn.reply) for turn in turns],
+                [ChatTurn(turn.user, turn.reply, index=index)
+                 for index, turn in enumerate(turns, self.first_index)],
                 after="#load-more",
             )
         self._sync_load_more()
@@ -156,57 +217,56 @@ class AgentPane(Vertical):
     # what the engine reports
 
     def model_ready(self) -> None:
-        if self.state in ("loading", "unavailable"):
-            self.state = "idle"
+        self._model = "ready"
+        self._sync_state()
 
     def model_failed(self) -> None:
-        self.state = "unavailable"
+        self._model = "failed"
+        self._sync_state()
 
     async def turn_queued(self, turn_id: int, user: str) -> None:
         turn = ChatTurn(user, turn_id=turn_id, pending=True)
         self._turns[turn_id] = turn
         await self._conversation.mount(turn)
-        self.set_state("queued")
 
     async def turn_started(self, turn_id: int, user: str, to_prefill: int) -> None:
         turn = await self._turn(turn_id, user)
         turn.set_user(user)
-        self.set_state("prefilling", f"0/{to_prefill:,}" if to_prefill else "")
+        self._set_prefill((0, to_prefill) if to_prefill else None)
 
     def prefill_progress(self, done: int, total: int) -> None:
-        self.set_state("prefilling", f"{done:,}/{total:,}")
+        self._set_prefill((done, total))
 
     async def tokens(self, turn_id: int, text: str) -> None:
-        if self.state != "generating":
-            self.set_state("generating")
+        self._set_prefill(None)
         turn = await self._turn(turn_id)
         await turn.append(text)
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
+        turn.index = self._next_index  # finished turns, and only they, join the transcript
+        self._next_index += 1
         await turn.finish(result.reply, turn_note(result))
-        self._turns.pop(turn_id, None)
-        self.set_state("done")
+        self._turn_ended(turn_id)
 
     async def turn_failed(self, turn_id: int, kind: str) -> None:
         turn = await self._turn(turn_id)
         await turn.finish(note=f"failed: {kind}", state="failed")
-        self._turns.pop(turn_id, None)
-        self.set_state("failed", kind)
+        self._turn_ended(turn_id)
 
     async def turn_cancelled(self, turn_id: int) -> None:
-        turn = self._turns.pop(turn_id, None)
+        turn = self._turns.get(turn_id)
         if turn is not None:
             await turn.finish(note="cancelled", state="cancelled")
-        if not self._turns:
-            self.set_state("cancelled")
+        self._turn_ended(turn_id)
 
     async def reset(self) -> None:
         self._turns.clear()
-        self.first_index = 0
+        self._set_prefill(None)
+        self.first_index = self._next_index = 0
         await self.query(ChatTurn).remove()
+        self._gauges.clear()
         self._sync_load_more()
-        self.set_state("idle")
 
     def export_progress(self, fraction: float | None) -> None:
         """Show export progress; None hides the bar."""
@@ -216,15 +276,29 @@ class AgentPane(Vertical):
 
     def show_stats(self, stats: AgentStats) -> None:
         self._gauges.show(stats)
+        if stats.state != self._engine_state:
+            self._engine_state = stats.state
+            self._sync_state()
 
     # internals
 
-    def set_state(self, state: str, detail: str = "") -> None:
-        # Queued turns behind this one keep the pane busy after one ends.
-        if state in ("done", "failed", "cancelled") and self._turns:
-            state, detail = "queued", ""
+    def _turn_ended(self, turn_id: int) -> None:
+        self._turns.pop(turn_id, None)
+        self._set_prefill(None)
+
+    def _set_prefill(self, progress: tuple[int, int] | None) -> None:
+        if progress != self._prefill:
+            self._prefill = progress
+            self._sync_state()
+
+    def _sync_state(self) -> None:
+        """What the border shows: the engine's state; an idle agent shows the model's."""
+        state = self._engine_state
+        if state in ("idle", "loading", "unavailable"):  # the model's phase, from its events
+            state = {"ready": "idle", "failed": "unavailable"}.get(self._model, "loading")
         self.state = state
-        self.detail = detail
+        self.detail = (f"{self._prefill[0]:,}/{self._prefill[1]:,}"
+                       if state == "prefilling" and self._prefill else "")
 
     async def _turn(self, turn_id: int, user: str = "") -> ChatTurn:
         """The widget for `turn_id`, created if its TurnQueued was never seen."""

@@ -10,9 +10,12 @@ from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
+from textual.content import Content
 from textual.timer import Timer
 from textual.widgets import Label, Markdown, Static
 from textual.widgets.markdown import MarkdownStream
+
+from ..conversation import team_question
 
 # Token batches are written to the Markdown at most this often: each write re-lays the screen
 # out, and a person cannot read faster than ten updates a second anyway.
@@ -26,6 +29,15 @@ def preview(text: str, limit: int = USER_PREVIEW_CHARS) -> str:
     return text if len(text) <= limit else text[:limit].rstrip() + " …"
 
 
+def user_content(user: str) -> Content:
+    """The user's message as shown: literal text (never markup); a coordinator's team brief as
+    "Team brief: <question>" (the rest of the brief quotes replies already on screen)."""
+    question = team_question(user)
+    if question is not None:
+        return Content.assemble(("Team brief: ", "bold"), preview(question))
+    return Content(preview(user) or "…")
+
+
 class ChatTurn(Vertical):
     """The user's message, the agent's reply and a one-line footnote (tokens, speed)."""
 
@@ -35,17 +47,19 @@ class ChatTurn(Vertical):
         reply: str = "",
         *,
         turn_id: int | None = None,
+        index: int | None = None,
         note: str = "",
         pending: bool = False,
     ) -> None:
         super().__init__(classes="-pending" if pending else "")
         self.turn_id = turn_id
+        self.index = index  # in the agent's transcript; None until the turn is done
         self._user = user
         self._reply = reply
         self._stream: MarkdownStream | None = None
         self._unwritten = ""
         self._flush_timer: Timer | None = None
-        self._user_view = Static(preview(user) or "…", classes="user", markup=False)
+        self._user_view = Static(user_content(user), classes="user")
         self._reply_view = Markdown(reply, classes="reply")
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
@@ -62,7 +76,7 @@ class ChatTurn(Vertical):
     def set_user(self, user: str) -> None:
         if user and user != self._user:
             self._user = user
-            self._user_view.update(preview(user))
+            self._user_view.update(user_content(user))
 
     async def append(self, text: str) -> None:
         """Add a batch of generated text to the reply (shown within FLUSH_SECONDS)."""

@@ -31,12 +31,16 @@ class AgentGauges(Vertical):
     def __init__(self) -> None:
         super().__init__()
         self._shown: AgentStats | None = None
+        # After a reset: the speed history the engine reported before it, which says nothing
+        # about the new conversation and is not shown again (see `clear`).
+        self._stale_history: tuple[float, ...] = ()
         # Kept, not queried: the stats timer writes here twice a second.
         self._context_bar = ProgressBar(total=1, show_eta=False, show_percentage=False, id="context")
         self._context_label = Label("0", id="context-count", classes="gauge-value")
         self._speed_line = Sparkline([], id="speed")
+        self._speed_line.display = False
         self._speed_label = Label("–", id="speed-value", classes="gauge-value")
-        self._cache_label = Label("empty cache", id="cache")
+        self._cache_label = Label("empty cache", id="cache", markup=False)
 
     def compose(self) -> ComposeResult:
         with Horizontal(classes="gauge-row"):
@@ -59,9 +63,44 @@ class AgentGauges(Vertical):
         self._context_label.update(
             f"{stats.tokens:,}/{stats.context_limit:,}" if stats.context_limit else f"{stats.tokens:,}"
         )
-        self._speed_line.data = list(stats.tok_s_history)
-        self._speed_label.update(f"{stats.last_tok_s:.1f}" if stats.last_tok_s else "–")
+        history, last_tok_s, ttft_ms = self._fresh_speed(stats)
+        self._show_speed(history)
+        self._speed_label.update(f"{last_tok_s:.1f}" if last_tok_s else "–")
         where = "resident" if stats.resident else "on disk"
         size = format_bytes(stats.bytes) if stats.bytes else "empty cache"
-        ttft = f" · TTFT {stats.last_ttft_ms:,.0f} ms" if stats.last_ttft_ms else ""
+        ttft = f" · TTFT {ttft_ms:,.0f} ms" if ttft_ms else ""
         self._cache_label.update(f"{size} · {where}{ttft}")
+
+    def clear(self) -> None:
+        """Show an empty agent (after a reset) until the engine reports new figures."""
+        if self._shown is not None:
+            self._stale_history = self._shown.tok_s_history or self._stale_history
+        self._shown = None
+        self._context_bar.update(total=1, progress=0)
+        self._context_bar.remove_class("-nearly-full")
+        self._context_label.update("0")
+        self._show_speed(())
+        self._speed_label.update("–")
+        self._cache_label.update("empty cache")
+
+    def _fresh_speed(self, stats: AgentStats) -> tuple[tuple[float, ...], float, float]:
+        """Speed history, last tok/s and TTFT, without what was measured before a reset."""
+        history, stale = stats.tok_s_history, self._stale_history
+        if not stale:
+            return history, stats.last_tok_s, stats.last_ttft_ms
+        if not history:  # the engine cleared them itself
+            self._stale_history = ()
+            return history, stats.last_tok_s, stats.last_ttft_ms
+        if history == stale:
+            return (), 0.0, 0.0
+        if history[: len(stale)] == stale:
+            return history[len(stale):], stats.last_tok_s, stats.last_ttft_ms
+        self._stale_history = ()  # the window has moved on: all of it is new enough
+        return history, stats.last_tok_s, stats.last_ttft_ms
+
+    def _show_speed(self, history: tuple[float, ...]) -> None:
+        # One cell per turn (at most the width the row allows): a single turn is one bar, not
+        # a full-width block, and the line grows as turns are added.
+        self._speed_line.data = list(history)
+        self._speed_line.styles.width = max(len(history), 1)
+        self._speed_line.display = bool(history)

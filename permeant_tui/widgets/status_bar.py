@@ -1,17 +1,20 @@
 """The status bar: model loading progress, then model, device, BLAS, memory and workspace.
 
 Loading progress comes from ModelLoading events; the rest from `EngineStats` on the app's stats
-timer. Labels are only rewritten when their text changes.
+timer. Labels are only rewritten when their text changes. Names come from files (a model's
+metadata, a path): literal (markup=False) and printable.
 """
 
 from __future__ import annotations
 
 from textual.app import ComposeResult
 from textual.containers import Horizontal
+from textual.content import Content
 from textual.reactive import reactive
 from textual.widgets import Label, ProgressBar
 
 from ..engine.events import EngineStats
+from ..engine.text import printable
 from .gauges import format_bytes
 
 
@@ -28,7 +31,7 @@ class StatusBar(Horizontal):
         self._loading_bar = ProgressBar(total=1.0, show_eta=False, id="loading")
         self._memory_label = Label("", id="memory", markup=False)
         self._memory_label.tooltip = "process resident memory · MLX memory active/peak"
-        self._path_label = Label(workspace, id="workspace", markup=False)
+        self._path_label = Label(printable(workspace), id="workspace", markup=False)
 
     def compose(self) -> ComposeResult:
         yield self._model_label
@@ -40,7 +43,7 @@ class StatusBar(Horizontal):
         self.remove_class(f"-{old}")
         self.add_class(f"-{new}")
 
-    def loading(self, stage: str, fraction: float) -> None:
+    def model_loading(self, stage: str, fraction: float) -> None:
         if self.phase == "ready":
             return
         self.phase = "loading"
@@ -51,7 +54,7 @@ class StatusBar(Horizontal):
         self.phase = "ready"
         _set(self._model_label, " · ".join(p for p in (name, device, blas) if p))
         window = f", context window {context_limit:,} tokens" if context_limit else ""
-        self._model_label.tooltip = f"weights {dtype}{window}"
+        self._model_label.tooltip = Content(printable(f"weights {dtype}{window}"))
 
     def failed(self, message: str) -> None:
         self.phase = "failed"
@@ -68,5 +71,6 @@ class StatusBar(Horizontal):
 
 
 def _set(label: Label, text: str) -> None:
+    text = printable(text)
     if str(label.content) != text:
         label.update(text)

@@ -18,7 +18,7 @@ class TeamPrompt(Horizontal):
             self.question = question
 
     def compose(self) -> ComposeResult:
-        yield Label("Ask the team ›", classes="prompt-label")
+        yield Label("Ask the team (^t) ›", classes="prompt-label")
         yield Input(
             placeholder="technical and business answer, then the coordinator plans (Enter)",
             compact=True,

@@ -13,7 +13,6 @@ import hashlib
 import os
 import re
 import stat
-import tempfile
 from collections.abc import Iterable, Mapping
 from pathlib import Path
 
@@ -21,6 +20,7 @@ from cryptography.exceptions import InvalidSignature
 from cryptography.hazmat.primitives import serialization
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
+from ..atomic import create_private, write_atomic
 from ..errors import UsxfInvalid
 
 PRIVATE_NAME = "usxf_ed25519"
@@ -69,32 +69,11 @@ def verify_ed25519(public_key_bytes: bytes, signature: bytes, message: bytes) ->
 
 
 def _write_private(path: Path, data: bytes) -> None:
-    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)  # created 0600
-    try:
-        os.fchmod(fd, 0o600)
-        os.write(fd, data)
-        os.fsync(fd)
-    finally:
-        os.close(fd)
-    try:
-        os.link(tmp, path)  # atomic, and never replaces a key another process created meanwhile
-    except FileExistsError:
-        raise
-    except OSError:  # a filesystem without hard links
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
-        try:
-            os.write(fd, data)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    finally:
-        os.unlink(tmp)
+    create_private(path, data)
 
 
 def _write_text(path: Path, text: str) -> None:
-    tmp = path.with_name(f".{path.name}.{os.getpid()}.tmp")
-    tmp.write_text(text)
-    os.replace(tmp, path)
+    write_atomic(path, text.encode())
 
 
 class WorkspaceKeys:

@@ -1,6 +1,7 @@
 """The USXF manifest: typed access to untrusted decoded MessagePack and every check that does not
-need the payload bytes (docs/USXF.md 2, 2.1, 4, 7). Any surprise is a UsxfInvalid naming the
-field and the check."""
+need the payload bytes (docs/USXF.md 2, 2.1, 4, 7). A 1.1 manifest's per-layer lengths and
+starts are checked against `attention.layers`, and those against the identity. Any surprise is
+a UsxfInvalid naming the field and the check."""
 
 from __future__ import annotations
 
@@ -52,6 +53,7 @@ class TensorEntry:
     scales_shape: tuple[int, ...] | None
     scales_offset: int
     scales_nbytes: int
+    start: int = 0  # logical position of the first stored token (1.1; 0 on full layers)
     kivi: kivi.Regions | None = None  # kivi8: where the tensor's parts lie (kivi.py)
 
 
@@ -126,10 +128,35 @@ _IDENTITY_KINDS = {
     "rope_scaling": "str", "rope_layout": "str", "sliding_window": "int", "context_limit": "int",
     "weights_digest": "str", "tokenizer_digest": "str", "kv_dtype": "str",
 }
-assert set(_IDENTITY_KINDS) == {f.name for f in fields(ModelIdentity)}
+_IDENTITY_OPTIONAL = {"attention": "str"}  # absent for uniform full attention (and older files)
+assert set(_IDENTITY_KINDS) | set(_IDENTITY_OPTIONAL) == {f.name for f in fields(ModelIdentity)}
 ATTENTION_FIELDS = ("n_layers", "n_heads", "n_kv_heads", "head_dim", "rope_theta", "rope_scaling",
                     "rope_layout", "sliding_window")
 _DIM_MAX = 1 << 20
+LAYER_TYPES = ("full", "sliding")
+_LAYER_KINDS = {"type": "str", "window": "int", "rope_theta": "num", "rotary_dim": "int"}
+
+
+def layer_structure(identity: ModelIdentity) -> list[dict]:
+    """`attention.layers` of a 1.1 manifest, derived from the identity's per-layer structure
+    (every layer full with the identity's RoPE when it carries none): one map per layer with
+    `type`, `window` (0 on full layers), `rope_theta` and `rotary_dim`."""
+    out = []
+    for x in identity.layers():
+        if x.get("keep"):
+            raise ValueError("a sliding layer that keeps leading tokens (not in USXF 1.1)")
+        rope = x.get("rope") or {}
+        sliding = x.get("type") == "sliding"
+        base, dims = rope.get("base", identity.rope_theta), rope.get("dims", identity.head_dim)
+        out.append({"type": "sliding" if sliding else "full",
+                    "window": int(x.get("window") or 0) if sliding else 0,
+                    "rope_theta": float(base), "rotary_dim": int(dims)})
+    return out
+
+
+def stored_lengths(layers: list[dict], n: int) -> list[int]:
+    """Positions each layer's K/V holds after n tokens: n (full), min(n, window) (sliding)."""
+    return [min(n, x["window"]) if x["type"] == "sliding" else n for x in layers]
 
 
 def decode_manifest(manifest_bytes: bytes, path: str | None = None) -> dict:
@@ -171,6 +198,8 @@ def parse_manifest(m: dict, header: Header, key_id: str, path: str | None = None
             s.fail(f"attention.{k}", f"{att.get(k)!r} differs from the model's "
                                      f"{getattr(identity, k)!r}", CHECK_LAYOUT)
 
+    layers = _parse_layers(s, att, identity, header.minor)
+
     seq = s.get(m, "sequence", "map", "manifest")
     n = s.int_in(seq, "length", 0, MAX_TOKENS, "sequence")
     if s.get(seq, "token_dtype", "str", "sequence") != "<u4":
@@ -200,10 +229,10 @@ def parse_manifest(m: dict, header: Header, key_id: str, path: str | None = None
             raise UsxfInvalid(CHECK_BLOCKS, f"block {i} (tokens {i * bs}..{min(n, (i + 1) * bs)}) "
                                             f"does not match the token ids", path)
 
-    source_dtype, method, group, tensors = _parse_tensors(s, m, identity, n, header)
+    source_dtype, method, group, tensors = _parse_tensors(s, m, identity, n, header, layers)
     chunk_digests, digest = _parse_payload(s, m, header)
     agent = _parse_agent(s, m, n)
-    fidelity = _parse_fidelity(s, m)
+    fidelity = _parse_fidelity(s, m, identity.vocab_size)
     prov = s.get(m, "provenance", "map", "manifest")
     for k, v in prov.items():
         if not isinstance(k, str) or not (v is None or isinstance(v, (str, int, float, bool))):
@@ -216,6 +245,9 @@ def _parse_identity(s: _Schema, m: dict) -> ModelIdentity:
     d = s.get(m, "model", "map", "manifest")
     for k, kind in _IDENTITY_KINDS.items():
         s.get(d, k, kind, "model")
+    for k, kind in _IDENTITY_OPTIONAL.items():
+        if k in d:
+            s.get(d, k, kind, "model")
     for k in ("n_layers", "n_heads", "n_kv_heads", "head_dim"):
         s.int_in(d, k, 1, _DIM_MAX, "model")
     if d["rope_layout"] not in ROPE_LAYOUTS:
@@ -232,7 +264,42 @@ def _parse_identity(s: _Schema, m: dict) -> ModelIdentity:
     return identity
 
 
-def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header: Header):
+def _parse_layers(s: _Schema, att: dict, identity: ModelIdentity, minor: int) -> list[dict]:
+    """1.1: `attention.layers`, typed and equal to the identity's per-layer structure. 1.0 files
+    carry none: every layer is full (whatever extra keys they hold)."""
+    if minor == 0:
+        return [{"type": "full", "window": 0}] * identity.n_layers
+    layers = s.get(att, "layers", "list", "attention", CHECK_LAYOUT)
+    if len(layers) != identity.n_layers:
+        s.fail("attention.layers", f"{len(layers)} entries for {identity.n_layers} layers",
+               CHECK_LAYOUT)
+    for i, x in enumerate(layers):
+        where = f"attention.layers[{i}]"
+        s.map(x, where, CHECK_LAYOUT)
+        for k, kind in _LAYER_KINDS.items():
+            s.get(x, k, kind, where, CHECK_LAYOUT)
+        if x["type"] not in LAYER_TYPES:
+            s.fail(f"{where}.type", f"{x['type']!r} is not one of {LAYER_TYPES}", CHECK_LAYOUT)
+        if (x["type"] == "sliding") != (x["window"] > 0) or not 0 <= x["window"] <= MAX_TOKENS:
+            s.fail(f"{where}.window", f"{x['window']} for a {x['type']} layer", CHECK_LAYOUT)
+        if not 0 < x["rotary_dim"] <= identity.head_dim:
+            s.fail(f"{where}.rotary_dim", f"{x['rotary_dim']} outside 1..{identity.head_dim}",
+                   CHECK_LAYOUT)
+    try:
+        want = layer_structure(identity)
+    except (ValueError, TypeError, AttributeError, KeyError, OverflowError, RecursionError):
+        s.fail("model.attention", "not a per-layer list of attention maps", CHECK_LAYOUT)
+    if len(want) != identity.n_layers:
+        s.fail("model.attention", f"{len(want)} layers for {identity.n_layers}", CHECK_LAYOUT)
+    for i, (x, w) in enumerate(zip(layers, want, strict=True)):
+        got = {k: x[k] for k in _LAYER_KINDS}
+        if got != w:
+            s.fail(f"attention.layers[{i}]", f"{got} differs from the model's {w}", CHECK_LAYOUT)
+    return layers
+
+
+def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header: Header,
+                   layers: list[dict]):
     kv = s.get(m, "kv", "map", "manifest")
     source_dtype = s.get(kv, "source_dtype", "str", "kv")
     if source_dtype not in SOURCE_DTYPES:
@@ -254,17 +321,24 @@ def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header:
     out: list[TensorEntry] = []
     end = 0
     length = header.payload_len
+    lengths = stored_lengths(layers, n)
     for i, t in enumerate(table):
         where = f"kv.tensors[{i}]"
         t = s.map(t, where)
         layer, kind = i // 2, "kv"[i % 2]
+        stored_n = lengths[layer]
         if s.get(t, "name", "str", where) != f"layers.{layer}.{kind}" or \
                 s.get(t, "layer", "int", where) != layer or s.get(t, "kind", "str", where) != kind:
             s.fail(where, f"expected layers.{layer}.{kind} here", CHECK_LAYOUT)
         shape = s.ints(s.get(t, "shape", "list", where), f"{where}.shape", 0, _DIM_MAX * MAX_TOKENS, CHECK_LAYOUT)
-        if len(shape) != 3 or shape[0] != identity.n_kv_heads or shape[1] != n or shape[2] < 1 or \
-                (kind == "k" and shape[2] != identity.head_dim):
-            s.fail(where, f"shape {shape} is not [{identity.n_kv_heads}, {n}, head_dim]", CHECK_LAYOUT)
+        if len(shape) != 3 or shape[0] != identity.n_kv_heads or shape[1] != stored_n or \
+                shape[2] < 1 or (kind == "k" and shape[2] != identity.head_dim):
+            s.fail(where, f"shape {shape} is not [{identity.n_kv_heads}, {stored_n}, head_dim] "
+                          f"(layer {layer}: {layers[layer]['type']}, {n} tokens)", CHECK_LAYOUT)
+        start = n - stored_n
+        if header.minor >= 1 and s.get(t, "start", "int", where, CHECK_LAYOUT) != start:
+            s.fail(f"{where}.start", f"{t['start']}, layer {layer} ({layers[layer]['type']}) "
+                                     f"after {n} tokens starts at {start}", CHECK_LAYOUT)
         if s.get(t, "dtype", "str", where) != stored:
             s.fail(f"{where}.dtype", f"{t['dtype']!r}, {method} of {source_dtype} stores {stored}", CHECK_LAYOUT)
         if method == kivi.METHOD:  # codes, scales, zeros, kept positions (kivi.py)
@@ -272,7 +346,7 @@ def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header:
                 s, t, where, kind, shape, key_group, group,
                 lambda r, w, nb, prev: _region(s, r, w, nb, prev, length), end, CHECK_LAYOUT)
             out.append(TensorEntry(layer, kind, tuple(shape), stored, t["offset"], t["nbytes"],
-                                   None, 0, 0, regions))
+                                   None, 0, 0, start, regions))
             continue
         end = _region(s, t, where, math.prod(shape) * itemsize, end, length)
         sc = s.get(t, "scales", "map|nil", where)
@@ -291,7 +365,7 @@ def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header:
             end = _region(s, sc, f"{where}.scales", math.prod(want) * 4, end, length)
             sshape, soff, snb = tuple(want), sc["offset"], sc["nbytes"]
         out.append(TensorEntry(layer, kind, tuple(shape), stored, t["offset"], t["nbytes"],
-                               sshape, soff, snb))
+                               sshape, soff, snb, start))
     if end != length:
         s.fail("kv.tensors", f"tensors end at {end}, the payload at {length}", CHECK_LAYOUT)
     return source_dtype, method, group, out
@@ -348,14 +422,17 @@ def _parse_agent(s: _Schema, m: dict, n: int) -> AgentRecord:
     return AgentRecord(turns=turns, **vals)
 
 
-def _parse_fidelity(s: _Schema, m: dict) -> Fidelity | None:
+def _parse_fidelity(s: _Schema, m: dict, vocab_size: int) -> Fidelity | None:
+    """The probe's ids are token ids of the file's model: each below its vocabulary (a replay
+    feeds them to the model, whose embedding lookup does not bound-check)."""
     f = s.get(m, "fidelity", "map|nil", "manifest", CHECK_FIDELITY)
     if f is None:
         return None
+    top = vocab_size - 1 if vocab_size > 0 else 2**32 - 1
     probe = s.ints(s.get(f, "probe_prompt_ids", "list", "fidelity", CHECK_FIDELITY),
-                   "fidelity.probe_prompt_ids", 0, 2**32 - 1, CHECK_FIDELITY)
+                   "fidelity.probe_prompt_ids", 0, top, CHECK_FIDELITY)
     expected = s.ints(s.get(f, "expected_ids", "list", "fidelity", CHECK_FIDELITY),
-                      "fidelity.expected_ids", 0, 2**32 - 1, CHECK_FIDELITY)
+                      "fidelity.expected_ids", 0, top, CHECK_FIDELITY)
     nn = s.int_in(f, "n", 0, 2**32, "fidelity", CHECK_FIDELITY)
     if nn != len(expected):
         s.fail("fidelity.n", f"{nn} but {len(expected)} expected ids", CHECK_FIDELITY)

@@ -1,4 +1,4 @@
-"""What USXF 1.0 is: magic, version, header layout, limits, check names, and the records that
+"""What USXF 1.1 is (1.0 plus per-layer attention, docs/USXF.md 2.1): magic, version, header layout, limits, check names, and the records that
 cross the API (docs/USXF.md). Writer, reader and tests import these so each lives in one place.
 """
 
@@ -13,7 +13,7 @@ from ..errors import UsxfInvalid
 
 MAGIC = b"USXF\r\n\x1a\n"
 VERSION_MAJOR = 1
-VERSION_MINOR = 0
+VERSION_MINOR = 1  # 1.1: attention.layers, kv.tensors[*].start (1.0 files still read)
 WRITER = f"permeant-usxf/{VERSION_MAJOR}.{VERSION_MINOR}"
 
 # magic, major, minor, sig_alg, flags, manifest_len, sig_len, chunk_size,
@@ -51,6 +51,7 @@ MAX_CHUNKS = 1 << 19
 INT8_GROUP = 64
 
 QUANTS = ("none", "f16", "bf16", "int8", "kivi8")  # docs/USXF.md 5
+PROBE_N = 128  # default fidelity probe length in tokens (docs/USXF.md 7; export --probe N)
 SOURCE_DTYPES = ("float32", "float16", "bfloat16")
 STORED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 ROPE_LAYOUTS = ("interleaved", "half-split")
@@ -107,7 +108,9 @@ class UsxfWriteError(UsxfInvalid):
 
 @dataclass(frozen=True)
 class KVPayload:
-    """One agent's KV cache: per layer K and V, each (n_kv_heads, seq, head_dim), C order.
+    """One agent's KV cache: per layer K and V, each (n_kv_heads, L_i, head_dim), C order, in
+    logical (token) order. L_i is the sequence length on a full-attention layer and
+    min(length, window) on a sliding-window layer (its last positions; USXF 1.1).
 
     dtype is the source KV dtype: "float32", "float16" or "bfloat16" (carried as np.uint16 bits)."""
 

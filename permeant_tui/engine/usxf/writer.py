@@ -9,6 +9,7 @@ from __future__ import annotations
 import math
 import os
 import platform
+import re
 import secrets
 import socket
 from collections.abc import Callable, Sequence
@@ -20,13 +21,20 @@ import msgpack
 import numpy as np
 import xxhash
 
+from ..atomic import commit_file, refuse_non_regular, remove_dead_temps
 from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
 from . import layout
 from . import quant as _quant
 from .header import Header
 from .keys import WorkspaceKeys
-from .manifest import ATTENTION_FIELDS, decode_manifest, parse_manifest
+from .manifest import (
+    ATTENTION_FIELDS,
+    decode_manifest,
+    layer_structure,
+    parse_manifest,
+    stored_lengths,
+)
 from .reader import UsxfFile
 from .spec import (
     BLOCK_HASH_NAME,
@@ -83,7 +91,9 @@ def _token_array(token_ids: Sequence[int] | np.ndarray, identity: ModelIdentity)
     return a.astype("<u4")
 
 
-def _check_kv(kv: KVPayload, identity: ModelIdentity, n: int) -> None:
+def _check_kv(kv: KVPayload, identity: ModelIdentity, lengths: list[int]) -> None:
+    """Every layer's K/V against the identity: heads, head dim, and the positions the layer
+    holds (all of them on a full layer, the last min(n, window) on a sliding one)."""
     if kv.dtype not in SOURCE_DTYPES:
         raise _reject("kv-shape", f"KV dtype {kv.dtype!r} is not one of {SOURCE_DTYPES}")
     if identity.kv_dtype in SOURCE_DTYPES and identity.kv_dtype != kv.dtype:
@@ -92,6 +102,7 @@ def _check_kv(kv: KVPayload, identity: ModelIdentity, n: int) -> None:
         raise _reject("kv-shape", f"{len(kv.keys)} K and {len(kv.values)} V tensors for a model of "
                                   f"{identity.n_layers} layers")
     for i, (k, v) in enumerate(zip(kv.keys, kv.values, strict=True)):
+        n = lengths[i]
         for kind, a in (("K", k), ("V", v)):
             shape = tuple(np.shape(a))
             if len(shape) != 3 or shape[0] != identity.n_kv_heads or shape[1] != n or shape[2] < 1 \
@@ -167,24 +178,14 @@ def _header(manifest_bytes: bytes, chunk_size: int, payload_offset: int, length:
     return Header(*HEADER.unpack(head)[1:], raw=head)
 
 
+_TEMP_RE = re.compile(r"\..+\.(\d+)\.[0-9a-f]{8}\.tmp")  # `tmp` in write_usxf
+
+
 def _unlink(p: Path) -> None:
     try:
         p.unlink()
     except OSError:
         pass
-
-
-def _fsync_dir(folder: Path) -> None:
-    try:
-        fd = os.open(folder, os.O_RDONLY)
-    except OSError:
-        return  # platforms without directory fds (Windows)
-    try:
-        os.fsync(fd)
-    except OSError:
-        pass
-    finally:
-        os.close(fd)
 
 
 def write_usxf(
@@ -220,7 +221,15 @@ def write_usxf(
         raise _reject("bounds", f"block size {block_size} outside {MIN_BLOCK_SIZE}..{MAX_BLOCK_SIZE}")
     tokens = _token_array(token_ids, identity)
     n = len(tokens)
-    _check_kv(kv, identity, n)
+    try:
+        structure = layer_structure(identity)
+    except (ValueError, TypeError, AttributeError, KeyError) as e:
+        raise _reject("model-identity", f"the identity's per-layer attention: {e}") from None
+    if len(structure) != identity.n_layers:
+        raise _reject("model-identity", f"{len(structure)} attention layers for a model of "
+                                        f"{identity.n_layers}")
+    lengths = stored_lengths(structure, n)
+    _check_kv(kv, identity, lengths)
     report(0.0)
 
     # 1. quantize each tensor and lay the regions out, measuring the error on what load_kv returns
@@ -244,8 +253,9 @@ def write_usxf(
             stored = _quant.encode(src, kv.dtype, method, group, meter, name, kind)
             off = align_up(off, TENSOR_ALIGN)
             entry = {"name": name, "layer": layer, "kind": kind, "shape": list(src.shape),
-                     "dtype": _quant.stored_dtype(kv.dtype, method), "offset": off,
-                     "nbytes": int(stored.data.nbytes), "scales": None, **stored.fields}
+                     "start": n - lengths[layer], "dtype": _quant.stored_dtype(kv.dtype, method),
+                     "offset": off, "nbytes": int(stored.data.nbytes), "scales": None,
+                     **stored.fields}
             regions.append((off, _byte_view(stored.data)))
             off += stored.data.nbytes
             for key, dtype, part in stored.parts:  # int8: scales; kivi8: scales, zeros, kept
@@ -269,7 +279,8 @@ def write_usxf(
         "format": "usxf",
         "version": [VERSION_MAJOR, VERSION_MINOR],
         "model": identity.to_dict(),
-        "attention": {k: getattr(identity, k) for k in ATTENTION_FIELDS},
+        "attention": {**{k: getattr(identity, k) for k in ATTENTION_FIELDS},
+                      "layers": structure},
         "sequence": {"length": n, "token_dtype": "<u4", "token_ids": tokens.tobytes()},
         "blocks": {"hash": BLOCK_HASH_NAME, "block_size": block_size, "salt": "model.fingerprint",
                    "hashes": layout.block_hashes(tokens, fp, block_size)},
@@ -306,6 +317,8 @@ def write_usxf(
     payload = layout.SegmentedPayload(regions, length)
     tmp = path.with_name(f".{path.name}.{os.getpid()}.{secrets.token_hex(4)}.tmp")
     try:
+        refuse_non_regular(path)  # never rename over a device, a FIFO or a folder
+        remove_dead_temps(path.parent, _TEMP_RE)  # of exports killed mid-write (any name)
         with open(tmp, "xb") as f, ThreadPoolExecutor(layout.HASH_THREADS) as pool:
             futures = [pool.submit(payload.chunk_digest, a, b) for a, b in ranges]
             try:
@@ -334,9 +347,7 @@ def write_usxf(
             f.seek(0)
             f.write(head + final + sig_block)
             f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-        _fsync_dir(path.parent)
+        commit_file(tmp, path)  # fsync, rename over the destination, fsync the folder
     except OSError as e:
         _unlink(tmp)
         raise UsxfInvalid("io", f"cannot write {path}: {e.strerror or e}", str(path)) from None

@@ -1,0 +1,44 @@
+"""`permeant doctor`: MLX version and device, BLAS, the AMX probe's build decision, the model's
+dtype and a quick speed figure."""
+
+from __future__ import annotations
+
+import argparse
+
+from .common import add_common
+
+
+def register(subparsers) -> None:
+    p = subparsers.add_parser("doctor",
+                              help="MLX version/device, BLAS, model dtype, a quick speed figure")
+    add_common(p, workspace=False)
+    p.set_defaults(func=doctor)
+
+
+def doctor(args: argparse.Namespace) -> int:
+    import platform
+
+    import mlx.core as mx
+
+    from ..engine import runtime
+    from ..engine.models import load_model
+    from ..engine.speed import quick_speed
+
+    print(f"python     {platform.python_version()} ({platform.machine()}, {platform.system()})")
+    print(f"mlx        {mx.__version__}  device {runtime.device_label()}")
+    print(f"blas       {runtime.blas_label()}")
+    from ..engine import cpu
+
+    print(f"llama.cpp  {cpu.probe().reason}")
+    lm = load_model(args.model)
+    print(f"model      {lm.identity.name}  ({lm.spec})")
+    print(f"weights    {lm.weights_mode} in memory (chosen for {runtime.device_label()}); "
+          f"kv dtype {lm.identity.kv_dtype}")
+    print(f"identity   {lm.identity.fingerprint}")
+    print(f"chat       {lm.chat_format}")
+    for note in lm.notes:  # e.g. GGUF types MLX lacks, re-quantized for Metal (lossy)
+        print(f"note       {note}")
+    print("load ms    " + ", ".join(f"{k} {v:.0f}" for k, v in lm.timings_ms.items()))
+    pf, dec = quick_speed(lm)
+    print(f"speed      prefill {pf:.0f} tok/s (256 tokens), decode {dec:.1f} tok/s (32 tokens)")
+    return 0

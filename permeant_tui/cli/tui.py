@@ -1,0 +1,13 @@
+"""`permeant` with no subcommand: the workspace UI on an engine for --workspace / --model."""
+
+from __future__ import annotations
+
+import argparse
+
+
+def run(args: argparse.Namespace) -> int:
+    from ..app import run_tui
+    from ..engine.worker import Engine
+
+    engine = Engine(args.workspace, args.model, purpose="permeant (the workspace UI)")
+    return run_tui(engine, str(engine.folder))

@@ -1,0 +1,166 @@
+"""The engine's one public face: what the UI, the CLI, migration, benchmarks and the demo may ask
+of it. No MLX and no Textual here (the UI imports this module).
+
+`Engine` (engine/worker.py) implements `EngineAPI` with one worker thread that owns every MLX
+call; mypy checks that it does. Every method returns at once: work happens on the worker, its
+result comes back as a Future and its progress as events (engine/events.py) through the sink
+given to `connect`.
+
+`call(fn)` runs `fn(ctx)` on the worker with a `WorkerContext`: the loaded model, the
+workspace and a way to make an agent resident. It is for tests, benchmarks and commands that
+need the model directly; everything else has a method here.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from concurrent.futures import Future
+from dataclasses import dataclass
+from pathlib import Path
+from typing import TYPE_CHECKING, Protocol, TypeVar
+
+from .errors import ModelLoadError
+from .events import EngineStats, Event, RestoreReport, TurnResult
+
+if TYPE_CHECKING:
+    from .generation import TurnParams
+    from .identity import ModelIdentity
+    from .models import LoadedModel
+    from .settings import WorkspaceSettings
+    from .usxf.reader import UsxfFile as ExportInfo
+    from .workspace import Workspace
+
+T = TypeVar("T")
+EventSink = Callable[[Event], None]
+
+
+@dataclass(frozen=True)
+class TurnView:
+    user: str
+    reply: str
+
+
+@dataclass(frozen=True)
+class AgentView:
+    agent_id: str
+    role: str
+    title: str
+    system: str
+    turns: tuple[TurnView, ...]
+
+
+@dataclass(frozen=True)
+class ModelInfo:
+    """The loaded model, as front ends show it."""
+
+    name: str
+    fingerprint: str
+    spec: str
+    device: str
+    blas: str
+    weights_mode: str
+    context_limit: int
+    load_ms: float
+    identity: ModelIdentity  # the full fingerprinted identity (what a migration compares)
+
+
+class WorkerContext:
+    """What `call(fn)` hands to `fn` on the worker thread. Valid only during that call."""
+
+    def __init__(self, model: LoadedModel | None, workspace: Workspace,
+                 restore: Callable[[str], RestoreReport], load_error: str | None = None):
+        self._model, self._load_error = model, load_error
+        self.workspace = workspace
+        self._restore = restore
+
+    @property
+    def model(self) -> LoadedModel:
+        """The loaded model (`.model`, `.tokenizer`, `.identity`, `.context_limit`). Raises
+        ModelLoadError when it is not loaded (still loading, or it failed)."""
+        if self._model is None:
+            raise ModelLoadError(f"model not loaded: {self._load_error or 'still loading'}")
+        return self._model
+
+    def restore(self, agent_id: str) -> RestoreReport:
+        """Make the agent's KV state resident (memory, USXF import, snapshot or prefill),
+        applying the residency limits, as a turn would."""
+        return self._restore(agent_id)
+
+
+class EngineAPI(Protocol):
+    folder: Path  # the workspace folder
+
+    def connect(self, sink: EventSink) -> None:
+        """Where events go. Called once, before start(). The sink must not block (the TUI's
+        only calls `post_message`)."""
+
+    def start(self) -> None:
+        """Start the worker: load the model, restore agents. Emits ModelLoading..ModelReady."""
+
+    def wait_ready(self, timeout: float | None = None) -> None:
+        """Block until the model is loaded; raises ModelLoadError if it failed."""
+
+    def on_worker_thread(self) -> bool:
+        """True when called from the engine's worker (a `call(fn)` must not wait on the
+        engine from there)."""
+
+    def model_info(self) -> ModelInfo | None:
+        """The loaded model, or None before it is loaded."""
+
+    def agents(self) -> list[AgentView]:
+        """The workspace's agents and their transcripts (available before the model loads)."""
+
+    def agent(self, agent_id: str) -> AgentView:
+        """One agent; raises UnknownAgent."""
+
+    def settings(self) -> WorkspaceSettings:
+        """A copy of the workspace's settings."""
+
+    def load_more(self, agent_id: str, before: int, count: int = 20) -> list[TurnView]:
+        """Older transcript turns (indices [before-count, before)) for "load more"."""
+
+    def submit(self, agent_id: str, text: str, max_tokens: int | None = None,
+               params: TurnParams | None = None) -> int:
+        """Queue one turn; returns its turn id. Emits TurnQueued at once."""
+
+    def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
+                      params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        """Queue one turn; returns its turn id and a Future of its TurnResult."""
+
+    def ask_team(self, question: str,
+                 max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:
+        """Technical and business answer `question`; then the coordinator gets both answers.
+        Resolves to {agent_id: TurnResult}."""
+
+    def cancel(self, agent_id: str) -> None:
+        """Cancel the agent's queued or running turn (between tokens). Emits TurnCancelled."""
+
+    def export(self, agent_id: str, path: str | None = None, quant: str = "none",
+               fidelity: bool | int = True) -> Future[ExportInfo]:
+        """Write a USXF file for the agent (default: the workspace's exports folder). fidelity:
+        True records a probe of the default length (128 tokens), an int N one of N, 0 none."""
+
+    def import_usxf(self, path: str, name: str | None = None) -> Future[dict]:
+        """Verify a USXF file, then register it as an agent (attached on first use)."""
+
+    def replay_fidelity(self, agent_id: str) -> Future[str]:
+        """Replay an imported agent's fidelity probe: "exact N/N", "diverged at k", or
+        "not checked: ..."."""
+
+    def save(self) -> Future[tuple[str, ...]]:
+        """Save every dirty agent's KV snapshot now. Emits Saved; resolves to the saved ids."""
+
+    def reset(self, agent_id: str) -> Future[None]:
+        """Forget the agent's conversation and KV state (the transcript is archived)."""
+
+    def restore(self, agent_id: str) -> Future[RestoreReport]:
+        """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
+
+    def call(self, fn: Callable[[WorkerContext], T]) -> Future[T]:
+        """Run fn(ctx) on the worker, in queue order."""
+
+    def stats(self) -> EngineStats:
+        """A cheap immutable snapshot for gauges; safe to call from any thread."""
+
+    def shutdown(self, cancel_running: bool = True, timeout: float = 60.0) -> None:
+        """Cancel (or finish) the turn in flight, save dirty agents, stop the worker."""
