@@ -263,7 +263,8 @@ def main(argv=None) -> int:
     ap.add_argument("--gguf", default=None, help="GGUF for the llama.cpp target (default: the "
                     "model's own .gguf)")
     ap.add_argument("--targets", default="mlx,llamacpp")
-    ap.add_argument("--only", default=None, help="conversation names, comma-separated")
+    ap.add_argument("--only", default=None, help="conversation names, comma-separated, run "
+                    "in that order")
     ap.add_argument("--probe", type=int, default=128, help="greedy tokens per probe")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads")
     ap.add_argument("--cache", default=None, help="results folder (default: user cache dir)")
@@ -289,9 +290,13 @@ def main(argv=None) -> int:
         sys.exit("the llama.cpp target does not attach sliding-window models yet: "
                  "use --targets mlx")
     convs = corpus.corpus(count_tokens(lm.tokenizer), quick=args.quick)
-    if args.only:
-        names = set(args.only.split(","))
-        convs = [c for c in convs if c.name in names]
+    if args.only:  # in the order given
+        by_name = {c.name: c for c in convs}
+        unknown = [x for x in args.only.split(",") if x not in by_name]
+        if unknown:
+            sys.exit(f"no conversation named {', '.join(unknown)} (names: kind-size, e.g. "
+                     f"{convs[0].name})")
+        convs = [by_name[x] for x in args.only.split(",")]
     folder = Path(args.cache) if args.cache else cache_dir() / "bench-fidelity"
     folder = folder / f"{lm.identity.fingerprint[:16]}-p{args.probe}"
     folder.mkdir(parents=True, exist_ok=True)
