@@ -12,6 +12,7 @@ import msgpack
 import numpy as np
 import pytest
 import xxhash
+from support.usxf_files import fix_header
 
 from permeant_tui.engine.errors import UsxfInvalid
 from permeant_tui.engine.identity import ModelIdentity
@@ -133,7 +134,7 @@ def test_writer_refuses_what_kivi8_cannot_carry(tmp_path, keys):
 
 
 def resign(data: bytes, manifest: dict, keys) -> bytes:
-    h = list(HEADER.unpack(data[:HEADER_SIZE]))
+    h = HEADER.unpack(data[:HEADER_SIZE])
     payload = data[h[8]:h[8] + h[9]]
     for _ in range(4):
         mb = msgpack.packb(manifest, use_bin_type=True)
@@ -141,9 +142,8 @@ def resign(data: bytes, manifest: dict, keys) -> bytes:
         if manifest["payload"]["offset"] == po:
             break
         manifest["payload"]["offset"] = po
-    h[5], h[8], h[10], h[11] = len(mb), po, xxhash.xxh3_64_intdigest(mb), 0
-    raw = HEADER.pack(*h)
-    head = raw[:56] + xxhash.xxh3_64_intdigest(raw[:56]).to_bytes(8, "little")
+    head = fix_header(data, manifest_len=len(mb), payload_offset=po,
+                      manifest_xxh3=xxhash.xxh3_64_intdigest(mb))
     prefix = head + mb + keys.public_key_bytes + keys.sign(SIGNATURE_DOMAIN + head + mb)
     return prefix + bytes(po - len(prefix)) + payload
 
