@@ -44,10 +44,14 @@ def test_export_and_verify_honour_the_probe_length(home, tmp_path):
     r = run(["usxf", "verify", short, "--fidelity", "--probe", "5"], home)
     assert "fidelity: exact 5/5" in r.stdout, r.stdout + r.stderr
 
-    default = tmp_path / "default.usxf"
-    assert run(["export", "technical", "-o", default], home).returncode == 0
-    assert f"probe of {PROBE_N} tokens" in run(["usxf", "inspect", default], home).stdout
-    assert PROBE_N == 128
+
+def test_the_default_probe_length_is_128_tokens():
+    """What a plain `export` records (the engine test checks the file: test_fidelity_probe)."""
+    from permeant_tui.cli import build_parser
+
+    assert build_parser().parse_args(["export", "technical"]).probe == PROBE_N == 128
+    verify = build_parser().parse_args(["usxf", "verify", "f.usxf", "--fidelity"])
+    assert verify.probe is None  # replay everything the file recorded
 
 
 @pytest.mark.parametrize("bad", ["0", "-3", "many"])
