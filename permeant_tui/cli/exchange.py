@@ -8,11 +8,21 @@ import json
 import sys
 
 from ..engine.text import printable
-from ..engine.usxf import QUANTS
+from ..engine.usxf import PROBE_N, QUANTS
 from .common import add_common, add_workspace, open_engine
 
 EXIT_UNTRUSTED = 6
 INSPECT_LIMIT = 4 << 20  # manifest bytes `usxf inspect` parses from an untrusted signer
+
+
+def _probe_len(text: str) -> int:
+    try:
+        n = int(text)
+    except ValueError:
+        n = 0
+    if not 1 <= n <= 1 << 16:
+        raise argparse.ArgumentTypeError(f"{text!r}: a probe length from 1 to 65536 tokens")
+    return n
 
 
 def register(subparsers) -> argparse._SubParsersAction:
@@ -24,6 +34,8 @@ def register(subparsers) -> argparse._SubParsersAction:
     p.add_argument("-o", "--output", metavar="FILE")
     p.add_argument("--quant", choices=QUANTS, default="none")
     p.add_argument("--no-fidelity", action="store_true", help="skip the fidelity probe")
+    p.add_argument("--probe", type=_probe_len, default=PROBE_N, metavar="N",
+                   help=f"greedy tokens in the fidelity probe (default {PROBE_N})")
     p.set_defaults(func=export)
 
     p = subparsers.add_parser("import", help="verify a USXF file and attach it as an agent")
@@ -48,6 +60,8 @@ def register(subparsers) -> argparse._SubParsersAction:
     q.add_argument("file")
     q.add_argument("--fidelity", action="store_true",
                    help="also attach it to the model and replay the fidelity probe")
+    q.add_argument("--probe", type=_probe_len, default=None, metavar="N",
+                   help="replay only the probe's first N tokens (default: all it recorded)")
     q.set_defaults(func=verify)
 
     p = subparsers.add_parser("keys", help="this workspace's signing key and trusted keys")
@@ -76,7 +90,7 @@ def export(args: argparse.Namespace) -> int:
     engine = open_engine(args)
     try:
         info = engine.export(args.agent, args.output, args.quant,
-                             fidelity=not args.no_fidelity).result()
+                             fidelity=0 if args.no_fidelity else args.probe).result()
     finally:
         engine.shutdown()
     print(f"exported {args.agent} -> {info.path}")
@@ -194,7 +208,7 @@ def verify(args: argparse.Namespace) -> int:
     if args.fidelity:
         from ..engine.exchange import file_fidelity
 
-        print(f"fidelity: {file_fidelity(args.file, args.model)}")
+        print(f"fidelity: {file_fidelity(args.file, args.model, args.probe)}")
     return 0
 
 

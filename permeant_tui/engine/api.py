@@ -136,8 +136,9 @@ class EngineAPI(Protocol):
         """Cancel the agent's queued or running turn (between tokens). Emits TurnCancelled."""
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
-               fidelity: bool = True) -> Future[ExportInfo]:
-        """Write a USXF file for the agent (default: the workspace's exports folder)."""
+               fidelity: bool | int = True) -> Future[ExportInfo]:
+        """Write a USXF file for the agent (default: the workspace's exports folder). fidelity:
+        True records a probe of the default length (128 tokens), an int N one of N, 0 none."""
 
     def import_usxf(self, path: str, name: str | None = None) -> Future[dict]:
         """Verify a USXF file, then register it as an agent (attached on first use)."""

@@ -23,6 +23,7 @@ from .errors import InvalidTokenIds, PermeantError, UsxfInvalid, WorkspaceError
 from .names import check_agent_name
 from .settings import AgentSpec
 from .token_ids import checked_ids
+from .usxf.spec import PROBE_N  # default probe length (export --probe N, verify --probe N)
 
 if TYPE_CHECKING:
     from .models import LoadedModel
@@ -30,7 +31,6 @@ if TYPE_CHECKING:
 
 # Appended directly after the exported KV state: a new user turn and the assistant header.
 PROBE_SUFFIX = "\n<|im_start|>user\nContinue.<|im_end|>\n<|im_start|>assistant\n"
-PROBE_N = 16
 
 
 def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
@@ -42,9 +42,19 @@ def _kv_numpy(agent: Agent, n: int) -> tuple[list[np.ndarray], list[np.ndarray],
     return logical_kv(agent.cache, n)
 
 
-def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]:
+def _top2_margin(logprobs) -> float:
+    """Top-1 minus top-2 logit (log-softmax keeps differences): how close the greedy choice was."""
+    import mlx.core as mx
+
+    top = mx.topk(logprobs.reshape(-1), 2)
+    return float(mx.max(top) - mx.min(top))
+
+
+def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int,
+                 margins: list[float] | None = None) -> list[int]:
     """Feed probe_ids after the agent's cache, decode n greedy tokens. Runs on a copy of the
-    cache: the agent's cache and ids are unchanged afterwards, even when the probe fails."""
+    cache: the agent's cache and ids are unchanged afterwards, even when the probe fails. When
+    `margins` is a list, each step's top-2 logit margin is appended to it."""
     import mlx.core as mx
     from mlx_lm.generate import generate_step
 
@@ -52,9 +62,11 @@ def greedy_probe(model, agent: Agent, probe_ids: list[int], n: int) -> list[int]
 
     assert agent.cache is not None, "the agent is made resident before a probe"
     out = []
-    for tok, _ in generate_step(mx.array(probe_ids), model, max_tokens=n,
-                                prompt_cache=copy_cache(agent.cache)):
+    for tok, logprobs in generate_step(mx.array(probe_ids), model, max_tokens=n,
+                                       prompt_cache=copy_cache(agent.cache)):
         out.append(int(tok))
+        if margins is not None:
+            margins.append(_top2_margin(logprobs))
     return out
 
 
@@ -66,14 +78,18 @@ def make_fidelity(lm: LoadedModel, agent: Agent, n: int = PROBE_N):
     if room < len(probe) + n:
         return Fidelity(probe, [], 0, max(room, 0),
                         note=f"not checked: context room {room} < {len(probe) + n}")
-    return Fidelity(probe, greedy_probe(lm.model, agent, probe, n), n, room,
-                    note=f"greedy {n} tokens after the fixed probe prompt")
+    margins: list[float] = []
+    expected = greedy_probe(lm.model, agent, probe, n, margins)
+    return Fidelity(probe, expected, n, room, note=f"greedy {n} tokens after the fixed probe prompt",
+                    margins=[float(f"{m:.4g}") for m in margins])
 
 
 def export_agent(lm: LoadedModel, ws: Workspace, agent: Agent, path: str | Path | None,
-                 quant: str = "none", *, fidelity: bool = True, progress=None,
+                 quant: str = "none", *, fidelity: bool | int = True, progress=None,
                  chunk_size: int | None = None):
-    """Write a USXF file of the agent's KV state (made to match its transcript first)."""
+    """Write a USXF file of the agent's KV state (made to match its transcript first).
+    fidelity: True records a probe of PROBE_N tokens, an int N one of N tokens, False or 0
+    none."""
     from . import runtime
     from .usxf import AgentRecord, KVPayload, write_usxf
     from .usxf.keys import WorkspaceKeys
@@ -85,7 +101,8 @@ def export_agent(lm: LoadedModel, ws: Workspace, agent: Agent, path: str | Path 
     sync_to_transcript(lm.model, lm.tokenizer, agent)
     n = len(agent.cache_ids)
     keys_np, values_np, dtype = _kv_numpy(agent, n)
-    fid = make_fidelity(lm, agent) if fidelity else None
+    probe_n = PROBE_N if fidelity is True else int(fidelity)
+    fid = make_fidelity(lm, agent, probe_n) if probe_n > 0 else None
     spans = agent.turn_spans(lm.tokenizer)
     turns = [{"user": t.user, "reply": t.reply, "span": list(s),
               "generated_ids": list(t.generated_ids)} for t, s in zip(agent.turns, spans, strict=False)]
@@ -97,15 +114,38 @@ def export_agent(lm: LoadedModel, ws: Workspace, agent: Agent, path: str | Path 
     keys.ensure()
     import mlx.core as mx
 
+    kl = {} if quant == "none" else {"next_token_kl": next_token_kl(lm, agent, keys_np, values_np,
+                                                                      dtype, quant)}
     return write_usxf(
         path, identity=lm.identity, token_ids=list(agent.cache_ids),
         kv=KVPayload(keys_np, values_np, dtype), agent=record, keys=keys, quant=quant,
-        fidelity=fid, progress=progress,
+        fidelity=fid, progress=progress, error_extra=kl,
         **({"chunk_size": chunk_size} if chunk_size else {}),  # migration tests use small chunks
         provenance={"runtime": "mlx",
                     "runtime_version": mx.__version__,  # type: ignore[attr-defined]
                     "device": runtime.device_label(), "weights": lm.weights_mode},
     )
+
+
+def next_token_kl(lm: LoadedModel, agent: Agent, keys_np, values_np, dtype: str,
+                  quant: str) -> float:
+    """KL(source || receiver) of the next-token distribution after the probe prompt, the
+    receiver holding the KV as `quant` delivers it (recorded as quant.error.next_token_kl)."""
+    import mlx.core as mx
+
+    from .kvcache import copy_cache
+    from .snapshot import attach_payload
+    from .usxf import quant as q
+
+    assert agent.cache is not None, "the agent is made resident before an export"
+    probe = mx.array([lm.tokenizer.encode(PROBE_SUFFIX)])
+    src = lm.model(probe, cache=copy_cache(agent.cache))[0, -1].astype(mx.float32)
+    cache = attach_payload(lm.model, [q.received(k, dtype, quant, "k") for k in keys_np],
+                           [q.received(v, dtype, quant, "v") for v in values_np], dtype,
+                           lm.identity.kv_dtype, len(agent.cache_ids))
+    got = lm.model(probe, cache=cache)[0, -1].astype(mx.float32)
+    lp, lq = src - mx.logsumexp(src), got - mx.logsumexp(got)
+    return max(float(mx.sum(mx.exp(lp) * (lp - lq))), 0.0)
 
 
 def import_usxf(lm: LoadedModel, ws: Workspace, path: str, name: str | None = None) -> dict:
@@ -187,25 +227,40 @@ def replay_fidelity(lm: LoadedModel, ws: Workspace, agent_id: str,
     return compare_probe(lm, agent, f.fidelity)
 
 
-def compare_probe(lm, agent: Agent, fid) -> str:
+def compare_probe(lm, agent: Agent, fid, n: int | None = None) -> str:
+    """Replay the probe (its first n tokens when n is given): "exact N/N", "diverged at k (k/N
+    matched; source top-2 margin m there)", or "not checked: ..." (never a defect)."""
     if fid is None:
         return "not checked: the file carries no fidelity probe"
     if fid.n == 0:
         return fid.note or "not checked: no probe recorded"
+    n = fid.n if n is None else max(1, min(n, fid.n))
     room = lm.context_limit - len(agent.cache_ids)
-    if room < len(fid.probe_prompt_ids) + fid.n:
-        return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + fid.n}"
+    if room < len(fid.probe_prompt_ids) + n:
+        return f"not checked: context room {room} < {len(fid.probe_prompt_ids) + n}"
     vocab = lm.identity.vocab_size
     probe = checked_ids(fid.probe_prompt_ids, vocab, "fidelity probe_prompt_ids")
     checked_ids(fid.expected_ids, vocab, "fidelity expected_ids")
-    got = greedy_probe(lm.model, agent, probe, fid.n)
-    k = next((i for i, (a, b) in enumerate(zip(got, fid.expected_ids, strict=False)) if a != b), None)
-    return f"exact {fid.n}/{fid.n}" if k is None else f"diverged at {k} ({k}/{fid.n} matched)"
+    got = greedy_probe(lm.model, agent, probe, n)
+    return probe_verdict(got, fid.expected_ids[:n], fid.margins)
 
 
-def file_fidelity(path, model: str | None = None) -> str:
+def probe_verdict(got: list[int], expected: list[int], margins: list[float] | None) -> str:
+    """"exact N/N", or where the first token differs and the source's top-2 margin there."""
+    n = len(expected)
+    k = next((i for i, (a, b) in enumerate(zip(got, expected, strict=False)) if a != b), None)
+    if k is None:
+        return f"exact {n}/{n}"
+    where = f"diverged at {k} ({k}/{n} matched"
+    if margins is not None and k < len(margins):
+        return f"{where}; source top-2 margin {margins[k]:.3g} there)"
+    return f"{where}; no source margins recorded)"
+
+
+def file_fidelity(path, model: str | None = None, n: int | None = None) -> str:
     """Attach a USXF file to a scratch agent (not in any workspace) on `model` (default: the
-    embedded one) and replay its fidelity probe: the result as `compare_probe` words it."""
+    embedded one) and replay its fidelity probe (its first n tokens when n is given): the
+    result as `compare_probe` words it."""
     from .models import load_model
     from .snapshot import attach_payload
     from .usxf import read_usxf
@@ -217,4 +272,4 @@ def file_fidelity(path, model: str | None = None) -> str:
     agent.cache = attach_payload(lm.model, kv.keys, kv.values, kv.dtype, lm.identity.kv_dtype,
                                  len(f.token_ids))
     agent.cache_ids = list(f.token_ids)
-    return compare_probe(lm, agent, f.fidelity)
+    return compare_probe(lm, agent, f.fidelity, n)

@@ -61,7 +61,7 @@ class ModelRunner(Protocol):
         exception that ended it (engine/batch.py)."""
 
     def export(self, ws: Workspace, agent: Agent, path: str | None, quant: str, *,
-               fidelity: bool, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:
+               fidelity: bool | int, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:
         """Write a USXF file of the (resident) agent: (the file, ms taken)."""
 
     def import_usxf(self, ws: Workspace, path: str, name: str | None) -> dict:
@@ -142,7 +142,7 @@ class MlxRunner:
         return run_turns(lm.model, lm.tokenizer, turns, context_limit=lm.context_limit)
 
     def export(self, ws: Workspace, agent: Agent, path: str | None, quant: str, *,
-               fidelity: bool, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:
+               fidelity: bool | int, progress: Callable[[float], None]) -> tuple[UsxfFile, float]:
         from .exchange import export_agent
 
         t = time.perf_counter()

@@ -202,7 +202,7 @@ class Engine:
                     job.cancel.set()
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
-               fidelity: bool = True) -> Future[UsxfFile]:
+               fidelity: bool | int = True) -> Future[UsxfFile]:
         return self._put(Job("export", agent_id, {"path": path, "quant": quant,
                                                   "fidelity": fidelity}))
 

@@ -22,6 +22,7 @@ import time
 import pytest
 from support.migrate_server import PYTHON, Server, send_raw, trusting_server
 
+from permeant_tui.engine.exchange import PROBE_N
 from permeant_tui.engine.usxf.keys import WorkspaceKeys
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
@@ -115,7 +116,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
     caps = dict(events)["capabilities"]["caps"]
     assert caps["model"]["fingerprint"] == real_model.identity.fingerprint
     assert caps["prefill_tok_s"] > 0 and caps["memory"]["available"] > 0
-    assert rep.mode == "kv" and rep.chunks >= 3 and rep.fidelity == "exact 16/16"
+    assert rep.mode == "kv" and rep.chunks >= 3 and rep.fidelity == f"exact {PROBE_N}/{PROBE_N}"
     assert rep.target_result["restored_from"] == "usxf"  # the moved state, not a rebuild
     assert not rep.moved and (source.folder / "agents" / "technical" / "transcript.jsonl").exists()
     assert _staging(server) == []  # committed: the staged copy is gone
@@ -152,7 +153,7 @@ def test_cli_migrate_with_move_prints_stages_and_archives_the_source(source, ser
     for stage in ("capabilities", "decision", "export", "open", "transfer", "verify", "commit",
                   "fidelity", "move", "done"):
         assert re.search(rf"^{stage}\s", out, re.M), (stage, out)
-    assert "MIGRATE" in out and "MB/s" in out and "exact 16/16" in out
+    assert "MIGRATE" in out and "MB/s" in out and f"exact {PROBE_N}/{PROBE_N}" in out
     d = clone / "agents" / "technical"
     marker = json.loads((d / "moved.json").read_text())
     assert marker["moved_to"] == server.address and marker["target_agent"] == "moved-tech"
@@ -210,7 +211,7 @@ def test_transfer_cut_mid_stream_resumes_from_first_missing_chunk(source, server
     assert len(resumes) == 1 and resumes[0]["from_chunk"] == 2 and resumes[0]["present"] == 2
     puts = clients[0].chunk_puts
     assert puts[:3] == [0, 1, 2] and puts[3:] == list(range(2, rep.chunks))  # 0 and 1 not re-sent
-    assert rep.retries == 1 and rep.fidelity == "exact 16/16"
+    assert rep.retries == 1 and rep.fidelity == f"exact {PROBE_N}/{PROBE_N}"
 
 
 def test_tampered_chunk_and_head_are_refused(source, server, tmp_path):

@@ -16,6 +16,7 @@ import pytest
 from permeant_tui.cli import crossruntime
 from permeant_tui.engine.errors import ContextExhausted, UsxfInvalid
 from permeant_tui.engine.llamacpp import SlidingWindowUnsupported, attach_usxf
+from permeant_tui.engine.usxf import PROBE_N
 
 CLI = [sys.executable, "-m", "permeant_tui.cli"]
 
@@ -53,7 +54,7 @@ def test_capture_in_llamacpp_then_import_and_continue_in_mlx(captured):
     r = run("import", captured["file"], "--workspace", captured["ws"], "--check-fidelity")
     assert "imported" in r.stdout
     # llama.cpp decoded the probe; MLX replays it on the attached state.
-    assert "fidelity: exact 16/16" in r.stdout or "fidelity: diverged at" in r.stdout
+    assert f"fidelity: exact {PROBE_N}/{PROBE_N}" in r.stdout or "fidelity: diverged at" in r.stdout
     chat = run("chat", "captured", "And how do we fix it?", "--workspace", captured["ws"],
                "--json", "--max-tokens", "4")
     res = json.loads(chat.stdout)
@@ -69,7 +70,7 @@ def test_attach_in_llamacpp_continues(captured, capsys):
     assert "continued 8 tokens in llama.cpp" in out
     # The captured probe was decoded by llama.cpp itself, in this run: attached back, it must
     # reproduce exactly (same build, same kernels, the f32 state restored bit for bit).
-    assert "16/16 of the exporter's probe tokens reproduced" in out
+    assert f"{PROBE_N}/{PROBE_N} of the exporter's probe tokens reproduced" in out
 
 
 def test_attach_report(captured):

@@ -8,6 +8,7 @@ import pytest
 from conftest import make_tiny_model
 
 from permeant_tui.engine.errors import UsxfInvalid
+from permeant_tui.engine.exchange import PROBE_N
 from permeant_tui.engine.worker import Engine
 
 
@@ -59,7 +60,7 @@ def test_export_import_continues_like_the_source(source, tmp_path, tiny_model, q
     assert got.source == "usxf"
     assert got.cached == ref.cached  # every imported token reused, nothing re-prefilled
     if quant == "none":
-        assert fid == "exact 16/16"
+        assert fid == f"exact {PROBE_N}/{PROBE_N}"
         assert got.generated_ids == ref.generated_ids
 
 
@@ -127,7 +128,7 @@ def test_perturbed_payload_is_caught_and_changes_the_probe(source, tmp_path, tin
         a.cache_ids = list(file.token_ids)
         return compare_probe(tiny_model, a, file.fidelity)
 
-    assert probe(f) == "exact 16/16"
+    assert probe(f) == f"exact {PROBE_N}/{PROBE_N}"
     assert probe(g).startswith("diverged at")
 
 

@@ -63,7 +63,7 @@ def _valid_file(quant: str = "none", n: int = 12) -> bytes:
     return info.path.read_bytes()
 
 
-VALID = {m: _valid_file(m) for m in ("none", "int8")}
+VALID = {m: _valid_file(m) for m in ("none", "int8", "kivi8")}
 VALID_BIG = _valid_file("none", n=300)  # several 4 KiB chunks
 
 
@@ -196,7 +196,7 @@ def mutate(data: bytes, ops) -> bytes:
 
 
 @SETTINGS
-@given(st.sampled_from(["none", "int8", "big"]), st.lists(mutation, min_size=1, max_size=4))
+@given(st.sampled_from(["none", "int8", "kivi8", "big"]), st.lists(mutation, min_size=1, max_size=4))
 def test_a_changed_file_is_never_accepted(scratch, which, ops):
     original = VALID_BIG if which == "big" else VALID[which]
     data = mutate(original, ops)
@@ -257,7 +257,7 @@ def _resign(data: bytes, manifest: dict, fix_offset: bool) -> bytes:
 
 
 @SETTINGS
-@given(st.sampled_from(["none", "int8"]), st.data())
+@given(st.sampled_from(["none", "int8", "kivi8"]), st.data())
 def test_hostile_signed_manifests_never_crash_the_reader(scratch, which, data):
     original = VALID[which]
     ml = HEADER.unpack(original[:HEADER_SIZE])[5]
@@ -287,7 +287,7 @@ def test_hostile_signed_manifests_never_crash_the_reader(scratch, which, data):
 
 
 @SETTINGS
-@given(st.integers(0, 40), st.integers(1, 3), st.sampled_from(["f16", "bf16", "int8"]),
+@given(st.integers(0, 40), st.integers(1, 3), st.sampled_from(["f16", "bf16", "int8", "kivi8"]),
        st.floats(1e-3, 1e3), st.data())
 def test_quantization_error_is_what_the_manifest_records(tmp_path_factory, n, heads, method, scale, data):
     rng = np.random.default_rng(data.draw(st.integers(0, 2**32 - 1)))
@@ -306,9 +306,10 @@ def test_quantization_error_is_what_the_manifest_records(tmp_path_factory, n, he
     err = f.manifest["quant"]["error"]
     got = float(np.max(np.abs(diff))) if diff.size else 0.0
     assert got == pytest.approx(err["max_abs"], rel=1e-6, abs=1e-30)
-    bound = {"f16": 2**-11, "bf16": 2**-8, "int8": 1 / 254}[method]
+    # kivi8: half a step of a group spanning at most 2 max|x| (zero rounded down, scale up)
+    bound = {"f16": 2**-11, "bf16": 2**-8, "int8": 1 / 254, "kivi8": 1 / 255 + 2**-9}[method]
     assert got <= bound * err["source_max_abs"] * 1.0001 + 1e-30
-    if method != "int8":  # relative rounding error per value
+    if method in ("f16", "bf16"):  # relative rounding error per value
         src = np.concatenate([b.ravel() for b in kv.keys + kv.values]).astype(np.float64)
         assert np.all(np.abs(diff) <= np.abs(src) * bound + 6e-8)
     assert q.stored_dtype("float32", method) == f.manifest["kv"]["tensors"][0]["dtype"]

@@ -215,8 +215,11 @@ def attach_usxf(path: str | Path, gguf: Path, n_continue: int, trusted, *, threa
     limit = target.context_limit
     if n + n_continue > limit:
         raise ContextExhausted(n, 0, n_continue, limit)
+    fid = f.fidelity
+    probe_len = len(fid.probe_prompt_ids) + fid.n if fid is not None else 0  # the probe's room
     try:
-        rt = LlamaCppRuntime(str(gguf), n_ctx=min(limit, max(n + n_continue + 64, 512)),
+        rt = LlamaCppRuntime(str(gguf), n_ctx=min(limit, max(n + max(n_continue, probe_len) + 64,
+                                                              512)),
                              kv_dtype="f32", n_threads=threads)
     except ImportError as exc:
         raise ModelLoadError(f"llama.cpp runtime unavailable: {exc}") from None
@@ -238,7 +241,6 @@ def attach_usxf(path: str | Path, gguf: Path, n_continue: int, trusted, *, threa
         decision, est_a, est_p = cm.decide(n, len(blob))
         got = rt.greedy(n_continue, from_ids_tail=ids[-1:])
         probe = None
-        fid = f.fidelity
         if fid is not None and fid.n:
             rt.attach_kv(list(range(n)), keys, values, ids)
             mine = rt.greedy(fid.n, from_ids_tail=fid.probe_prompt_ids)
@@ -284,7 +286,7 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
     if len(ids) + max_tokens + 64 > ident.context_limit:
         raise ContextExhausted(0, len(ids), max_tokens, ident.context_limit)
     try:
-        rt = LlamaCppRuntime(str(gguf), n_ctx=len(ids) + max_tokens + 64, kv_dtype="f32",
+        rt = LlamaCppRuntime(str(gguf), n_ctx=len(ids) + max_tokens + 64 + PROBE_N, kv_dtype="f32",
                              n_threads=threads)
     except ImportError as exc:
         raise ModelLoadError(f"llama.cpp runtime unavailable: {exc}") from None

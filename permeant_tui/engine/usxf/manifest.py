@@ -13,7 +13,7 @@ import numpy as np
 
 from ..errors import UsxfInvalid
 from ..identity import ModelIdentity
-from . import layout, quant
+from . import kivi, layout, quant
 from .header import Header
 from .spec import (
     BLOCK_HASH_NAME,
@@ -54,6 +54,7 @@ class TensorEntry:
     scales_offset: int
     scales_nbytes: int
     start: int = 0  # logical position of the first stored token (1.1; 0 on full layers)
+    kivi: kivi.Regions | None = None  # kivi8: where the tensor's parts lie (kivi.py)
 
 
 @dataclass(frozen=True)
@@ -310,14 +311,7 @@ def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header:
     err = s.get(q, "error", "map", "quant")
     for k in ("max_abs", "rms", "source_max_abs", "source_rms"):
         s.get(err, k, "num", "quant.error")
-    if method == "int8":
-        group = s.int_in(q, "group_size", 1, _DIM_MAX, "quant")
-        if s.get(q, "scale_dtype", "str", "quant") != quant.SCALE_DTYPE:
-            s.fail("quant.scale_dtype", f"not {quant.SCALE_DTYPE!r}")
-    else:
-        s.get(q, "group_size", "nil", "quant")
-        s.get(q, "scale_dtype", "nil", "quant")
-        group = 0
+    group, key_group = quant.parse_header(s, q, method, _DIM_MAX)
     stored = quant.stored_dtype(source_dtype, method)
     itemsize = STORED_DTYPES[stored]
 
@@ -347,6 +341,13 @@ def _parse_tensors(s: _Schema, m: dict, identity: ModelIdentity, n: int, header:
                                      f"after {n} tokens starts at {start}", CHECK_LAYOUT)
         if s.get(t, "dtype", "str", where) != stored:
             s.fail(f"{where}.dtype", f"{t['dtype']!r}, {method} of {source_dtype} stores {stored}", CHECK_LAYOUT)
+        if method == kivi.METHOD:  # codes, scales, zeros, kept positions (kivi.py)
+            end, regions = kivi.parse_entry(
+                s, t, where, kind, shape, key_group, group,
+                lambda r, w, nb, prev: _region(s, r, w, nb, prev, length), end, CHECK_LAYOUT)
+            out.append(TensorEntry(layer, kind, tuple(shape), stored, t["offset"], t["nbytes"],
+                                   None, 0, 0, start, regions))
+            continue
         end = _region(s, t, where, math.prod(shape) * itemsize, end, length)
         sc = s.get(t, "scales", "map|nil", where)
         if (sc is None) != (method != "int8"):
@@ -437,4 +438,13 @@ def _parse_fidelity(s: _Schema, m: dict, vocab_size: int) -> Fidelity | None:
         s.fail("fidelity.n", f"{nn} but {len(expected)} expected ids", CHECK_FIDELITY)
     room = s.int_in(f, "context_room", 0, 2**63, "fidelity", CHECK_FIDELITY)
     note = s.get(f, "note", "str", "fidelity", CHECK_FIDELITY)
-    return Fidelity(probe_prompt_ids=probe, expected_ids=expected, n=nn, context_room=room, note=note)
+    margins = None
+    if "margins" in f:  # optional: one finite, non-negative number per expected token
+        margins = s.get(f, "margins", "list", "fidelity", CHECK_FIDELITY)
+        if len(margins) != nn or not all(
+                isinstance(x, (int, float)) and not isinstance(x, bool) and math.isfinite(x)
+                and x >= 0 for x in margins):
+            s.fail("fidelity.margins", f"expected {nn} finite numbers >= 0", CHECK_FIDELITY)
+        margins = [float(x) for x in margins]
+    return Fidelity(probe_prompt_ids=probe, expected_ids=expected, n=nn, context_room=room,
+                    note=note, margins=margins)

@@ -88,6 +88,11 @@ class UsxfFile:
         keys: list[np.ndarray] = []
         values: list[np.ndarray] = []
         for t in p.tensors:
+            if t.kivi is not None:
+                arr = quant.from_float32(quant.kivi.load(buf, t.offset, t.shape, t.kind, t.kivi),
+                                         p.source_dtype)
+                (keys if t.kind == "k" else values).append(arr)
+                continue
             data = np.frombuffer(buf, quant.numpy_dtype(t.dtype), math.prod(t.shape), t.offset)
             data = data.reshape(t.shape)
             scales = None

@@ -50,9 +50,10 @@ MAX_PAYLOAD = 1 << 40
 MAX_CHUNKS = 1 << 19
 INT8_GROUP = 64
 
-QUANTS = ("none", "f16", "bf16", "int8")
+QUANTS = ("none", "f16", "bf16", "int8", "kivi8")  # docs/USXF.md 5
+PROBE_N = 128  # default fidelity probe length in tokens (docs/USXF.md 7; export --probe N)
 SOURCE_DTYPES = ("float32", "float16", "bfloat16")
-STORED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1}
+STORED_DTYPES = {"float32": 4, "float16": 2, "bfloat16": 2, "int8": 1, "uint8": 1}
 ROPE_LAYOUTS = ("interleaved", "half-split")
 
 # check names (docs/USXF.md 8)
@@ -144,3 +145,6 @@ class Fidelity:
     n: int
     context_room: int
     note: str = ""
+    # optional: the source's top-1 minus top-2 logit at each expected token (docs/USXF.md 7),
+    # so a receiver tells a near tie that flipped apart from a damaged state
+    margins: list[float] | None = None

@@ -6,6 +6,7 @@ reaches the disk, so the writer cannot produce a file the reader refuses.
 
 from __future__ import annotations
 
+import math
 import os
 import platform
 import re
@@ -124,9 +125,22 @@ def _agent_dict(agent: AgentRecord) -> dict:
 def _fidelity_dict(f: Fidelity | None) -> dict | None:
     if f is None:
         return None
-    return {"probe_prompt_ids": [int(x) for x in f.probe_prompt_ids],
-            "expected_ids": [int(x) for x in f.expected_ids], "n": int(f.n),
-            "context_room": int(f.context_room), "note": f.note}
+    d = {"probe_prompt_ids": [int(x) for x in f.probe_prompt_ids],
+         "expected_ids": [int(x) for x in f.expected_ids], "n": int(f.n),
+         "context_room": int(f.context_room), "note": f.note}
+    if f.margins is not None:  # optional key (1.0 readers ignore it)
+        d["margins"] = [float(x) for x in f.margins]
+    return d
+
+
+def _extra(error_extra: dict | None) -> dict:
+    out = {}
+    for k, v in (error_extra or {}).items():
+        if not isinstance(k, str) or k in ("max_abs", "rms", "source_max_abs", "source_rms") or \
+                isinstance(v, bool) or not isinstance(v, (int, float)) or not math.isfinite(v):
+            raise _reject("quant", f"quant.error[{k!r}]: a further finite number under a new name")
+        out[k] = float(v)
+    return out
 
 
 def _provenance(extra: dict | None) -> dict:
@@ -188,9 +202,11 @@ def write_usxf(
     progress: Callable[[float], None] | None = None,
     chunk_size: int = CHUNK_SIZE,
     block_size: int = BLOCK_SIZE,
+    error_extra: dict[str, float] | None = None,
 ) -> UsxfFile:
     """Export one agent's KV state as a signed USXF file, atomically. Raises UsxfWriteError
-    (nothing written) when the input is inconsistent, or check `io` when the disk refuses."""
+    (nothing written) when the input is inconsistent, or check `io` when the disk refuses.
+    `error_extra`: further measured numbers for `quant.error` (e.g. `next_token_kl`)."""
     method = quant
     report = progress or (lambda _f: None)
     path = Path(path)
@@ -230,22 +246,24 @@ def write_usxf(
                 src = _quant.as_source_array(arr, kv.dtype)
             except ValueError as e:
                 raise _reject("kv-shape", f"{name}: {e}") from None
-            if method == "int8" and src.shape[2] % group:
+            if method in ("int8", "kivi8") and src.shape[2] % group and not (
+                    method == "kivi8" and kind == "k"):
                 raise _reject("kv-shape", f"{name}: head_dim {src.shape[2]} is not a multiple of "
-                                          f"the int8 group {group}")
-            data, scales = _quant.encode(src, kv.dtype, method, group, meter, name)
+                                          f"the {method} group {group}")
+            stored = _quant.encode(src, kv.dtype, method, group, meter, name, kind)
             off = align_up(off, TENSOR_ALIGN)
             entry = {"name": name, "layer": layer, "kind": kind, "shape": list(src.shape),
                      "start": n - lengths[layer], "dtype": _quant.stored_dtype(kv.dtype, method),
-                     "offset": off, "nbytes": int(data.nbytes), "scales": None}
-            regions.append((off, _byte_view(data)))
-            off += data.nbytes
-            if scales is not None:
+                     "offset": off, "nbytes": int(stored.data.nbytes), "scales": None,
+                     **stored.fields}
+            regions.append((off, _byte_view(stored.data)))
+            off += stored.data.nbytes
+            for key, dtype, part in stored.parts:  # int8: scales; kivi8: scales, zeros, kept
                 off = align_up(off, TENSOR_ALIGN)
-                entry["scales"] = {"dtype": _quant.SCALE_DTYPE, "shape": list(scales.shape),
-                                   "offset": off, "nbytes": int(scales.nbytes)}
-                regions.append((off, _byte_view(scales)))
-                off += scales.nbytes
+                entry[key] = {"dtype": dtype, "shape": list(part.shape), "offset": off,
+                              "nbytes": int(part.nbytes)}
+                regions.append((off, _byte_view(part)))
+                off += part.nbytes
             table.append(entry)
         report(0.35 * (layer + 1) / max(n_layers, 1))
     length = off
@@ -267,9 +285,7 @@ def write_usxf(
         "blocks": {"hash": BLOCK_HASH_NAME, "block_size": block_size, "salt": "model.fingerprint",
                    "hashes": layout.block_hashes(tokens, fp, block_size)},
         "kv": {"source_dtype": kv.dtype, "layout": KV_LAYOUT, "tensors": table},
-        "quant": {"method": method, "group_size": group if method == "int8" else None,
-                  "scale_dtype": _quant.SCALE_DTYPE if method == "int8" else None,
-                  "error": meter.as_dict()},
+        "quant": _quant.quant_header(method, group, {**meter.as_dict(), **_extra(error_extra)}),
         "payload": {"offset": 0, "length": length, "chunk_size": chunk_size,
                     "alignment": PAYLOAD_ALIGN, "tensor_alignment": TENSOR_ALIGN,
                     "chunk_hash": CHUNK_HASH_NAME, "chunks": [bytes(32)] * len(ranges),
