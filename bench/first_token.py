@@ -15,6 +15,8 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -54,18 +56,30 @@ os._exit(0)  # measured; nothing to save
 
 
 def start(folder: Path, mode: str, warm: bool) -> dict:
+    """One new process on a copy of the workspace (the turn it answers is recorded there)."""
     env = dict(os.environ, PERMEANT_WARMUP="1" if warm else "0")
-    r = subprocess.run([sys.executable, "-c", CHILD, str(folder), mode, str(ROOT), MESSAGE],
-                       capture_output=True, text=True, timeout=3600, env=env)
+    with tempfile.TemporaryDirectory(prefix="permeant-bench-ttft-run-") as tmp:
+        copy = Path(tmp) / "ws"
+        shutil.copytree(folder, copy)
+        r = subprocess.run([sys.executable, "-c", CHILD, str(copy), mode, str(ROOT), MESSAGE],
+                           capture_output=True, text=True, timeout=3600, env=env)
     if r.returncode:
         raise SystemExit(f"child ({mode}) failed:\n{r.stderr[-3000:]}")
     return json.loads(r.stdout.strip().splitlines()[-1])
+
+
+def show(label: str, r: dict) -> None:
+    print(f"{label:<26} {r['source']:<9} {r['tokens']:>6} tokens: restore "
+          f"{r['restore_ms']:>9.0f} ms, first token {r['ttft_ms']:>7.0f} ms "
+          f"(message {r['prefilled']} tokens), model load {r['model_load_ms']:.0f} ms  "
+          f"(load average {r['load']:.1f})", flush=True)
 
 
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--tokens", type=int, default=2048)
     ap.add_argument("--keep", help="workspace folder to build once and reuse")
+    ap.add_argument("--runs", type=int, default=3, help="resumes of each kind, interleaved")
     args = ap.parse_args()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="permeant-bench-ttft-"))
     if not (folder / "workspace.json").exists():
@@ -76,23 +90,22 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         build_workspace(folder, args.tokens)
     start(folder, "resume", True)  # page cache warm for every measured start
-    rows = {}
-    for label, mode, warm in (("resume, no warm-up", "resume", False),
-                              ("resume, warm-up at load", "resume", True),
-                              ("rebuild by prefill", "rebuild", True)):
-        r = start(folder, mode, warm)
-        rows[label] = r
-        print(f"{label:<26} {r['source']:<9} {r['tokens']:>6} tokens: restore "
-              f"{r['restore_ms']:>9.0f} ms, first token {r['ttft_ms']:>7.0f} ms "
-              f"(message {r['prefilled']} tokens), model load {r['model_load_ms']:.0f} ms  "
-              f"(load average {r['load']:.1f})", flush=True)
-    rebuild = rows["rebuild by prefill"]
+    runs: dict[str, list[dict]] = {"resume, no warm-up": [], "resume, warm-up at load": []}
+    for _ in range(args.runs):
+        for label, warm in (("resume, no warm-up", False), ("resume, warm-up at load", True)):
+            r = start(folder, "resume", warm)
+            runs[label].append(r)
+            show(label, r)
+    rebuild = start(folder, "rebuild", True)
+    show("rebuild by prefill", rebuild)
     rebuild_total = rebuild["restore_ms"] + rebuild["ttft_ms"]
-    for label in ("resume, no warm-up", "resume, warm-up at load"):
-        r = rows[label]
-        total = r["restore_ms"] + r["ttft_ms"]
-        print(f"{label}: restore + first token {total:.0f} ms; rebuild + first token "
-              f"{rebuild_total:.0f} ms: x{rebuild_total / total:.0f}")
+    print(f"\nmedians of {args.runs}, {rebuild['tokens']}-token agent, new process each:")
+    for label, rs in runs.items():
+        restore = statistics.median(r["restore_ms"] for r in rs)
+        ttft = statistics.median(r["ttft_ms"] for r in rs)
+        print(f"{label:<26} restore {restore:.0f} ms + first token {ttft:.0f} ms = "
+              f"{restore + ttft:.0f} ms; rebuild + first token {rebuild_total:.0f} ms: "
+              f"x{rebuild_total / (restore + ttft):.0f}")
     print(f"load average {' '.join(f'{x:.1f}' for x in os.getloadavg())}")
     return 0
 

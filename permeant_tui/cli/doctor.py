@@ -30,6 +30,9 @@ def doctor(args: argparse.Namespace) -> int:
     core, sgemv = runtime.kernel_labels()
     print(f"blas core  {core}")
     print(f"sgemv      {sgemv}")
+    from ..engine import mlx_imports
+
+    print(f"transformers {mlx_imports.state()}")
     from ..engine import cpu
 
     print(f"llama.cpp  {cpu.probe().reason}")

@@ -55,6 +55,10 @@ def prepare() -> str:
         if _prepared:
             return _blas or "unknown"
         _prepared = True
+        if sys.platform.startswith("linux"):
+            from . import mlx_imports
+
+            mlx_imports.install()  # transformers only when a model needs it (cold start)
         if sys.platform == "darwin":
             _blas = "Accelerate"
             return _blas
