@@ -325,24 +325,28 @@ def attach_shim(shim: ctypes.CDLL, openblas: ctypes.CDLL) -> bool:
 
 
 def shim_self_test(shim: ctypes.CDLL) -> bool:
-    """M=1 products through the shim (both transposes, beta 0 over garbage, beta 1) against
-    exact integer results."""
+    """M=1 products through the shim (B plain and transposed, A transposed with a stride,
+    beta 0 over NaN, beta 1) against exact integer results."""
     F = ctypes.c_float
     k, n = 37, 29
     a = [float((i * 5) % 7 - 3) for i in range(k)]
     b = [float(((i * 3 + j) % 11) - 5) for i in range(k) for j in range(n)]  # K x N
     bt = [b[p * n + j] for j in range(n) for p in range(k)]  # N x K
     want = [sum(a[p] * b[p * n + j] for p in range(k)) for j in range(n)]
+    a_t = [x for v in a for x in (v, 7.0, -7.0)]  # A transposed: K x 1 inside a K x 3 block
     before = shim.permeant_sgemv_routed()
-    for tb, mat, ldb in ((111, b, n), (112, bt, k)):
-        for beta, start in ((0.0, float("nan")), (1.0, 2.0)):
-            c = (F * n)(*([start] * n))
-            shim.cblas_sgemm(101, 111, tb, 1, n, k, F(1.0), (F * k)(*a), k, (F * len(mat))(*mat),
-                             ldb, F(beta), c, n)
-            expect = [w + (2.0 if beta else 0.0) for w in want]
-            if list(c) != expect:
-                return False
-    return shim.permeant_sgemv_routed() - before == 4
+    cases = [(111, a, k, tb, mat, ldb, beta, start)
+             for tb, mat, ldb in ((111, b, n), (112, bt, k))
+             for beta, start in ((0.0, float("nan")), (1.0, 2.0))]
+    cases.append((112, a_t, 3, 111, b, n, 0.0, float("nan")))
+    for ta, av, lda, tb, mat, ldb, beta, start in cases:
+        c = (F * n)(*([start] * n))
+        shim.cblas_sgemm(101, ta, tb, 1, n, k, F(1.0), (F * len(av))(*av), lda,
+                         (F * len(mat))(*mat), ldb, F(beta), c, n)
+        expect = [w + (2.0 if beta else 0.0) for w in want]
+        if list(c) != expect:
+            return False
+    return shim.permeant_sgemv_routed() - before == len(cases)
 
 
 @dataclass(frozen=True)
