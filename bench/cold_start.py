@@ -107,12 +107,13 @@ def build_workspace(folder: Path, n: int) -> None:
     build(folder, lm, {"agent": agent, "live": live, "ids": ids})
 
 
-def one_start(folder: Path) -> dict:
+def one_start(folder: Path, env: dict | None = None) -> dict:
     script = folder.parent / f".{folder.name}-cold-start-child.py"  # Textual wants a file
     script.write_text(CHILD)
     t0 = time.monotonic()
     r = subprocess.run([sys.executable, str(script), str(folder), str(ROOT)],
-                       capture_output=True, text=True, timeout=1800)
+                       capture_output=True, text=True, timeout=1800,
+                       env={**os.environ, **(env or {})})
     if r.returncode:
         raise SystemExit(f"child failed:\n{r.stderr[-3000:]}")
     out = json.loads(r.stdout.strip().splitlines()[-1])
@@ -126,6 +127,9 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--runs", type=int, default=3)
     ap.add_argument("--keep", help="workspace folder to build once and reuse")
+    ap.add_argument("--compare-eager-imports", action="store_true",
+                    help="interleave starts with PERMEANT_LAZY_TRANSFORMERS=0 (mlx-lm imported "
+                         "whole, transformers included) and print both")
     args = ap.parse_args()
     folder = Path(args.keep or tempfile.mkdtemp(prefix="permeant-bench-cold-"))
     if not (folder / "workspace.json").exists():
@@ -134,24 +138,39 @@ def main() -> int:
         folder.mkdir(parents=True, exist_ok=True)
         build_workspace(folder, args.tokens)
     one_start(folder)  # the first start after building may rewrite caches; not counted
-    runs = []
+    kinds = {"deferred transformers": {}}
+    if args.compare_eager_imports:
+        kinds["eager imports (PERMEANT_LAZY_TRANSFORMERS=0)"] = {"PERMEANT_LAZY_TRANSFORMERS": "0"}
+    by_kind: dict[str, list[dict]] = {k: [] for k in kinds}
     for i in range(args.runs):
-        r = one_start(folder)
-        runs.append(r)
-        at = r["at"]
-        print(f"run {i + 1}: " + ", ".join(f"{k} {at[k]:.0f}" for k in ORDER if k in at)
-              + f" ms  (load average {r['load']:.1f})", flush=True)
-    print(f"\ncold start, {args.tokens}-token agents x3, median of {args.runs} "
-          f"(ms from spawn; stage = time since the previous mark)")
-    print(f"{'mark':<14}{'at ms':>9}{'stage ms':>10}")
-    prev = 0.0
-    for k in ORDER:
-        vals = [r["at"][k] for r in runs if k in r["at"]]
-        if not vals:
-            continue
-        at = statistics.median(vals)
-        print(f"{k:<14}{at:>9.0f}{at - prev:>10.0f}")
-        prev = at
+        for kind, env in kinds.items():
+            r = one_start(folder, env)
+            by_kind[kind].append(r)
+            at = r["at"]
+            print(f"run {i + 1} {kind}: " + ", ".join(f"{k} {at[k]:.0f}" for k in ORDER
+                                                       if k in at)
+                  + f" ms  (load average {r['load']:.1f})", flush=True)
+    for kind, runs in by_kind.items():
+        print(f"\ncold start, {kind}, {args.tokens}-token agents x3, median of {args.runs} "
+              f"(ms from spawn; stage = time since the previous mark)")
+        print(f"{'mark':<14}{'at ms':>9}{'stage ms':>10}")
+        prev = 0.0
+        for k in ORDER:
+            vals = [r["at"][k] for r in runs if k in r["at"]]
+            if not vals:
+                continue
+            at = statistics.median(vals)
+            print(f"{k:<14}{at:>9.0f}{at - prev:>10.0f}")
+            prev = at
+    if args.compare_eager_imports:
+        lazy, eager = (by_kind[k] for k in kinds)
+        pairs = [(a["at"]["model ready"], b["at"]["model ready"]) for a, b in
+                 zip(lazy, eager, strict=True) if "model ready" in a["at"]
+                 and "model ready" in b["at"]]
+        if pairs:
+            print("model ready, eager / deferred imports (median of paired runs): x"
+                  f"{statistics.median(b / a for a, b in pairs):.2f}")
+    runs = by_kind["deferred transformers"]
     last = runs[-1]
     starts = sorted((v, k) for k, v in last["at"].items() if k.startswith("model: "))
     ends = [v for v, _ in starts[1:]] + [last["at"].get("model ready", 0.0)]
