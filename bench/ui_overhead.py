@@ -69,7 +69,7 @@ async def ui_turn(lm, max_tokens: int) -> tuple[float, float, int]:
         async with app.run_test(size=(160, 45), message_hook=hook) as pilot:
             await asyncio.to_thread(engine.wait_ready, 120)
             pane = app.workspace.pane("technical")
-            pane.input.value = PROMPT
+            pane.input.load_text(PROMPT)  # a TextArea: Enter sends its text
             t0, cpu0 = time.perf_counter(), time.thread_time()
             await pilot.press("enter")
             while not done:
