@@ -32,7 +32,7 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"sgemv      {sgemv}")
     from ..engine import mlx_imports
 
-    print(f"transformers {mlx_imports.state()}")
+    print(f"imports    transformers, huggingface_hub: {mlx_imports.state()}")
     from ..engine import cpu
 
     print(f"llama.cpp  {cpu.probe().reason}")
