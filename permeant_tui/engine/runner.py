@@ -9,6 +9,7 @@ under test are the real ones. Runner methods run on the worker thread only, exce
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 from collections.abc import Callable
@@ -87,8 +88,16 @@ class MlxRunner:
         if self.lm is None:
             from .models import load_model
 
-            self.lm = load_model(self.spec, digest_cache=self.digest_cache,
-                                 context_limit=self.context_limit, progress=progress)
+            lm = load_model(self.spec, digest_cache=self.digest_cache,
+                            context_limit=self.context_limit, progress=progress)
+            # Kernels' first use paid now, not at the first token after a resume
+            # (PERMEANT_WARMUP=0 skips it: bench/first_token.py compares both).
+            if os.environ.get("PERMEANT_WARMUP", "1") != "0":
+                from .speed import warm_up
+
+                progress("warm-up", 0.92)
+                lm.timings_ms["warm_up"] = warm_up(lm.model)
+            self.lm = lm
         return self.lm
 
     def _model(self) -> LoadedModel:

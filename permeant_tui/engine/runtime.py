@@ -3,7 +3,8 @@
 On Linux, MLX's CPU wheel links the reference BLAS (about 6 GFLOP/s for float32 matmul on the
 development machine). Loading Debian's OpenBLAS with RTLD_GLOBAL *before the first
 `import mlx`* makes MLX's BLAS calls resolve to it (about 200 GFLOP/s, same machine). That is
-what `prepare()` does. On macOS MLX uses Accelerate and Metal; nothing here applies there.
+what `prepare()` does, after choosing OpenBLAS's core type and putting the sgemv shim in front
+of it (`engine/blas.py`). On macOS MLX uses Accelerate and Metal; nothing here applies there.
 
 Call `prepare()` before anything imports mlx (the CLI does it first thing).
 """
@@ -31,6 +32,9 @@ _CANDIDATES = (
 _lock = threading.Lock()
 _blas: str | None = None
 _prepared = False
+_core: str = "n/a (OpenBLAS not loaded)"
+_sgemv: str = "off (OpenBLAS not loaded)"
+_shim = None  # the loaded shim (ctypes.CDLL), for benchmarks that switch it
 
 
 def find_openblas() -> str | None:
@@ -51,6 +55,10 @@ def prepare() -> str:
         if _prepared:
             return _blas or "unknown"
         _prepared = True
+        if sys.platform.startswith("linux"):
+            from . import mlx_imports
+
+            mlx_imports.install()  # transformers only when a model needs it (cold start)
         if sys.platform == "darwin":
             _blas = "Accelerate"
             return _blas
@@ -62,16 +70,58 @@ def prepare() -> str:
         if path is None:
             _blas = "reference (install libopenblas0-pthread for ~30x faster CPU matmul)"
             return _blas
-        try:
-            ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
-            _blas = f"OpenBLAS ({path})"
-        except OSError as exc:
-            _blas = f"reference (could not load {path}: {exc})"
-        return _blas
+        _load_openblas(path)
+        return _blas or "unknown"
+
+
+def _load_openblas(path: str) -> None:
+    """Core type first (read by OpenBLAS when it loads), then OpenBLAS privately (so a library
+    that fails to load leaves nothing behind), then the shim and OpenBLAS into the global
+    scope in that order: MLX's `cblas_sgemm` then resolves to the shim, the rest to OpenBLAS."""
+    global _blas, _core, _sgemv, _shim
+    from . import blas
+
+    _core = blas.configure_core(path).label
+    try:
+        lib = ctypes.CDLL(path, mode=os.RTLD_LOCAL)
+    except OSError as exc:
+        _blas = f"reference (could not load {path}: {exc})"
+        return
+    if os.environ.get("PERMEANT_SGEMV", "1") == "0":
+        _sgemv = "off (PERMEANT_SGEMV=0)"
+    else:
+        shim_file = blas.shim_path()
+        if not shim_file.is_file():
+            _sgemv = "off: shim not built (`make setup` builds it with cc)"
+        else:
+            try:
+                _shim = blas.load_shim(shim_file)
+                ok = blas.attach_shim(_shim, lib)
+                _sgemv = ("on (one-row cblas_sgemm -> cblas_sgemv)" if ok
+                          else "off: the shim failed its self-test")
+            except (OSError, AttributeError) as exc:
+                _sgemv = f"off: {exc}"
+    lib = ctypes.CDLL(path, mode=os.RTLD_GLOBAL)
+    _blas = f"OpenBLAS ({path})"
 
 
 def blas_label() -> str:
     return _blas or prepare()
+
+
+def kernel_labels() -> tuple[str, str]:
+    """(OpenBLAS core choice, sgemv shim state), for doctor and the benchmarks."""
+    prepare()
+    return _core, _sgemv
+
+
+def set_sgemv(on: bool) -> bool:
+    """Switch the shim at run time (benchmarks compare both in one process). False when the
+    shim is not loaded."""
+    if _shim is None:
+        return False
+    _shim.permeant_sgemv_enable(1 if on else 0)
+    return True
 
 
 def device_label() -> str:

@@ -6,10 +6,12 @@ from __future__ import annotations
 
 import struct
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from ..errors import UsxfInvalid
+
+if TYPE_CHECKING:  # numpy only in annotations: the UI imports QUANTS without paying for numpy
+    import numpy as np
 
 MAGIC = b"USXF\r\n\x1a\n"
 VERSION_MAJOR = 1
