@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, crossruntime, doctor, exchange, migrate, tui
+from . import chat, crossruntime, doctor, exchange, migrate, tui, workspaces
 from .common import add_common
 
 EPILOG = """\
@@ -39,7 +39,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="permeant", description=__doc__.splitlines()[0], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(ap)
+    add_common(ap, top=True)
     ap.set_defaults(func=tui.run)  # no subcommand: the workspace UI
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     chat.register(sub)  # tokenize, chat, status
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     usxf = exchange.register(sub)  # export, import, usxf inspect|verify, keys
     crossruntime.register(usxf)  # usxf attach|capture
     migrate.register(sub)  # serve, migrate
+    workspaces.register(sub)  # workspaces
     return ap
 
 

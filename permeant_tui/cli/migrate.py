@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..engine.text import printable
-from .common import add_common, open_engine
+from .common import add_common, engine_for
 
 
 def register(subparsers) -> None:
@@ -182,9 +182,17 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise MigrationError("--chunk-kib must be a power of two from 4 to 262144")
     if args.name is not None:
         check_agent_name(args.name)  # before the model loads
+    from ..migrate.protocol import normalize_fingerprint, parse_hostport
+
+    parse_hostport(args.to)
+    if args.pin is not None:
+        normalize_fingerprint(args.pin)
     t = time.perf_counter()
-    engine = open_engine(args, loaded=model_override_for_tests())
+    engine = engine_for(args, loaded=model_override_for_tests())
     try:
+        engine.agent(args.agent)  # an unknown agent: exit 2 before the model loads
+        engine.start()
+        engine.wait_ready()
         printer = MigrationPrinter()
         if not args.json:
             info = engine.model_info()
