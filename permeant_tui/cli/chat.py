@@ -181,8 +181,10 @@ def _interrupted(args: argparse.Namespace, stream: ReplyStream, result) -> int:
 def status(args: argparse.Namespace) -> int:
     from ..engine.workspace import Workspace
     from ..paths import resolve_workspace
+    from .workspaces import remember
 
     ws = Workspace.open(resolve_workspace(args.workspace))
+    remember(ws.folder)
     agents = []
     for a in ws.agents.values():
         snap, imported = ws.snapshot_path(a.agent_id), ws.imported_path(a.agent_id)
