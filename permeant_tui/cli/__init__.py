@@ -11,7 +11,7 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, crossruntime, doctor, exchange, migrate, tui, workspaces
+from . import agents, chat, crossruntime, doctor, exchange, migrate, tui, workspaces
 from .common import add_common
 
 EPILOG = """\
@@ -47,6 +47,7 @@ def build_parser() -> argparse.ArgumentParser:
     usxf = exchange.register(sub)  # export, import, usxf inspect|verify, keys
     crossruntime.register(usxf)  # usxf attach|capture
     migrate.register(sub)  # serve, migrate
+    agents.register(sub)  # agents [add|rename|remove]
     workspaces.register(sub)  # workspaces
     return ap
 
