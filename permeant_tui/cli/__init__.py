@@ -19,6 +19,10 @@ one writer per workspace: the UI, chat, export, import, serve, migrate and the d
 workspace's lock while they run; a second one is refused at once (exit 9) naming the holder.
 `status` and `usxf inspect` take no lock and work meanwhile.
 
+chat streams its reply (--json: one object at the end); ctrl+c cancels the turn, saves, exits 130.
+Arguments, agents, export targets and USXF signatures are checked before the model loads.
+On a terminal, long commands show a progress line on stderr; piped, nothing extra (-v: stages).
+
 exit codes: 0 done (also when a turn is recorded but its KV snapshot could not be written:
 stderr says so in one line, and the snapshot is rebuilt from the transcript later); 1 error
 (settings, workspace); 2 usage, unknown agent or invalid agent name; 3 model not loaded;
