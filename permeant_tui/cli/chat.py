@@ -150,7 +150,7 @@ def chat(args: argparse.Namespace) -> int:
     finally:
         session.close()
     if interrupted:
-        return _interrupted(args, stream, result)
+        return _interrupted(args, stream, result, saved=not reporter.problems)
     if args.json:
         print(json.dumps(result.to_json(), ensure_ascii=False))
     else:
@@ -160,18 +160,20 @@ def chat(args: argparse.Namespace) -> int:
     return 0
 
 
-def _interrupted(args: argparse.Namespace, stream: ReplyStream, result) -> int:
-    """ctrl+c: the printed part stays; one line says what the workspace kept."""
+def _interrupted(args: argparse.Namespace, stream: ReplyStream, result, saved: bool) -> int:
+    """ctrl+c: the printed part stays; one line says what the workspace kept (the lines above
+    it, if any, say what could not be saved)."""
     if stream.parts and not args.json:
         sys.stdout.write("\n")
         sys.stdout.flush()
     if result is not None and getattr(result, "finish_reason", "") != "cancelled":
-        what = f"the reply had finished ({result.generated} tokens) and is saved"
+        what = f"the reply had finished ({result.generated} tokens) and is recorded"
     elif result is not None:
-        what = f"the reply was cut after {result.generated} tokens and kept; workspace saved"
+        what = f"the reply was cut after {result.generated} tokens and kept"
     else:
-        what = (f"the reply was cancelled after {stream.ids} tokens and not recorded; "
-                f"the conversation before it is saved")
+        what = f"the reply was cancelled after {stream.ids} tokens and not recorded"
+    what += ("; the workspace is saved" if saved
+             else "; the transcript is intact, see above for what was not saved")
     print(f"permeant: interrupted: {args.agent}: {what}", file=sys.stderr)
     return EXIT_INTERRUPTED
 

@@ -26,6 +26,11 @@ if TYPE_CHECKING:
 
 T = TypeVar("T")
 
+# engine/usxf's QUANTS, spelled here so that building the parser does not import the format
+# (numpy, cryptography: seconds on a loaded machine); tests/unit/test_cli_parser.py checks
+# that the two agree.
+QUANTS = ("none", "f16", "bf16", "int8")
+
 
 class UsageError(PermeantError):
     """Arguments that cannot work, found before anything is opened (exit 2, one line)."""

@@ -11,8 +11,7 @@ from pathlib import Path
 
 from ..engine.errors import PermeantError
 from ..engine.text import printable
-from ..engine.usxf import QUANTS
-from .common import UsageError, add_common, add_workspace, open_session
+from .common import QUANTS, UsageError, add_common, add_workspace, open_session
 
 EXIT_UNTRUSTED = 6
 INSPECT_LIMIT = 4 << 20  # manifest bytes `usxf inspect` parses from an untrusted signer

@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..engine.text import printable
-from .common import add_common, engine_for
+from .common import QUANTS, add_common, engine_for
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--pin", metavar="FINGERPRINT",
                    help="the target's certificate SHA-256 (as `permeant serve` prints it); "
                         "remembered per target after the first use")
-    p.add_argument("--quant", choices=["none", "f16", "bf16", "int8"], default="none",
+    p.add_argument("--quant", choices=QUANTS, default="none",
                    help="transfer type of the KV values (default none: bit-exact)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--keep", dest="move", action="store_false",

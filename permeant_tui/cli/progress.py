@@ -33,6 +33,7 @@ class Reporter:
         self.live = terminal(self.stream)
         self.verbose = verbose
         self.notices: list[str] = []
+        self.problems = 0  # warnings and errors the engine reported (a failed save, ...)
         self._progress = None
         self._task = None
         self._last = ""
@@ -115,6 +116,7 @@ class Reporter:
             self.stage(f"exporting {ev.agent_id}", ev.fraction)
         elif isinstance(ev, e.Notice):
             self.notices.append(ev.message)
+            self.problems += ev.level in ("warning", "error")
         elif isinstance(ev, e.AgentRestored):
             if ev.reason:
                 self.notices.append(f"{ev.agent_id}: snapshot not used ({ev.reason}); rebuilt "

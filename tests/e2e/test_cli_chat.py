@@ -87,6 +87,7 @@ def test_reply_streams_and_ctrl_c_cancels_saves_and_exits_130(tmp_path):
     lines = [ln for ln in err_text.splitlines() if ln.startswith("permeant: interrupted")]
     assert len(lines) == 1, err_text
     assert (got + out).decode().startswith(got.decode())  # what was printed stays printed
+    assert "the workspace is saved" in lines[0], lines
     if "not recorded" in lines[0]:
         assert turns(home, "technical") == 1
     else:  # the reply had finished between our read and the signal
