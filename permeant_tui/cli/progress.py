@@ -76,6 +76,9 @@ class Reporter:
             self._progress = None
 
     def _line(self, text: str) -> None:
+        if self._progress is not None:  # above the progress line, not through it
+            self._progress.console.print(f"permeant: {text}", markup=False, highlight=False)
+            return
         try:
             print(f"permeant: {text}", file=self.stream, flush=True)
         except (OSError, ValueError):

@@ -133,3 +133,50 @@ def test_workspaces_lists_the_ones_you_opened_with_sizes(tmp_path):
     rows = json.loads(ok(run(["workspaces", "--json"], a, cache)))
     assert rows[1]["path"] == str(b.resolve()) and rows[1]["exists"] is False
     assert "(gone)" in ok(run(["workspaces"], a, cache))
+
+
+def _on_terminal(args, home: Path, answer: bytes) -> tuple[int, str]:
+    """Run with stdin, stdout and stderr on a pty; answer the first [y/N] question."""
+    import pty
+    import select
+
+    master, slave = pty.openpty()
+    env = dict(os.environ, PERMEANT_HOME=str(home), HF_HUB_OFFLINE="1")
+    p = subprocess.Popen([sys.executable, "-m", "permeant_tui.cli", *args], stdin=slave,
+                         stdout=slave, stderr=slave, env=env)
+    os.close(slave)
+    seen, answered = b"", False
+    try:
+        while True:
+            ready, _, _ = select.select([master], [], [], 0.2)
+            if ready:
+                try:
+                    data = os.read(master, 4096)
+                except OSError:
+                    break
+                if not data:
+                    break
+                seen += data
+                if not answered and b"[y/N]" in seen:
+                    os.write(master, answer)
+                    answered = True
+            elif p.poll() is not None:
+                break
+        p.wait(timeout=TIMEOUT)
+    finally:
+        os.close(master)
+        if p.poll() is None:
+            p.kill()
+    assert answered, seen
+    return p.returncode, seen.decode(errors="replace")
+
+
+def test_remove_asks_on_a_terminal(tmp_path):
+    home = tmp_path / "ws"
+    ok(run(["agents", "add", "sec", "--role", "r", "--system", "s"], home))
+    code, screen = _on_terminal(["agents", "remove", "sec"], home, b"n\n")
+    assert code == 2 and "not done" in screen, screen
+    assert "sec" in roster(home)
+    code, screen = _on_terminal(["agents", "remove", "sec"], home, b"y\n")
+    assert code == 0 and "archived in" in screen, screen
+    assert "sec" not in roster(home)
