@@ -10,7 +10,7 @@ import json
 import sys
 
 from ..engine.text import printable
-from .common import UsageError, add_verbose, add_workspace, engine_for
+from .common import UsageError, add_verbose, add_workspace, check_agent_listed, engine_for
 
 TEAM = ("technical", "business", "coordinator")  # the agents "ask the team" uses by name
 
@@ -84,6 +84,7 @@ def rename(args: argparse.Namespace) -> int:
     from ..engine.names import check_agent_name
 
     check_agent_name(args.new)
+    check_agent_listed(args, args.old)
     engine = engine_for(args)
     try:
         view = engine.rename_agent(args.old, args.new).result()
@@ -107,6 +108,7 @@ def _confirmed(question: str) -> bool:
 
 
 def remove(args: argparse.Namespace) -> int:
+    check_agent_listed(args, args.name)
     engine = engine_for(args)
     try:
         view = engine.agent(args.name)  # UnknownAgent (exit 2) before asking anything

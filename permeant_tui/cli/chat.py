@@ -14,7 +14,7 @@ import json
 import sys
 import time
 
-from .common import UsageError, add_common, open_session
+from .common import UsageError, add_common, check_agent_listed, open_session
 
 EXIT_INTERRUPTED = 130
 
@@ -117,6 +117,7 @@ def chat(args: argparse.Namespace) -> int:
     from ..engine.errors import TurnCancelled
 
     check_chat_args(args)
+    check_agent_listed(args, args.agent)
     session = open_session(args, check=lambda engine: engine.agent(args.agent),
                            rebuild=args.rebuild)
     engine, reporter = session.engine, session.reporter

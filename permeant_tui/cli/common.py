@@ -70,6 +70,22 @@ def add_common(p: argparse.ArgumentParser, workspace: bool = True, top: bool = F
     add_verbose(p, top)
 
 
+def check_agent_listed(args: argparse.Namespace, name: str) -> None:
+    """Refuse an agent the workspace's settings do not list (UnknownAgent, exit 2) from the
+    settings file alone: no engine, no lock, a few milliseconds. The engine checks again once
+    it holds the workspace."""
+    from ..engine.errors import UnknownAgent
+    from ..engine.settings import load_settings
+    from ..paths import resolve_workspace
+
+    folder = resolve_workspace(getattr(args, "workspace", None))
+    if folder.exists() and not folder.is_dir():
+        return  # the engine says what is wrong with it
+    ids = [a.id for a in load_settings(folder).agents]
+    if name not in ids:
+        raise UnknownAgent(f"no agent {name!r} in {folder}; agents: {', '.join(ids)}")
+
+
 def reporter_for(args: argparse.Namespace) -> Reporter:
     return Reporter(verbose=bool(getattr(args, "verbose", False)))
 

@@ -11,7 +11,14 @@ from pathlib import Path
 
 from ..engine.errors import PermeantError
 from ..engine.text import printable
-from .common import QUANTS, UsageError, add_common, add_workspace, open_session
+from .common import (
+    QUANTS,
+    UsageError,
+    add_common,
+    add_workspace,
+    check_agent_listed,
+    open_session,
+)
 
 EXIT_UNTRUSTED = 6
 INSPECT_LIMIT = 4 << 20  # manifest bytes `usxf inspect` parses from an untrusted signer
@@ -114,6 +121,7 @@ def export(args: argparse.Namespace) -> int:
             raise PermeantError(f"agent {args.agent!r} has no conversation to export yet")
         check_export_target(args.output, engine.folder / "exports")
 
+    check_agent_listed(args, args.agent)
     if args.output is not None:
         check_export_target(args.output, Path("."))  # the obvious ones before the workspace
     session = open_session(args, check=check)

@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..engine.text import printable
-from .common import QUANTS, add_common, engine_for
+from .common import QUANTS, add_common, check_agent_listed, engine_for
 
 
 def register(subparsers) -> None:
@@ -184,6 +184,7 @@ def cmd_migrate(args: argparse.Namespace) -> int:
         check_agent_name(args.name)  # before the model loads
     from ..migrate.protocol import normalize_fingerprint, parse_hostport
 
+    check_agent_listed(args, args.agent)
     parse_hostport(args.to)
     if args.pin is not None:
         normalize_fingerprint(args.pin)
