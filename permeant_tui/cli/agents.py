@@ -19,6 +19,9 @@ def register(subparsers) -> None:
     p = subparsers.add_parser("agents", help="list, add, rename or remove agents")
     add_workspace(p)
     p.add_argument("--json", action="store_true")
+    p.add_argument("--archived", action="store_true",
+                   help="list archived conversations instead: removed agents (archive/) and "
+                        "reset transcripts (agents/NAME/transcript.TIME.jsonl)")
     p.set_defaults(func=list_agents)
     sub = p.add_subparsers(dest="agents_cmd", metavar="ACTION")
 
@@ -53,6 +56,8 @@ def list_agents(args: argparse.Namespace) -> int:
     from ..paths import resolve_workspace
 
     ws = Workspace.open(resolve_workspace(args.workspace))
+    if args.archived:
+        return list_archived(ws.folder, args.json)
     rows = [{"id": a.agent_id, "role": a.role, "title": a.title, "turns": len(a.turns),
              "system": a.system} for a in ws.agents.values()]
     if args.json:
@@ -64,6 +69,45 @@ def list_agents(args: argparse.Namespace) -> int:
         system = printable(r["system"])
         system = system if len(system) <= 60 else system[:57] + "..."
         print(f"{printable(r['id']):<16}{printable(r['role']):<14}{r['turns']:>6}  {system}")
+    return 0
+
+
+def archived(folder) -> list[dict]:
+    """Removed agents (archive/NAME-TIME/) and reset conversations (agents/NAME/
+    transcript.TIME.jsonl), oldest first within each kind; turns counted by lines."""
+    def turns(path) -> int:
+        try:
+            with open(path, "rb") as f:
+                return sum(1 for line in f if line.strip())
+        except OSError:
+            return 0
+
+    rows = []
+    for d in sorted((folder / "archive").glob("*")) if (folder / "archive").is_dir() else []:
+        if d.is_dir():
+            try:  # the spec written at removal names the agent; else the folder's name
+                name = str(json.loads((d / "agent.json").read_text(encoding="utf-8"))["id"])
+            except (OSError, ValueError, KeyError, TypeError):
+                name = d.name
+            rows.append({"kind": "removed", "agent": name, "path": str(d),
+                         "turns": turns(d / "transcript.jsonl")})
+    for t in sorted((folder / "agents").glob("*/transcript.*.jsonl")):
+        rows.append({"kind": "reset", "agent": t.parent.name, "path": str(t),
+                     "turns": turns(t)})
+    return rows
+
+
+def list_archived(folder, as_json: bool) -> int:
+    rows = archived(folder)
+    if as_json:
+        print(json.dumps({"workspace": str(folder), "archived": rows}, indent=2))
+        return 0
+    if not rows:
+        print("nothing archived")
+        return 0
+    print(f"{'kind':<9}{'agent':<16}{'turns':>6}  path")
+    for r in rows:
+        print(f"{r['kind']:<9}{printable(r['agent']):<16}{r['turns']:>6}  {printable(r['path'])}")
     return 0
 
 

@@ -79,6 +79,14 @@ def test_add_rename_remove_without_the_model(tmp_path):
     spec = json.loads((archived[0] / "agent.json").read_text())
     assert spec["role"] == "security" and spec["id"] == "sec"
     assert "sec" not in roster(home)
+    # a reset conversation lies beside the live one
+    (home / "agents" / "business").mkdir(parents=True)
+    (home / "agents" / "business" / "transcript.20261130-080000.jsonl").write_text(
+        '{"user": "u", "reply": "r", "generated_ids": [1], "ts": 1}\n' * 3)
+    arch = json.loads(ok(run(["agents", "--archived", "--json"], home)))["archived"]
+    assert [(a["kind"], a["agent"], a["turns"]) for a in arch] == \
+        [("removed", "sec", 0), ("reset", "business", 3)]
+    assert "removed" in ok(run(["agents", "--archived"], home))
 
     for name in ("technical", "business"):
         ok(run(["agents", "remove", name, "--yes"], home))
