@@ -89,10 +89,10 @@ def turn_params(args: argparse.Namespace, default_max_tokens: int):
 class ReplyStream:
     """Writes one turn's text to stdout as its Tokens events arrive, flushing each batch."""
 
-    def __init__(self, out=None):
+    def __init__(self, agent_id: str, out=None):
         self.out = out or sys.stdout
-        self.turn_id: int | None = None
-        self.agent_id = ""
+        self.turn_id: int | None = None  # set once the turn is queued
+        self.agent_id = agent_id
         self.parts: list[str] = []
         self.ids = 0
 
@@ -105,24 +105,19 @@ class ReplyStream:
             self.out.write(ev.text)
             self.out.flush()
 
-    @property
-    def text(self) -> str:
-        return "".join(self.parts)
-
 
 def chat(args: argparse.Namespace) -> int:
     """One turn. Exit 0 once the turn is recorded, even when its KV snapshot could not be
     written (a full or read-only disk): the reply is printed and stderr says, in one line, that
     the snapshot will be rebuilt from the transcript."""
-    from ..engine.errors import TurnCancelled
+    from ..engine.errors import PermeantError, TurnCancelled
 
     check_chat_args(args)
     check_agent_listed(args, args.agent)
     session = open_session(args, check=lambda engine: engine.agent(args.agent),
                            rebuild=args.rebuild)
     engine, reporter = session.engine, session.reporter
-    stream = ReplyStream()
-    stream.agent_id = args.agent
+    stream = ReplyStream(args.agent)
     interrupted = False
     result = None
     try:
@@ -141,11 +136,15 @@ def chat(args: argparse.Namespace) -> int:
 
         try:
             result = session.wait(fut, on_event)
+        except PermeantError:
+            if stream.parts:  # the error line goes below what was printed, not after it
+                sys.stdout.write("\n")
+            raise
         except KeyboardInterrupt:
             interrupted = True
             engine.cancel(args.agent)
             try:
-                result = session.wait(fut, on_event if not args.json else None)
+                result = session.wait(fut, on_event)
             except TurnCancelled:
                 result = None
     finally:
