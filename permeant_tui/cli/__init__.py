@@ -11,13 +11,17 @@ from __future__ import annotations
 import argparse
 import sys
 
-from . import chat, crossruntime, doctor, exchange, migrate, tui
+from . import agents, chat, crossruntime, doctor, exchange, migrate, tui, workspaces
 from .common import add_common
 
 EPILOG = """\
 one writer per workspace: the UI, chat, export, import, serve, migrate and the demo hold the
 workspace's lock while they run; a second one is refused at once (exit 9) naming the holder.
 `status` and `usxf inspect` take no lock and work meanwhile.
+
+chat streams its reply (--json: one object at the end); ctrl+c cancels the turn, saves, exits 130.
+Arguments, agents, export targets and USXF signatures are checked before the model loads.
+On a terminal, long commands show a progress line on stderr; piped, nothing extra (-v: stages).
 
 exit codes: 0 done (also when a turn is recorded but its KV snapshot could not be written:
 stderr says so in one line, and the snapshot is rebuilt from the transcript later); 1 error
@@ -39,7 +43,7 @@ class Parser(argparse.ArgumentParser):
 def build_parser() -> argparse.ArgumentParser:
     ap = Parser(prog="permeant", description=__doc__.splitlines()[0], epilog=EPILOG,
                 formatter_class=argparse.RawDescriptionHelpFormatter)
-    add_common(ap)
+    add_common(ap, top=True)
     ap.set_defaults(func=tui.run)  # no subcommand: the workspace UI
     sub = ap.add_subparsers(dest="cmd", metavar="COMMAND")
     chat.register(sub)  # tokenize, chat, status
@@ -47,6 +51,8 @@ def build_parser() -> argparse.ArgumentParser:
     usxf = exchange.register(sub)  # export, import, usxf inspect|verify, keys
     crossruntime.register(usxf)  # usxf attach|capture
     migrate.register(sub)  # serve, migrate
+    agents.register(sub)  # agents [add|rename|remove]
+    workspaces.register(sub)  # workspaces
     return ap
 
 

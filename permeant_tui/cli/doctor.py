@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import argparse
 
-from .common import add_common
+from .common import add_common, reporter_for
 
 
 def register(subparsers) -> None:
@@ -36,7 +36,10 @@ def doctor(args: argparse.Namespace) -> int:
     from ..engine import cpu
 
     print(f"llama.cpp  {cpu.probe().reason}")
-    lm = load_model(args.model)
+    with reporter_for(args) as reporter:  # a progress line on a terminal, nothing when piped
+        reporter.stage("loading model")
+        lm = load_model(args.model, progress=lambda stage, f: reporter.stage(
+            f"loading model ({stage})", f))
     print(f"model      {lm.identity.name}  ({lm.spec})")
     print(f"weights    {lm.weights_mode} in memory (chosen for {runtime.device_label()}); "
           f"kv dtype {lm.identity.kv_dtype}")
@@ -45,6 +48,8 @@ def doctor(args: argparse.Namespace) -> int:
     for note in lm.notes:  # e.g. GGUF types MLX lacks, re-quantized for Metal (lossy)
         print(f"note       {note}")
     print("load ms    " + ", ".join(f"{k} {v:.0f}" for k, v in lm.timings_ms.items()))
-    pf, dec = quick_speed(lm)
+    with reporter_for(args) as reporter:
+        reporter.stage("measuring prefill and decode speed")
+        pf, dec = quick_speed(lm)
     print(f"speed      prefill {pf:.0f} tok/s (256 tokens), decode {dec:.1f} tok/s (32 tokens)")
     return 0

@@ -5,11 +5,21 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
+from pathlib import Path
 
+from ..engine.errors import PermeantError
 from ..engine.text import printable
-from ..engine.usxf import PROBE_N, QUANTS
-from .common import add_common, add_workspace, open_engine
+from .common import (
+    PROBE_N,
+    QUANTS,
+    UsageError,
+    add_common,
+    add_workspace,
+    check_agent_listed,
+    open_session,
+)
 
 EXIT_UNTRUSTED = 6
 INSPECT_LIMIT = 4 << 20  # manifest bytes `usxf inspect` parses from an untrusted signer
@@ -81,36 +91,137 @@ def register(subparsers) -> argparse._SubParsersAction:
 
 # ---- export / import -----------------------------------------------------------------------
 
-def export(args: argparse.Namespace) -> int:
-    from ..engine.errors import PermeantError
+class Untrusted(PermeantError):
+    """A file signed by a key this workspace does not trust (exit 6, as `usxf verify`)."""
 
-    if args.output is not None and not args.output.strip():
-        raise PermeantError("-o/--output needs a file name (leave it out for the exports "
-                            "folder)")
-    engine = open_engine(args)
+    exit_code = EXIT_UNTRUSTED
+
+
+class TargetUnwritable(PermeantError):
+    """An export target that cannot be written (exit 8, as other disk errors)."""
+
+    exit_code = 8
+
+
+def check_export_target(output: str | None, exports_dir: Path) -> None:
+    """Refuse, before anything loads, a target that cannot become a file: a folder, a device,
+    a missing or read-only folder. The writer still reports what only writing can find (a full
+    disk)."""
+    if output is not None and not output.strip():
+        raise UsageError("-o/--output needs a file name (leave it out for the exports folder)")
+    target = Path(output).expanduser() if output is not None else None
+    if target is not None and (target.exists() or target.is_symlink()):
+        if target.is_dir():
+            raise UsageError(f"-o {printable(output or '')}: is a folder; name a file in it")
+        if not target.is_file():
+            raise TargetUnwritable(f"-o {printable(output or '')}: not a regular file (a device "
+                                   f"or a pipe); name a file")
+    folder = target.parent if target is not None else exports_dir
+    probe = folder
+    while not probe.exists() and target is None:  # the exports folder is created on demand
+        probe = probe.parent
+    if not probe.is_dir():
+        raise TargetUnwritable(f"cannot write {printable(str(target or folder))}: the folder "
+                               f"{printable(str(probe))} does not exist")
+    if not os.access(probe, os.W_OK | os.X_OK):
+        raise TargetUnwritable(f"cannot write {printable(str(target or folder))}: the folder "
+                               f"{printable(str(probe))} is not writable (read-only or no "
+                               f"permission)")
+
+
+def export(args: argparse.Namespace) -> int:
+    def check(engine) -> None:
+        agent = engine.agent(args.agent)  # UnknownAgent: exit 2
+        if not agent.turns:
+            raise PermeantError(f"agent {args.agent!r} has no conversation to export yet")
+        check_export_target(args.output, engine.folder / "exports")
+
+    check_agent_listed(args, args.agent)
+    if args.output is not None:
+        check_export_target(args.output, Path("."))  # the obvious ones before the workspace
+    session = open_session(args, check=check)
     try:
-        info = engine.export(args.agent, args.output, args.quant,
-                             fidelity=0 if args.no_fidelity else args.probe).result()
+        session.reporter.stage(f"exporting {args.agent}", 0.0)
+        info = session.wait(session.engine.export(args.agent, args.output, args.quant,
+                                                  fidelity=0 if args.no_fidelity else args.probe))
     finally:
-        engine.shutdown()
+        session.close()
     print(f"exported {args.agent} -> {info.path}")
     print(f"  {info.size / 1e6:.1f} MB, {len(info.token_ids)} tokens, quant {args.quant}, "
           f"digest {info.digest}")
     return 0
 
 
+def precheck_usxf(path: str, keys) -> tuple[str, bytes]:
+    """The file's header, size, manifest checksum, signature and signer trust, and its manifest
+    checks, reading only the head of the file (no payload, no model): (agent id, key id).
+    UsxfInvalid (exit 5) or Untrusted (exit 6). The payload's digests are checked by the import
+    itself."""
+    from ..engine.errors import UsxfInvalid
+    from ..engine.usxf import UsxfUntrustedKey
+    from ..engine.usxf.header import check_signature, check_size, parse_header
+    from ..engine.usxf.keys import trusted_raw_keys
+    from ..engine.usxf.manifest import decode_manifest, parse_manifest
+    from ..engine.usxf.spec import HEADER_SIZE
+
+    spath = str(path)
+    try:
+        with open(path, "rb") as fh:
+            size = os.fstat(fh.fileno()).st_size
+            header = parse_header(fh.read(HEADER_SIZE), spath)
+            check_size(header, size, spath)
+            prefix = fh.read(header.prefix_len)
+        if len(prefix) != header.prefix_len:
+            raise UsxfInvalid("truncated", "the file ended early", spath)
+        manifest = prefix[:header.manifest_len]
+        kid, _, _ = check_signature(header, manifest, prefix[header.manifest_len:],
+                                    trusted_raw_keys(keys), spath)
+        parsed = parse_manifest(decode_manifest(manifest, spath), header, kid, spath)
+    except UsxfUntrustedKey as exc:
+        raise Untrusted(f"{printable(spath)}: {exc.detail} (`permeant keys trust "
+                        f"{exc.public_key_text}` first)") from None
+    except UsxfInvalid:
+        raise
+    except IsADirectoryError:
+        raise UsxfInvalid("io", "is a folder, not a USXF file", spath) from None
+    except OSError as exc:
+        raise UsxfInvalid("io", f"cannot read: {exc.strerror or exc}", spath) from None
+    except Exception as exc:  # the readers' contract: UsxfInvalid for any bytes
+        raise UsxfInvalid("malformed", f"unexpected {type(exc).__name__}: {exc}"[:300],
+                          spath) from None
+    return parsed.agent.agent_id, kid
+
+
 def import_file(args: argparse.Namespace) -> int:
+    from ..engine.errors import WorkspaceError
     from ..engine.names import check_agent_name
+    from ..engine.usxf.keys import WorkspaceKeys
 
     if args.name is not None:
         check_agent_name(args.name)  # before the workspace is opened or the model loads
-    engine = open_engine(args)
+
+    def check(engine) -> None:
+        keys = WorkspaceKeys(engine.folder / "keys")
+        keys.ensure()
+        agent_id, _ = precheck_usxf(args.file, keys)
+        name = check_agent_name(args.name if args.name is not None else agent_id)
+        for a in engine.agents():
+            if a.agent_id.casefold() == name.casefold() and a.turns:
+                n = len(a.turns)
+                raise WorkspaceError(f"agent '{a.agent_id}' exists and has {n} turn"
+                                     f"{'s' if n > 1 else ''}; import with --as NEW_NAME (or "
+                                     f"reset '{a.agent_id}' first)")
+
+    session = open_session(args, check=check)
     try:
-        report = engine.import_usxf(args.file, args.name).result()
+        engine = session.engine
+        session.reporter.stage(f"importing {printable(args.file)} (verifying every byte)")
+        report = session.wait(engine.import_usxf(args.file, args.name))
         if args.check_fidelity:
-            report["fidelity"] = engine.replay_fidelity(report["agent"]).result()
+            session.reporter.stage(f"replaying the fidelity probe on {report['agent']}")
+            report["fidelity"] = session.wait(engine.replay_fidelity(report["agent"]))
     finally:
-        engine.shutdown()
+        session.close()
     if report.get("replaced"):
         print(f"agent '{report['replaced']}' had no turns: the import takes its place")
     print(f"imported {printable(args.file)} as agent '{report['agent']}': {report['tokens']} "
@@ -190,25 +301,88 @@ def inspect(args: argparse.Namespace) -> int:
     return 0
 
 
+def own_workspaces_signed_by(key_id: str, exclude: Path) -> list[Path]:
+    """Your workspaces (those this user opened: `permeant workspaces`) whose own signing key
+    is `key_id`. A folder merely found next to the file is never trusted this way: anyone can
+    put a key pair beside a file."""
+    from ..engine.usxf.keys import WorkspaceKeys
+    from .workspaces import known_workspaces
+
+    def signed(folder: Path) -> bool:
+        keys = WorkspaceKeys(folder / "keys")
+        if not keys.private_path.is_file():
+            return False
+        try:
+            return keys.key_id == key_id
+        except PermeantError:
+            return False
+
+    yours = [Path(r["path"]) for r in known_workspaces() if r["exists"]]
+    return [w for w in yours if w != exclude and signed(w)]
+
+
+def _near_file(path: str) -> list[Path]:
+    """A workspace the file sits in (`<workspace>/exports/NAME.usxf`, or anywhere under it)."""
+    out = []
+    for parent in Path(path).resolve().parents:
+        if (parent / "workspace.json").is_file() and (parent / "keys").is_dir():
+            out.append(parent)
+            break
+    return out
+
+
 def verify(args: argparse.Namespace) -> int:
+    """Every byte, the block hashes, the signature and its trust in this workspace. Without
+    --workspace, a file signed by another workspace of yours is trusted as yours (and says
+    which); a file that only sits in a workspace folder names the flag to add."""
     from ..engine.errors import UsxfInvalid
     from ..engine.usxf import UsxfUntrustedKey, verify_usxf
+    from ..engine.usxf.keys import WorkspaceKeys
+    from ..paths import resolve_workspace
+    from .common import reporter_for
 
-    try:
-        f = verify_usxf(args.file, trusted=_workspace_keys(args.workspace))
-    except UsxfUntrustedKey as exc:
-        print(f"permeant: untrusted: {exc} (trust it with `permeant keys trust PUBKEY`)",
-              file=sys.stderr)
-        return EXIT_UNTRUSTED
-    except UsxfInvalid as exc:
-        print(f"permeant: invalid: {exc}", file=sys.stderr)
-        return exc.exit_code
+    reporter = reporter_for(args)
+    here = resolve_workspace(args.workspace)
+    own_of = ""
+    with reporter:
+        reporter.stage(f"verifying {printable(args.file)}")
+        try:
+            try:
+                f = verify_usxf(args.file, trusted=_workspace_keys(args.workspace))
+            except UsxfUntrustedKey as exc:
+                if args.workspace is not None:
+                    raise
+                yours = own_workspaces_signed_by(exc.key_id, here)
+                if not yours:
+                    raise
+                f = verify_usxf(args.file, trusted=WorkspaceKeys(yours[0] / "keys"))
+                own_of = f" (the own key of your workspace {yours[0]})"
+        except UsxfUntrustedKey as exc:
+            reporter.stop()
+            hint = "trust it with `permeant keys trust PUBKEY`"
+            if args.workspace is None:
+                near = [w for w in _near_file(args.file) if w != here]
+                if near:
+                    hint = (f"it sits in the workspace {near[0]}: if that is yours, add "
+                            f"--workspace {near[0]}; else {hint}")
+            print(f"permeant: untrusted: {printable(str(exc))} ({printable(hint)})",
+                  file=sys.stderr)
+            return EXIT_UNTRUSTED
+        except UsxfInvalid as exc:
+            reporter.stop()
+            print(f"permeant: invalid: {printable(str(exc))}", file=sys.stderr)
+            return exc.exit_code
+        reporter.say(f"verified {f.size / 1e6:.2f} MB")
+        fidelity = None
+        if args.fidelity:
+            from ..engine.exchange import file_fidelity
+
+            reporter.stage("fidelity: loading the model and replaying the probe")
+            fidelity = file_fidelity(args.file, args.model, args.probe)
     print(f"ok: {args.file}: {f.n_tokens} tokens, {f.size / 1e6:.2f} MB, quant {f.quant}, "
-          f"signed by trusted key {f.key_id}")
-    if args.fidelity:
-        from ..engine.exchange import file_fidelity
-
-        print(f"fidelity: {file_fidelity(args.file, args.model, args.probe)}")
+          f"signed by trusted key {f.key_id}{printable(own_of)}")
+    if fidelity is not None:
+        print(f"fidelity: {fidelity}")
     return 0
 
 

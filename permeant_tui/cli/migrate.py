@@ -9,7 +9,7 @@ import sys
 import time
 
 from ..engine.text import printable
-from .common import add_common, open_engine
+from .common import QUANTS, add_common, check_agent_listed, engine_for
 
 
 def register(subparsers) -> None:
@@ -44,7 +44,7 @@ def register(subparsers) -> None:
     p.add_argument("--pin", metavar="FINGERPRINT",
                    help="the target's certificate SHA-256 (as `permeant serve` prints it); "
                         "remembered per target after the first use")
-    p.add_argument("--quant", choices=["none", "f16", "bf16", "int8"], default="none",
+    p.add_argument("--quant", choices=QUANTS, default="none",
                    help="transfer type of the KV values (default none: bit-exact)")
     g = p.add_mutually_exclusive_group()
     g.add_argument("--keep", dest="move", action="store_false",
@@ -182,9 +182,18 @@ def cmd_migrate(args: argparse.Namespace) -> int:
             raise MigrationError("--chunk-kib must be a power of two from 4 to 262144")
     if args.name is not None:
         check_agent_name(args.name)  # before the model loads
+    from ..migrate.protocol import normalize_fingerprint, parse_hostport
+
+    check_agent_listed(args, args.agent)
+    parse_hostport(args.to)
+    if args.pin is not None:
+        normalize_fingerprint(args.pin)
     t = time.perf_counter()
-    engine = open_engine(args, loaded=model_override_for_tests())
+    engine = engine_for(args, loaded=model_override_for_tests())
     try:
+        engine.agent(args.agent)  # an unknown agent: exit 2 before the model loads
+        engine.start()
+        engine.wait_ready()
         printer = MigrationPrinter()
         if not args.json:
             info = engine.model_info()

@@ -153,6 +153,20 @@ class EngineAPI(Protocol):
     def reset(self, agent_id: str) -> Future[None]:
         """Forget the agent's conversation and KV state (the transcript is archived)."""
 
+    def add_agent(self, agent_id: str, role: str, system: str,
+                  title: str | None = None) -> Future[AgentView]:
+        """Add an agent with its own role and system prompt (name rule: engine/names.py;
+        WorkspaceError if the name is taken). Works before `start()` too (no model needed)."""
+
+    def rename_agent(self, old: str, new: str) -> Future[AgentView]:
+        """Rename an agent: folder, settings, title if it was the default; its KV snapshot stays
+        valid. Refused while a turn of it is queued or running."""
+
+    def remove_agent(self, agent_id: str) -> Future[Path]:
+        """Remove an agent: its folder (transcript, snapshot) moves to `<workspace>/archive/`,
+        never deleted; resolves to the archive folder. Refused while a turn of it is queued or
+        running, and for the workspace's only agent."""
+
     def restore(self, agent_id: str) -> Future[RestoreReport]:
         """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
 

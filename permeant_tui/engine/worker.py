@@ -220,6 +220,53 @@ class Engine:
         self._ws.agent(agent_id)
         return self._put(Job("reset", agent_id))
 
+    # roster (engine/roster.py): on the worker once it runs, else here (nothing to race with)
+    def add_agent(self, agent_id: str, role: str, system: str,
+                  title: str | None = None) -> Future[AgentView]:
+        from . import roster
+
+        return self._roster(lambda: self._view(
+            roster.add_agent(self._ws, agent_id, role, system, title).agent_id))
+
+    def rename_agent(self, old: str, new: str) -> Future[AgentView]:
+        from . import roster
+
+        self._ws.agent(old)
+        return self._roster(lambda: self._view(
+            roster.rename_agent(self._ws, *self._idle(old, new)).agent_id), idle=old)
+
+    def remove_agent(self, agent_id: str) -> Future[Path]:
+        from . import roster
+
+        self._ws.agent(agent_id)
+        return self._roster(lambda: roster.remove_agent(self._ws, self._idle(agent_id)[0]),
+                            idle=agent_id)
+
+    def _idle(self, agent_id: str, *rest: str) -> tuple[str, ...]:
+        from .errors import WorkspaceError
+        from .states import BUSY
+
+        with self._lock:
+            if self._states[agent_id] in BUSY:
+                raise WorkspaceError(f"agent '{agent_id}' has a turn queued or running; "
+                                     f"cancel it or wait")
+        return (agent_id, *rest)
+
+    def _roster(self, fn: Callable[[], T], idle: str | None = None) -> Future[T]:
+        """Run fn on the worker once it runs (else here). `idle`: an agent that must have no
+        turn queued or running, checked now (the worker may be busy with that very turn) and
+        again when fn runs."""
+        fut: Future[T] = Future()
+        try:
+            if idle is not None:
+                self._idle(idle)
+            if self._thread is not None:
+                return self.call(lambda _ctx: fn())
+            fut.set_result(fn())
+        except BaseException as exc:  # noqa: BLE001 - handed to the caller
+            fut.set_exception(exc)
+        return fut
+
     def restore(self, agent_id: str) -> Future[RestoreReport]:
         """Make the agent's KV state resident (memory, USXF import, snapshot or prefill)."""
         self._ws.agent(agent_id)

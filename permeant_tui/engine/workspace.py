@@ -96,8 +96,15 @@ class Workspace:
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
                 except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
+            elif (imported := folder / "agents" / spec.id / IMPORTED).exists():
+                # an import (or a migration) not yet attached: its USXF file is the state
+                st = imported.stat()
+                agent.last_used, agent.bytes_on_disk = st.st_mtime, st.st_size
+                agent.tokens_on_disk = usxf_length(imported)
             elif agent.turns:
-                agent.last_used = max(t.ts for t in agent.turns)
+                # turns that came from a file carry no time (ts 0): the transcript's then
+                agent.last_used = max(t.ts for t in agent.turns) or _mtime(
+                    folder / "agents" / spec.id / TRANSCRIPT)
             else:
                 agent.last_used = 0.0  # never used: last in line for eager restore
             agents[spec.id] = agent
@@ -314,6 +321,33 @@ class Workspace:
             d.rmdir() if d in created else None
         except OSError:
             pass  # not empty: something else is in it, keep it
+
+def _mtime(path: Path) -> float:
+    try:
+        return path.stat().st_mtime
+    except OSError:
+        return 0.0
+
+
+def usxf_length(path: Path, limit: int = 64 << 20) -> int:
+    """The token count a USXF file declares (its manifest's sequence length), read from its
+    head only, for figures (`status`, gauges): 0 when it cannot be read. Nothing is trusted
+    from it: the file is verified in full before it is attached."""
+    try:
+        from .usxf.header import parse_header
+        from .usxf.manifest import decode_manifest
+        from .usxf.spec import HEADER_SIZE
+
+        with open(path, "rb") as f:
+            header = parse_header(f.read(HEADER_SIZE), str(path))
+            if header.manifest_len > limit:
+                return 0
+            m = decode_manifest(f.read(header.manifest_len), str(path))
+        n = m.get("sequence", {}).get("length", 0)
+        return n if isinstance(n, int) and n >= 0 else 0
+    except (PermeantError, OSError, AttributeError):
+        return 0
+
 
 def check_turn_ids(agent: Agent, vocab_size: int) -> None:
     """Every generated id in the transcript is a token of this model, before any reaches MLX

@@ -4,6 +4,7 @@ never shut down after a load failure, so every such exit was 134 'terminate call
 
 from __future__ import annotations
 
+import json
 import os
 import struct
 import subprocess
@@ -44,6 +45,12 @@ def _run(args, tmp_path) -> subprocess.CompletedProcess:
     ["tokenize", "hello"],
 ])
 def test_failing_model_load_is_one_line_and_exit_3(tmp_path, command):
+    # export refuses an agent with no conversation before the model loads (exit 1): give it
+    # one turn, so that the model load is what fails
+    d = tmp_path / "home" / "agents" / "technical"
+    d.mkdir(parents=True)
+    (d / "transcript.jsonl").write_text(json.dumps(
+        {"user": "hi", "reply": "hello", "generated_ids": [1, 2], "ts": 1.0}) + "\n")
     for case, model in _bad_models(tmp_path).items():
         r = _run([*command, "--model", model], tmp_path)
         err = r.stderr.strip()
