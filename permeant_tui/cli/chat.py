@@ -84,6 +84,7 @@ def _collect_notice(ev, out: list[str]) -> None:
 
 
 def status(args: argparse.Namespace) -> int:
+    from ..engine.models import chat_format_of
     from ..engine.workspace import Workspace
     from ..paths import resolve_workspace
 
@@ -101,11 +102,15 @@ def status(args: argparse.Namespace) -> int:
         })
     out = {"workspace": str(ws.folder), "model": ws.settings.model or "default (SmolLM2-135M-"
            "Instruct Q4_1, embedded)", "max_resident": ws.settings.max_resident,
-           "memory_budget_mb": ws.settings.memory_budget_mb, "agents": agents}
+           "memory_budget_mb": ws.settings.memory_budget_mb, "agents": agents,
+           "chat_format": chat_format_of(ws.settings.model)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"workspace {out['workspace']}\nmodel     {out['model']}")
+    if out["chat_format"]:
+        note = ": no chat template in the model" if "base model" in out["chat_format"] else ""
+        print(f"chat      {out['chat_format']}{note}")
     print(f"{'agent':<14}{'role':<13}{'turns':>6}{'tokens':>8}{'MB':>8}  last used")
     for a in agents:
         print(f"{a['id']:<14}{a['role']:<13}{a['turns']:>6}{a['tokens']:>8}"
