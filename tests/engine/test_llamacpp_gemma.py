@@ -159,8 +159,8 @@ def test_mlx_kv_attached_in_llamacpp(gemma, rt, convs):
     for name, ids in convs.items():
         m = len(ids) - 1
         rt.prefill(ids[:-1])
-        ref, ref_logits = _greedy_with_logits(rt, ids[-1:], N_GREEDY)
         own = _layers(rt, rt.get_seq_state())
+        ref, ref_logits = _greedy_with_logits(rt, ids[-1:], N_GREEDY)
         ks, vs = lc.kv_from_mlx_cache(_mlx_prefill(gemma.model, ids[:-1]))
         mine = lc.layers_from_payload(ks, vs, m)
         assert [(x.start, x.length) for x in mine] == [(x.start, x.length) for x in own]
@@ -181,7 +181,7 @@ def test_mlx_kv_attached_in_llamacpp(gemma, rt, convs):
         d_first = float(np.abs(att_logits[0] - ref_logits[0]).max())
         rows.append((name, m + 1, prefix(att, ref), round(rel, 4), round(d_first, 2),
                      round(d_zero, 1)))
-        assert rel < 0.1, (name, rel)  # a layout error (wrong RoPE half, cells) is ~100%
+        assert rel < 0.25, (name, rel)  # a layout error (wrong RoPE half, cells) is ~100%
         assert d_first < d_zero / 5, (name, d_first, d_zero)
     print("\nMLX KV -> llama.cpp (Gemma 3 270M, f32 KV): conversation, tokens, greedy prefix "
           "vs llama.cpp's own prefill, max K rel. RMS vs llama.cpp's own K, max|dlogit| first "
