@@ -100,7 +100,7 @@ def chat_format_of(spec: str | None) -> str | None:
             has = (path / "chat_template.jinja").is_file() or (
                 cfg.is_file() and json.loads(cfg.read_text()).get("chat_template") is not None)
             return "model template" if has else None
-    except (OSError, ValueError, ModelLoadError):
+    except Exception:  # status must not fail on a model it does not load: unknown, say nothing
         return None
     return None
 

@@ -267,3 +267,25 @@ def test_gemma_past_the_window_resume_and_import_equal_a_rebuild(gemma, tmp_path
         print(f"\n{folder.name}: max |dlogit| vs rebuild {d:.2e} (logits up to "
               f"{float(np.abs(ref).max()):.1f})")
         assert d < 1e-3 * float(np.abs(ref).max()), folder.name
+
+
+@needs_gemma
+@pytest.mark.real_model
+def test_base_model_is_shown(gemma, tmp_path):
+    """ModelInfo, `status` (without loading the model) and the status bar's tag say that Gemma
+    is a base model prompted in Gemma's turn format; SmolLM2 carries its own template."""
+    from permeant_tui.engine.models import chat_format_of
+    from permeant_tui.widgets.status_bar import base_model_tag
+
+    engine = _engine(tmp_path / "ws", gemma)
+    try:
+        info = engine.model_info()
+    finally:
+        engine.shutdown()
+    assert info is not None and info.base_model
+    assert info.chat_format == gemma.chat_format == "gemma turns (base model)"
+    assert chat_format_of("gemma3-270m") == info.chat_format
+    assert chat_format_of(str(gemma.spec)) == info.chat_format  # read from the file's metadata
+    assert chat_format_of(None) == chat_format_of("smollm2") == "gguf template"
+    assert base_model_tag(info.chat_format) == "base model · Gemma turns"
+    assert base_model_tag("gguf template") == ""
