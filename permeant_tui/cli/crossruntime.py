@@ -17,7 +17,9 @@ def register(usxf_sub) -> None:
     p = usxf_sub.add_parser("attach", help="attach a USXF file in another runtime and continue")
     p.add_argument("file")
     p.add_argument("--runtime", choices=["llamacpp"], required=True)
-    p.add_argument("--gguf", metavar="PATH", help="the target GGUF (default: the embedded model)")
+    p.add_argument("--gguf", metavar="PATH|NAME",
+                   help="the target GGUF, or an embedded model's name (smollm2, gemma3-270m); "
+                        "default: the default embedded model")
     p.add_argument("--continue", dest="n", type=int, default=16, metavar="N")
     add_workspace(p)  # whose trusted keys verify the file
     p.add_argument("--threads", type=int, default=2)
@@ -25,7 +27,9 @@ def register(usxf_sub) -> None:
 
     p = usxf_sub.add_parser("capture", help="prefill in another runtime, write its state as USXF")
     p.add_argument("--runtime", choices=["llamacpp"], required=True)
-    p.add_argument("--gguf", metavar="PATH", help="default: the embedded model")
+    p.add_argument("--gguf", metavar="PATH|NAME",
+                   help="a GGUF, or an embedded model's name (smollm2, gemma3-270m); default: "
+                        "the default embedded model")
     p.add_argument("--prompt-file", required=True, metavar="F")
     p.add_argument("-o", "--output", required=True, metavar="FILE")
     p.add_argument("--agent", default="captured", help="agent id stored in the file")
@@ -37,9 +41,13 @@ def register(usxf_sub) -> None:
 
 
 def _gguf(arg: str | None) -> Path:
-    from ..engine.models import default_model_path
+    """A GGUF path, or the file of the embedded model `arg` names (assembled on first use)."""
+    from ..engine import embedded
 
-    return Path(arg) if arg else default_model_path()
+    model = embedded.lookup(arg)
+    if model is not None and (arg is None or not Path(arg).exists()):
+        return embedded.model_path(model)
+    return Path(arg or "")
 
 
 def _keys(workspace: str | None):

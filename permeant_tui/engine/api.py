@@ -62,6 +62,11 @@ class ModelInfo:
     context_limit: int
     load_ms: float
     identity: ModelIdentity  # the full fingerprinted identity (what a migration compares)
+    # how turns are rendered: "gguf template" / "model template" (the model's own chat
+    # template), or for a base model without one "gemma turns (base model)" / "plain transcript
+    # (base model)" (a built-in format; front ends say so)
+    chat_format: str = "model template"
+    base_model: bool = False  # no chat template in the model: `chat_format` is built in
 
 
 class WorkerContext:

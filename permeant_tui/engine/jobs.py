@@ -175,7 +175,8 @@ class Worker:
         with self.lock:
             self.states.model_ready()
         self.emit(ModelReady(lm.identity.name, self.device, self.blas, lm.weights_mode,
-                             lm.context_limit, self.timings["model_load"]))
+                             lm.context_limit, self.timings["model_load"],
+                             getattr(lm, "chat_format", "")))
         for w in self.ws.warnings:
             self.emit(Notice("warning", w))
         self.ready.set()

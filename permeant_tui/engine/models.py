@@ -78,6 +78,33 @@ class LoadedModel:
         return bool(getattr(getattr(self.tokenizer, "_tokenizer", None), "is_base_model", False))
 
 
+def chat_format_of(spec: str | None) -> str | None:
+    """How turns are rendered for a model spec, without loading it (for `status`): "gguf
+    template" / "model template", or a base model's built-in format ("... (base model)").
+    None when it cannot be told without loading (a repo id not on disk, an unreadable file)."""
+    model = embedded.lookup(spec)
+    if model is not None:
+        return model.chat_format
+    path = Path(str(spec)).expanduser()
+    try:
+        if path.suffix == ".gguf" and path.is_file():
+            from .gguf import read_gguf
+            from .gguf_tokenizer import chat_format_of_meta
+
+            _, meta = read_gguf(path)
+            return chat_format_of_meta(meta, set(meta.get("tokenizer.ggml.tokens") or ()))
+        if path.is_dir():
+            import json
+
+            cfg = path / "tokenizer_config.json"
+            has = (path / "chat_template.jinja").is_file() or (
+                cfg.is_file() and json.loads(cfg.read_text()).get("chat_template") is not None)
+            return "model template" if has else None
+    except Exception:  # status must not fail on a model it does not load: unknown, say nothing
+        return None
+    return None
+
+
 def _identity(name: str, arch: str, args: dict, weights_digest: str, tok, kv_dtype: str,
               context_limit: int, model=None) -> ModelIdentity:
     """With `model`, the per-layer attention comes from the instantiated model and its caches

@@ -126,7 +126,8 @@ class Engine:
             return None
         return ModelInfo(lm.identity.name, lm.identity.fingerprint, str(lm.spec), w.device,
                          w.blas, lm.weights_mode, lm.context_limit,
-                         w.timings.get("model_load", 0.0), lm.identity)
+                         w.timings.get("model_load", 0.0), lm.identity,
+                         chat_format=lm.chat_format, base_model=lm.is_base_model)
 
     def agents(self) -> list[AgentView]:
         return [self._view(a.agent_id) for a in list(self._ws.agents.values())]

@@ -32,6 +32,7 @@ class StatusBar(Horizontal):
         self._memory_label = Label("", id="memory", markup=False)
         self._memory_label.tooltip = "process resident memory · MLX memory active/peak"
         self._path_label = Label(printable(workspace), id="workspace", markup=False)
+        self._base_tag = ""  # "base model · Gemma turns" once a base model is ready
 
     def compose(self) -> ComposeResult:
         yield self._model_label
@@ -50,11 +51,14 @@ class StatusBar(Horizontal):
         _set(self._model_label, f"Loading model: {stage}")
         self._loading_bar.update(progress=max(0.0, min(fraction, 1.0)))
 
-    def ready(self, name: str, device: str, blas: str, dtype: str, context_limit: int) -> None:
+    def ready(self, name: str, device: str, blas: str, dtype: str, context_limit: int,
+              chat_format: str = "") -> None:
         self.phase = "ready"
-        _set(self._model_label, " · ".join(p for p in (name, device, blas) if p))
+        self._base_tag = base_model_tag(chat_format) or self._base_tag
+        _set(self._model_label, " · ".join(p for p in (name, self._base_tag, device, blas) if p))
         window = f", context window {context_limit:,} tokens" if context_limit else ""
-        self._model_label.tooltip = Content(printable(f"weights {dtype}{window}"))
+        turns = f"; {chat_format}: no chat template in the model" if self._base_tag else ""
+        self._model_label.tooltip = Content(printable(f"weights {dtype}{window}{turns}"))
 
     def failed(self, message: str) -> None:
         self.phase = "failed"
@@ -68,6 +72,15 @@ class StatusBar(Horizontal):
              f"RSS {format_bytes(stats.rss_bytes)} · MLX {active}/{format_bytes(stats.mlx_peak_bytes)}")
         if stats.workspace and not self._workspace:
             _set(self._path_label, stats.workspace)
+
+
+def base_model_tag(chat_format: str) -> str:
+    """The status bar's short tag for a base model (no chat template; a built-in turn format):
+    "base model · Gemma turns" / "base model · plain transcript"; "" otherwise."""
+    if "(base model)" not in chat_format:
+        return ""
+    turns = chat_format.replace("(base model)", "").strip()
+    return "base model · " + ("Gemma turns" if turns.startswith("gemma") else turns)
 
 
 def _set(label: Label, text: str) -> None:

@@ -15,7 +15,7 @@ import pytest
 
 from permeant_tui.cli import crossruntime
 from permeant_tui.engine.errors import ContextExhausted, UsxfInvalid
-from permeant_tui.engine.llamacpp import SlidingWindowUnsupported, attach_usxf
+from permeant_tui.engine.llamacpp import attach_usxf
 from permeant_tui.engine.usxf import PROBE_N
 
 CLI = [sys.executable, "-m", "permeant_tui.cli"]
@@ -134,10 +134,62 @@ def test_attach_refuses_a_state_from_another_model(tmp_path, tiny_model):
     assert "n_layers" in str(exc.value)
 
 
-def test_attach_refuses_a_sliding_window_state(tmp_path, tiny_model):
-    """Until llama.cpp's two sub-state (iSWA) layout is built, a state made by a model that
-    applies a sliding window is refused with one line, before any llama.cpp work."""
-    f = _write(tmp_path, dataclasses.replace(tiny_model.identity, sliding_window=64))
-    with pytest.raises(SlidingWindowUnsupported, match="window 64") as exc:
+def test_attach_refuses_a_file_whose_layer_windows_differ(tmp_path):
+    """The file's per-layer windows (USXF 1.1 attention.layers) must be the GGUF's as llama.cpp
+    runs it: a state of sliding layers is refused for a full-attention GGUF, with one line."""
+    from permeant_tui.engine.llamacpp import gguf_identity
+
+    ident, _, windows = gguf_identity(_embedded_gguf())
+    assert windows == [0] * ident.n_layers
+    layers = [{"type": "sliding", "window": 64, "rope": {"base": ident.rope_theta}}] * \
+        ident.n_layers
+    f = _write(tmp_path, dataclasses.replace(ident, attention=json.dumps(layers)))
+    with pytest.raises(UsxfInvalid, match="sliding windows") as exc:
         usxf("attach", f, "--runtime", "llamacpp", "--workspace", tmp_path / "ws")
-    assert "\n" not in str(exc.value) and "not supported" in str(exc.value)
+    assert "\n" not in str(exc.value)
+
+
+# --- Gemma 3 270M: sliding-window layers, llama.cpp's iSWA state, past the 512-token window --
+
+@pytest.fixture(scope="module")
+def gemma_captured(tmp_path_factory):
+    """llama.cpp prefills a ~700-token prompt (past the window) and answers; its state (the
+    SWA cache: the last 512 cells) is written as USXF."""
+    d = tmp_path_factory.mktemp("xrt-gemma")
+    prompt = d / "prompt.txt"
+    prompt.write_text(" ".join(
+        f"Incident note {i}: the payment API returned 502 errors while the connection pool "
+        f"of 20 was exhausted and retries doubled the load." for i in range(24))
+        + " What is the root cause?")
+    out = d / "gemma.usxf"
+    assert usxf("capture", "--runtime", "llamacpp", "--gguf", "gemma3-270m", "--prompt-file",
+                prompt, "-o", out, "--workspace", d / "ws", "--max-tokens", "8",
+                "--threads", "1") == 0
+    return {"ws": d / "ws", "file": out}
+
+
+@pytest.mark.real_model
+def test_gemma_capture_attach_and_import_past_the_window(gemma_captured, capsys):
+    from permeant_tui.engine.usxf import read_usxf
+    from permeant_tui.engine.usxf.keys import WorkspaceKeys
+
+    ws, f = gemma_captured["ws"], gemma_captured["file"]
+    got = read_usxf(f, trusted=WorkspaceKeys(ws / "keys"))
+    n = got.n_tokens
+    kv = got.load_kv()
+    windows = got.identity.layer_windows()
+    assert n > 600 and windows.count(512) == 15
+    assert [k.shape[1] for k in kv.keys] == [min(n, w) if w else n for w in windows]
+    # attached back in llama.cpp, the probe llama.cpp decoded at capture reproduces exactly
+    assert usxf("attach", f, "--runtime", "llamacpp", "--gguf", "gemma3-270m", "--workspace",
+                ws, "--continue", "4", "--threads", "1") == 0
+    out = capsys.readouterr().out
+    assert "16/16 of the exporter's probe tokens reproduced" in out, out
+    # and in MLX: imported (window layers rebuilt as rotating caches) and continued from it
+    r = run("import", f, "--workspace", ws, "--model", "gemma3-270m", "--check-fidelity")
+    assert "imported" in r.stdout
+    assert "fidelity: exact 16/16" in r.stdout or "fidelity: diverged at" in r.stdout
+    chat = run("chat", "captured", "And the fix?", "--workspace", ws, "--model", "gemma3-270m",
+               "--json", "--max-tokens", "2")
+    res = json.loads(chat.stdout)
+    assert res["tokens"]["cached"] >= n  # the captured state was attached, not re-prefilled

@@ -185,3 +185,107 @@ def test_second_start_reads_the_weights_cache(gemma):
     assert again.weights_source == "cache"
     ids = mx.array([gemma.tokenizer.encode("The capital of France is", True)])
     assert mx.array_equal(again.model(ids), gemma.model(ids)).item()
+
+
+LONG_USER = " ".join(
+    f"Log line {i}: request {1000 + i} to the payment API took {40 + i * 7} ms and returned "
+    f"{'502' if i % 3 else '200'}." for i in range(30)) + " Which requests failed, and why?"
+NEXT_USER = "What would you change first?"
+
+
+def _engine(folder, lm, **kw):
+    from permeant_tui.engine.worker import Engine
+
+    engine = Engine(folder, loaded=lm, eager_restore=False, **kw)
+    engine.start()
+    engine.wait_ready(120)
+    return engine
+
+
+def _next_logits(folder, lm, agent_id: str):
+    """Next-token logits of the agent's saved snapshot (verified, attached here)."""
+    import mlx.core as mx
+    import numpy as np
+
+    from permeant_tui.engine import snapshot as snapmod
+    from permeant_tui.engine.workspace import Workspace
+
+    agent = Workspace.open(folder).agent(agent_id)
+    states, _, _ = snapmod.read_snapshot(folder / f"agents/{agent_id}/kv.safetensors",
+                                         lm.identity, agent.expected_ids(lm.tokenizer))
+    nl = lm.tokenizer.encode("\n", add_special_tokens=False)
+    return np.array(lm.model(mx.array([nl]), cache=snapmod.attach(lm.model, states))[0, -1])
+
+
+@needs_gemma
+@pytest.mark.real_model
+def test_gemma_past_the_window_resume_and_import_equal_a_rebuild(gemma, tmp_path):
+    """The real Gemma past its 512-token window: a restart resumes from the snapshot (sliding
+    layers: their window), an exported-then-imported agent continues, and both give the greedy
+    ids and next-token logits of a rebuild (the same conversation prefilled from scratch)."""
+    import shutil
+
+    import numpy as np
+
+    from permeant_tui.engine.usxf.keys import WorkspaceKeys
+
+    a, b, dst = tmp_path / "a", tmp_path / "b", tmp_path / "dst"
+    engine = _engine(a, gemma)
+    try:
+        first = engine.submit_future("technical", LONG_USER, max_tokens=8)[1].result(600)
+    finally:
+        engine.shutdown()
+    assert first.in_cache > 512
+    shutil.copytree(a, b)
+    out = tmp_path / "tech.usxf"
+    engine = _engine(a, gemma)  # a restart: resumes from the snapshot, exports, continues
+    try:
+        engine.export("technical", str(out), fidelity=False).result(600)
+        resumed = engine.submit_future("technical", NEXT_USER, max_tokens=12)[1].result(600)
+    finally:
+        engine.shutdown()
+    engine = _engine(b, gemma, rebuild=True)  # the reference: every token prefilled again
+    try:
+        rebuilt = engine.submit_future("technical", NEXT_USER, max_tokens=12)[1].result(600)
+    finally:
+        engine.shutdown()
+    engine = _engine(dst, gemma)
+    try:
+        keys = WorkspaceKeys(dst / "keys")
+        keys.ensure()
+        keys.trust(WorkspaceKeys(a / "keys").public_key_text)
+        engine.import_usxf(str(out), "technical").result(600)
+        imported = engine.submit_future("technical", NEXT_USER, max_tokens=12)[1].result(600)
+    finally:
+        engine.shutdown()
+    assert (resumed.source, rebuilt.source, imported.source) == ("snapshot", "prefill", "usxf")
+    assert resumed.cached == rebuilt.cached == imported.cached == first.in_cache
+    assert resumed.generated_ids == rebuilt.generated_ids == imported.generated_ids
+    ref = _next_logits(b, gemma, "technical")
+    for folder in (a, dst):
+        d = float(np.abs(_next_logits(folder, gemma, "technical") - ref).max())
+        print(f"\n{folder.name}: max |dlogit| vs rebuild {d:.2e} (logits up to "
+              f"{float(np.abs(ref).max()):.1f})")
+        assert d < 1e-3 * float(np.abs(ref).max()), folder.name
+
+
+@needs_gemma
+@pytest.mark.real_model
+def test_base_model_is_shown(gemma, tmp_path):
+    """ModelInfo, `status` (without loading the model) and the status bar's tag say that Gemma
+    is a base model prompted in Gemma's turn format; SmolLM2 carries its own template."""
+    from permeant_tui.engine.models import chat_format_of
+    from permeant_tui.widgets.status_bar import base_model_tag
+
+    engine = _engine(tmp_path / "ws", gemma)
+    try:
+        info = engine.model_info()
+    finally:
+        engine.shutdown()
+    assert info is not None and info.base_model
+    assert info.chat_format == gemma.chat_format == "gemma turns (base model)"
+    assert chat_format_of("gemma3-270m") == info.chat_format
+    assert chat_format_of(str(gemma.spec)) == info.chat_format  # read from the file's metadata
+    assert chat_format_of(None) == chat_format_of("smollm2") == "gguf template"
+    assert base_model_tag(info.chat_format) == "base model · Gemma turns"
+    assert base_model_tag("gguf template") == ""

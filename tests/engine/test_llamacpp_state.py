@@ -1,5 +1,7 @@
 """llama.cpp sequence-state blobs (issue 6): layout, byte-exact rebuild, restore, negative
-control, and MLX -> llama.cpp KV migration on the embedded SmolLM2 GGUF.
+control, and MLX -> llama.cpp KV migration on the embedded SmolLM2 GGUF; the iSWA (sliding
+window) layout and its layer mapping without llama.cpp (Gemma 3 on the real model:
+test_llamacpp_gemma.py).
 
 These tests need llama-cpp-python (the optional extra `permeant-tui[llamacpp]`, which
 `make test` installs). Without it they FAIL with the install command; they do not skip.
@@ -174,55 +176,125 @@ def test_permute_k_heads_roundtrip():
     np.testing.assert_array_equal(lc.permute_k_heads(h, "half-split", "interleaved"), k)
 
 
-# --- sliding-window models are refused until llama.cpp's two sub-states are built -----------
+# --- sliding-window models: llama.cpp's iSWA state (base cache, then SWA cache) -------------
 
-def test_rotating_mlx_cache_is_refused():
+def _rand(rng, *shape):
+    return rng.standard_normal(shape).astype(np.float32)
+
+
+@pytest.mark.parametrize("v_trans", [True, False])
+@pytest.mark.parametrize("kv_dtype", ["f32", "f16"])
+def test_iswa_build_parse_roundtrip(v_trans, kv_dtype):
+    """Two sub-states, each with its own cells and layers: parse -> build is the identity on
+    bytes, and each sub-state's header facts are read back."""
+    rng = np.random.default_rng(2)
+    hk, d, n, w = 1, 8, 11, 4
+    base = lc.CacheCells(range(n), [_rand(rng, hk, n, d) for _ in range(2)],
+                         [_rand(rng, hk, n, d) for _ in range(2)])
+    swa = lc.CacheCells(range(n - w, n), [_rand(rng, hk, w, d) for _ in range(3)],
+                        [_rand(rng, hk, w, d) for _ in range(3)])
+    blob = lc.build_seq_state_caches([base, swa], kv_dtype=kv_dtype, v_trans=v_trans)
+    info, caches = lc.parse_seq_state_caches(blob, hk, d)
+    assert [(c.n_cells, c.n_layer, c.positions[0]) for c in info.caches] == [(n, 2, 0),
+                                                                           (w, 3, n - w)]
+    assert (info.v_trans, info.kv_dtype, info.n_past, info.nbytes) == (v_trans, kv_dtype, n,
+                                                                       len(blob))
+    assert lc.build_seq_state_caches(caches, kv_dtype=kv_dtype, v_trans=v_trans) == blob
+    size = lc.write_seq_state_caches(CountingWriter(), [base, swa], kv_dtype=kv_dtype,
+                                     v_trans=v_trans)
+    assert size == len(blob)
+    with pytest.raises(SeqStateError, match="trailing"):  # a unified reader stops at one cache
+        parse_seq_state(blob, 2, hk, d)
+    # an empty SWA sub-state is 8 bytes (n_stream, cell_count 0) and still parses
+    empty = lc.build_seq_state_caches([base, lc.CacheCells([], [], [])], kv_dtype=kv_dtype,
+                                      v_trans=v_trans)
+    assert [c.n_cells for c in lc.seq_state_info(empty).caches] == [n, 0]
+
+
+def test_cells_map_model_layers_to_llamacpp_caches():
+    """Layers 0, 1, 3 slide (window 4), 2 and 4 attend fully: llama.cpp's base cache holds
+    layers 2, 4 at every position, its SWA cache layers 0, 1, 3 at the last 4."""
+    rng = np.random.default_rng(3)
+    windows, n, hk, d = [4, 4, 0, 4, 0], 7, 2, 8
+    assert lc.cache_groups(windows) == [[2, 4], [0, 1, 3]]
+    assert lc.cache_groups([0, 0]) == [[0, 1]]
+    ks = [_rand(rng, hk, min(n, w) if w else n, d) for w in windows]
+    vs = [_rand(rng, hk, min(n, w) if w else n, d) for w in windows]
+    layers = lc.layers_from_payload(ks, vs, n)
+    assert [x.start for x in layers] == [3, 3, 0, 3, 0]
+    caches = lc.caches_from_layers(layers, windows)
+    assert list(caches[0].positions) == list(range(7)) and list(caches[1].positions) == [3, 4, 5,
+                                                                                         6]
+    assert caches[1].keys[2] is ks[3] and caches[0].values[1] is vs[4]
+    back = lc.layers_from_caches(caches, windows, hk, d)
+    k2, v2 = lc.payload_from_layers(back, windows, n)
+    for a, b in zip(ks + vs, k2 + v2, strict=True):
+        np.testing.assert_array_equal(a, b)
+    # cells in ring order (llama.cpp reuses SWA cells) come back in position order
+    ring = [2, 3, 0, 1]
+    rot = lc.CacheCells([caches[1].positions[i] for i in ring],
+                        [k[:, ring] for k in caches[1].keys], [v[:, ring] for v in caches[1].values])
+    again = lc.layers_from_caches([caches[0], rot], windows, hk, d)
+    np.testing.assert_array_equal(again[0].keys, ks[0])
+    # attach all but the last token: full layers [0, 6), sliding layers [3, 6)
+    head = lc.before(layers, n - 1)
+    assert [(x.start, x.length) for x in head] == [(3, 3), (3, 3), (0, 6), (3, 3), (0, 6)]
+    # bad input: one line each
+    gap = lc.CacheCells([3, 4, 6, 7], caches[1].keys, caches[1].values)
+    with pytest.raises(SeqStateError, match="not consecutive"):
+        lc.layers_from_caches([caches[0], gap], windows, hk, d)
+    with pytest.raises(SeqStateError, match="need 2"):
+        lc.layers_from_caches(caches[:1], windows, hk, d)
+    with pytest.raises(SeqStateError, match="its window is 4"):
+        lc.caches_from_layers(lc.layers_from_payload(
+            [k if w == 0 else _rand(rng, hk, 5, d) for k, w in zip(ks, windows, strict=True)],
+            [v if w == 0 else _rand(rng, hk, 5, d) for v, w in zip(vs, windows, strict=True)],
+            n), windows)
+    with pytest.raises(SlidingWindowUnsupported, match="different windows") as exc:
+        lc.cache_groups([4, 8, 0])
+    assert "\n" not in str(exc.value)
+
+
+def test_rotating_mlx_cache_gives_its_window():
+    """A sliding (rotating) MLX layer gives its last `window` positions in order; a full layer
+    all of them. A rotating cache that keeps leading tokens is refused with one line."""
     import mlx.core as mx
     from mlx_lm.models.cache import KVCache, RotatingKVCache
 
     full, rot = KVCache(), RotatingKVCache(max_size=4)
-    x = mx.ones((1, 2, 6, 8))
+    x = mx.arange(2 * 6 * 8, dtype=mx.float32).reshape(1, 2, 6, 8)
     full.update_and_fetch(x, x)
     rot.update_and_fetch(x, x)
-    with pytest.raises(SlidingWindowUnsupported, match=r"layer 1, window 4") as exc:
-        lc.kv_from_mlx_cache([full, rot])
+    for i in range(2):  # two decode steps rotate the ring
+        y = mx.full((1, 2, 1, 8), float(100 + i))
+        full.update_and_fetch(y, y)
+        rot.update_and_fetch(y, y)
+    ks, vs = lc.kv_from_mlx_cache([full, rot])
+    assert ks[0].shape == (2, 8, 8) and ks[1].shape == vs[1].shape == (2, 4, 8)
+    np.testing.assert_array_equal(ks[1], ks[0][:, 4:])
+    layers = lc.layers_from_payload(ks, vs, 8)
+    assert [x.start for x in layers] == [0, 4]
+    full, sink = KVCache(), RotatingKVCache(max_size=4, keep=1)
+    full.update_and_fetch(x, x)
+    sink.update_and_fetch(x, x)
+    with pytest.raises(SeqStateError, match="keeps 1 leading") as exc:
+        lc.kv_from_mlx_cache([full, sink])
     assert "\n" not in str(exc.value)
-    from permeant_tui.engine.errors import PermeantError
-
-    assert isinstance(exc.value, PermeantError)
-    ks, vs = lc.kv_from_mlx_cache([full])  # a full-attention cache still goes through
-    assert ks[0].shape == vs[0].shape == (2, 6, 8)
 
 
-def test_model_with_a_rotating_layer_is_refused():
-    from mlx_lm.models.cache import KVCache, RotatingKVCache
-
-    from permeant_tui.engine.llamacpp import bridge
-
-    class SlidingModel:  # what mlx_lm's make_prompt_cache asks of a model
-        def make_cache(self):
-            return [KVCache(), RotatingKVCache(max_size=64), KVCache()]
-
-    class FullModel:
-        def make_cache(self):
-            return [KVCache(), KVCache()]
-
-    with pytest.raises(SlidingWindowUnsupported, match="window 64"):
-        bridge._refuse_sliding_mlx_model(SlidingModel(), "sliding.gguf")
-    bridge._refuse_sliding_mlx_model(FullModel(), "full.gguf")
-
-
-def test_runtime_refuses_to_move_a_sliding_window_state():
-    """A GGUF llama.cpp runs with a window (n_swa > 0) keeps an iSWA cache: its state is
-    neither read nor written (the model itself may still run)."""
+def test_runtime_refuses_a_state_with_the_wrong_caches():
+    """A sliding-window context (n_swa > 0) takes an iSWA state (two caches), a unified one a
+    single cache; anything else is refused before llama.cpp sees it."""
     rt = object.__new__(lc.LlamaCppRuntime)
     rt._ctx = rt._batch = rt._model = None
-    rt.gguf_path, rt.n_swa, rt.recurrent = "gemma.gguf", 512, False
-    with pytest.raises(SlidingWindowUnsupported, match="gemma.gguf"):
-        rt.get_seq_state()
+    rt.gguf_path, rt.n_swa, rt.recurrent, rt.n_ctx = "gemma.gguf", 512, False, 64
+    rt.v_trans, rt.kv_dtype = True, "f16"
     blob = build_seq_state([0], [np.zeros((1, 1, 2))], [np.zeros((1, 1, 2))], v_trans=True)
-    with pytest.raises(SlidingWindowUnsupported):
+    with pytest.raises(SeqStateError, match="holds 1 KV cache"):
         rt.set_seq_state(blob)
+    rt.recurrent = True
+    with pytest.raises(SeqStateError, match="recurrent"):
+        rt.get_seq_state()
 
 
 # --- real llama.cpp -------------------------------------------------------------------------

@@ -6,8 +6,10 @@ The first continued token's logits: a llama.cpp sequence state holds KV cells, n
 We attach the KV of all tokens but the last and replay the last one with a one-token decode
 (what llama-server does with a cached prompt); see docs/USXF.md.
 
-Sliding-window models are refused (`SlidingWindowUnsupported`) on every path: llama.cpp keeps
-their state as two sub-states that the codec does not build yet.
+Sliding-window models (Gemma 3) move too: the engine and USXF 1.1 keep a sliding layer's last
+window, llama.cpp's iSWA cache keeps the same cells in its SWA sub-state (cells.py maps one to
+the other). K goes in the RoPE layout llama.cpp uses for the GGUF's architecture, which is the
+layout the engine's GGUF loader runs the model with (the target identity's `rope_layout`).
 """
 
 from __future__ import annotations
@@ -20,11 +22,11 @@ from pathlib import Path
 import numpy as np
 
 from ..errors import ContextExhausted, ModelLoadError, PermeantError, UsxfInvalid
+from .cells import before, layers_from_caches, layers_from_payload, payload_from_layers
 from .codec import (
     SeqStateError,
-    SlidingWindowUnsupported,
     build_seq_state,
-    parse_seq_state,
+    parse_seq_state_caches,
     permute_k_heads,
 )
 from .runtime import LlamaCppRuntime
@@ -40,25 +42,17 @@ _MATCH = ("architecture", "n_layers", "n_heads", "n_kv_heads", "head_dim", "hidd
 
 def kv_from_mlx_cache(cache) -> tuple[list[np.ndarray], list[np.ndarray]]:
     """An mlx_lm prompt cache (list of per-layer caches, batch 1) -> per-layer float32 numpy K
-    and V shaped (n_kv_heads, offset, head_dim), ready for `build_seq_state`, through
-    `kvcache.kv_arrays`. Only full-attention layers: a sliding-window layer raises
-    `SlidingWindowUnsupported` (llama.cpp's iSWA attach comes with the GGUF work), any other
-    kind `SeqStateError`, before anything is copied."""
-    from .. import kvcache
+    and V shaped (n_kv_heads, L_i, head_dim) through `kvlayers.logical_kv`: L_i = offset on a
+    full layer, its last min(offset, window) positions on a sliding one (`cells.
+    layers_from_payload` gives their starts). A quantized KV cache, or a sliding layer that
+    keeps leading tokens, raises SeqStateError before anything is copied."""
+    from .. import kvcache, kvlayers
 
-    specs = []
-    for i, c in enumerate(cache):
-        try:
-            spec = kvcache.spec_of(c)
-        except kvcache.UnsupportedModel:
-            spec = None
-        if spec is not None and spec.kind == kvcache.SLIDING:
-            raise SlidingWindowUnsupported(f"the MLX cache (layer {i}, window {spec.window})")
-        if spec is None or spec.kind != kvcache.FULL:
-            raise SeqStateError(f"the MLX cache's layer {i} is a {type(c).__name__}; only "
-                                f"full-attention KV caches move to llama.cpp")
-        specs.append(spec)
-    ks, vs, dtype = kvcache.kv_arrays(cache, kvcache.cache_offset(cache))
+    try:
+        ks, vs, dtype = kvlayers.logical_kv(cache, kvcache.cache_offset(cache))
+    except (kvcache.CacheLayoutError, kvcache.CacheRewindError,
+            kvcache.UnsupportedModel) as exc:
+        raise SeqStateError(f"the MLX cache cannot move to llama.cpp: {exc}") from None
     return [_as_f32(k, dtype) for k in ks], [_as_f32(v, dtype) for v in vs]
 
 
@@ -68,21 +62,13 @@ def _as_f32(a: np.ndarray, dtype: str) -> np.ndarray:
     return a.astype(np.float32, copy=False)
 
 
-def _refuse_sliding_mlx_model(model, what: str) -> None:
-    """Refuse a model for which mlx-lm makes any rotating (sliding-window) layer cache."""
-    from .. import kvcache
-
-    for i, spec in enumerate(kvcache.layer_specs(model)):
-        if spec.kind == kvcache.SLIDING:
-            raise SlidingWindowUnsupported(f"{what} (layer {i}, window {spec.window})")
-
-
 # --- identity -------------------------------------------------------------------------------
 
 def gguf_identity(gguf: Path, digest_cache: Path | None = None):
     """The ModelIdentity fields of a GGUF that do not need an MLX model (kv_dtype='float32'),
-    and its tokenizer."""
+    its tokenizer, and each layer's sliding window (0: full attention) as llama.cpp runs it."""
     from ..gguf import model_args, read_gguf
+    from ..gguf_arch import layer_windows
     from ..gguf_tokenizer import tokenizer_from_gguf
     from ..identity import file_digest
     from ..models import _identity
@@ -90,9 +76,10 @@ def gguf_identity(gguf: Path, digest_cache: Path | None = None):
     _, meta = read_gguf(gguf)
     args = model_args(meta, gguf)
     tok = tokenizer_from_gguf(meta, gguf)
-    return _identity(str(meta.get("general.name") or gguf.stem), str(meta["general.architecture"]),
-                     args, file_digest(gguf, digest_cache), tok, "float32",
-                     int(args["max_position_embeddings"])), tok
+    ident = _identity(str(meta.get("general.name") or gguf.stem),
+                      str(meta["general.architecture"]), args, file_digest(gguf, digest_cache),
+                      tok, "float32", int(args["max_position_embeddings"]))
+    return ident, tok, layer_windows(args)
 
 
 def check_identity(file_identity, target_identity, path: str) -> None:
@@ -103,10 +90,12 @@ def check_identity(file_identity, target_identity, path: str) -> None:
                                       f"{getattr(target_identity, f)!r}" for f in diff), path)
 
 
-def refuse_sliding_identity(identity, what: str) -> None:
-    """A non-zero `sliding_window` in an identity: a window the model applies."""
-    if identity.sliding_window:
-        raise SlidingWindowUnsupported(f"{what} (window {identity.sliding_window})")
+def check_windows(file_identity, windows: list[int], path: str) -> None:
+    """The file's per-layer windows (USXF 1.1 `attention.layers`) must be llama.cpp's."""
+    mine = file_identity.layer_windows()
+    if mine != windows:
+        raise UsxfInvalid("model-identity", f"the file's per-layer sliding windows {mine} are "
+                          f"not the GGUF's {windows}", path)
 
 
 # --- warm-start cost model ------------------------------------------------------------------
@@ -132,6 +121,16 @@ class CostModel:
         return ("attach" if a <= p else "re-prefill"), a, p
 
 
+def synthetic_blob(rt: LlamaCppRuntime, n: int) -> bytearray:
+    """A zero state of n tokens for this context (a sliding layer holds its window)."""
+    if rt.layer_windows is None:
+        kv = [np.zeros((rt.n_kv_heads, n, rt.head_dim), np.float32)] * rt.n_layers
+        return build_seq_state(range(n), kv, kv, kv_dtype=rt.kv_dtype, v_trans=rt.v_trans)
+    kv = [np.zeros((rt.n_kv_heads, min(n, w) if w else n, rt.head_dim), np.float32)
+          for w in rt.layer_windows]
+    return rt.state_blob(layers_from_payload(kv, kv, n))
+
+
 def calibrate(rt: LlamaCppRuntime, cache_file: Path | None) -> CostModel:
     """Measured once per GGUF and machine (cached): prefill 64 and 320 tokens, attach a
     synthetic 256-token state."""
@@ -148,9 +147,7 @@ def calibrate(rt: LlamaCppRuntime, cache_file: Path | None) -> CostModel:
         times[n] = time.perf_counter() - t
     tok_s = (320 - 64) / max(times[320] - times[64], 1e-6)
     fixed = max(times[64] - 64 / tok_s, 0.0)
-    shape = (rt.n_kv_heads, 256, rt.head_dim)
-    kv = [np.zeros(shape, np.float32) for _ in range(rt.n_layers)]
-    blob = build_seq_state(list(range(256)), kv, kv, kv_dtype=rt.kv_dtype, v_trans=rt.v_trans)
+    blob = synthetic_blob(rt, 256)
     t = time.perf_counter()
     rt.set_seq_state(blob)
     attach_s = time.perf_counter() - t
@@ -207,9 +204,9 @@ def attach_usxf(path: str | Path, gguf: Path, n_continue: int, trusted, *, threa
     t0 = time.perf_counter()
     f = read_usxf(path, trusted=trusted)
     verify_s = time.perf_counter() - t0
-    refuse_sliding_identity(f.identity, f"the model of {path}")
-    target, tok = gguf_identity(gguf, cache_folder / "digests")
+    target, tok, windows = gguf_identity(gguf, cache_folder / "digests")
     check_identity(f.identity, target, str(path))
+    check_windows(f.identity, windows, str(path))
     ids = list(f.token_ids)
     n = len(ids)
     limit = target.context_limit
@@ -220,7 +217,7 @@ def attach_usxf(path: str | Path, gguf: Path, n_continue: int, trusted, *, threa
     try:
         rt = LlamaCppRuntime(str(gguf), n_ctx=min(limit, max(n + max(n_continue, probe_len) + 64,
                                                               512)),
-                             kv_dtype="f32", n_threads=threads)
+                             kv_dtype="f32", n_threads=threads, layer_windows=windows)
     except ImportError as exc:
         raise ModelLoadError(f"llama.cpp runtime unavailable: {exc}") from None
     with rt:
@@ -230,19 +227,19 @@ def attach_usxf(path: str | Path, gguf: Path, n_continue: int, trusted, *, threa
         kv = f.load_kv()
         keys = [np.asarray(k, np.float32) for k in kv.keys]
         values = [np.asarray(v, np.float32) for v in kv.values]
-        if f.identity.rope_layout != "interleaved":  # llama.cpp's llama GGUF K is interleaved
-            keys = [permute_k_heads(k, f.identity.rope_layout, "interleaved") for k in keys]
+        if f.identity.rope_layout != target.rope_layout:  # llama.cpp's layout for the arch
+            keys = [permute_k_heads(k, f.identity.rope_layout, target.rope_layout)
+                    for k in keys]
+        layers = layers_from_payload(keys, values, n)
         m = n - 1
-        blob = build_seq_state(list(range(m)), [k[:, :m] for k in keys],
-                               [v[:, :m] for v in values], kv_dtype=rt.kv_dtype,
-                               v_trans=rt.v_trans)
+        blob = rt.state_blob(before(layers, m))
         rt.set_seq_state(blob, ids[:m])
         attach_s = time.perf_counter() - t
         decision, est_a, est_p = cm.decide(n, len(blob))
         got = rt.greedy(n_continue, from_ids_tail=ids[-1:])
         probe = None
         if fid is not None and fid.n:
-            rt.attach_kv(list(range(n)), keys, values, ids)
+            rt.attach_layers(layers, ids)
             mine = rt.greedy(fid.n, from_ids_tail=fid.probe_prompt_ids)
             k = next((i for i, (a, b) in enumerate(zip(mine, fid.expected_ids, strict=False))
                       if a != b), fid.n)
@@ -278,8 +275,7 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
 
     lm = load_model(str(gguf))  # the identity MLX will check on import (and its tokenizer)
     ident = lm.identity
-    refuse_sliding_identity(ident, str(gguf))
-    _refuse_sliding_mlx_model(lm.model, str(gguf))
+    windows = ident.layer_windows()
     tok = lm.tokenizer
     agent = Agent(agent_id, "technical", agent_id.capitalize(), system)
     ids = agent.prompt_ids(tok, prompt)
@@ -287,7 +283,7 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
         raise ContextExhausted(0, len(ids), max_tokens, ident.context_limit)
     try:
         rt = LlamaCppRuntime(str(gguf), n_ctx=len(ids) + max_tokens + 64 + PROBE_N, kv_dtype="f32",
-                             n_threads=threads)
+                             n_threads=threads, layer_windows=windows)
     except ImportError as exc:
         raise ModelLoadError(f"llama.cpp runtime unavailable: {exc}") from None
     with rt:
@@ -304,10 +300,13 @@ def capture_usxf(gguf: Path, prompt: str, out_path: Path, keys, *, system: str, 
                 break
         state_ids = ids + gen
         blob = rt.get_seq_state()
-        positions, kk, vv = parse_seq_state(blob, ident.n_layers, ident.n_kv_heads,
-                                            ident.head_dim)
-        if list(positions) != list(range(len(state_ids))):
-            raise PermeantError("llama.cpp's sequence state does not hold the positions expected")
+        _, caches = parse_seq_state_caches(blob, ident.n_kv_heads, ident.head_dim)
+        try:
+            layers = layers_from_caches(caches, windows, ident.n_kv_heads, ident.head_dim)
+            kk, vv = payload_from_layers(layers, windows, len(state_ids))
+        except SeqStateError as exc:
+            raise PermeantError(f"llama.cpp's sequence state does not hold the positions "
+                                f"expected: {exc}") from None
         probe_ids = tok.encode(PROBE_SUFFIX)
         expected = rt.greedy(PROBE_N, from_ids_tail=probe_ids)
         capture_s = time.perf_counter() - t

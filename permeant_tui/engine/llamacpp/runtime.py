@@ -19,11 +19,12 @@ from collections.abc import Sequence
 
 import numpy as np
 
+from .cells import LayerKV, caches_from_layers
 from .codec import (
     KV_TYPES,
     SeqStateError,
-    SlidingWindowUnsupported,
     build_seq_state,
+    build_seq_state_caches,
     seq_state_info,
 )
 
@@ -58,10 +59,17 @@ class LlamaCppRuntime:
     Every `prefill` and `set_seq_state` starts from a fresh context, so nothing (no prompt
     cache, no earlier cells) survives from a previous use. flash_attn=False (the default of
     llama-cpp-python's Llama) gives v_trans=True; the KV element type is `kv_dtype` (f32 by
-    default here, so KV migrated from a float32 runtime is not rounded)."""
+    default here, so KV migrated from a float32 runtime is not rounded).
+
+    A sliding-window model (n_swa > 0: Gemma 3) runs with llama.cpp's iSWA cache, whose state
+    has two sub-states (codec.py); `layer_windows` (each layer's window, 0 for full attention,
+    as `ModelIdentity.layer_windows()` or `gguf_arch.layer_windows` give it) says which layer
+    is in which, for `attach_layers`. `swa_full` is llama.cpp's own default (True: the SWA
+    cache has n_ctx cells); either way the state holds the window only."""
 
     def __init__(self, gguf_path: str, n_ctx: int = 4096, kv_dtype: str = "f32",
                  n_threads: int = 2, *, flash_attn: bool = False, n_batch: int = 512,
+                 layer_windows: Sequence[int] | None = None, swa_full: bool | None = None,
                  verbose: bool = False):
         if kv_dtype not in KV_TYPES:
             raise ValueError(f"kv_dtype must be one of {sorted(KV_TYPES)}, got {kv_dtype!r}")
@@ -80,6 +88,7 @@ class LlamaCppRuntime:
         self.flash_attn = bool(flash_attn)
         self.v_trans = not self.flash_attn
         self.n_batch = int(n_batch)
+        self.swa_full = swa_full
         L.llama_backend_init()
         mp = L.llama_model_default_params()
         self._model = L.llama_model_load_from_file(self.gguf_path.encode(), mp)
@@ -92,9 +101,16 @@ class LlamaCppRuntime:
         self.n_kv_heads = int(L.llama_model_n_head_kv(self._model))
         self.head_dim = int(self._meta_int("attention.key_length")
                             or L.llama_model_n_embd(self._model) // n_head)
-        # sliding window (0: none): llama.cpp then keeps an iSWA cache whose state the codec
-        # does not read or write; running the model is fine, moving its state is refused
+        # sliding window (0: none): llama.cpp then keeps an iSWA cache (two sub-states)
         self.n_swa = int(L.llama_model_n_swa(self._model))
+        if layer_windows is not None and len(layer_windows) != self.n_layers:
+            raise ValueError(f"{len(layer_windows)} layer windows for {self.n_layers} layers")
+        if layer_windows is not None and any(w not in (0, self.n_swa) for w in layer_windows):
+            raise SeqStateError(f"layer windows {sorted(set(layer_windows))} do not match "
+                                f"llama.cpp's window {self.n_swa}")
+        if layer_windows is None and self.n_swa == 0:
+            layer_windows = [0] * self.n_layers
+        self.layer_windows = list(layer_windows) if layer_windows is not None else None
         self.recurrent = any(bool(getattr(L, f)(self._model)) for f in
                              ("llama_model_is_recurrent", "llama_model_is_hybrid")
                              if hasattr(L, f))
@@ -162,6 +178,8 @@ class LlamaCppRuntime:
         cp.type_k = KV_TYPES[self.kv_dtype]
         cp.type_v = KV_TYPES[self.kv_dtype]
         cp.no_perf = True
+        if self.swa_full is not None:
+            cp.swa_full = self.swa_full
         self._ctx = L.llama_init_from_model(self._model, cp)
         if not self._ctx:
             raise RuntimeError("llama.cpp could not create a context")
@@ -229,10 +247,8 @@ class LlamaCppRuntime:
 
     # -- state --
     def check_state_supported(self) -> None:
-        """Raise unless this model's sequence state has the layout the codec reads and writes."""
-        if self.n_swa:
-            raise SlidingWindowUnsupported(f"{os.path.basename(self.gguf_path)} (window "
-                                           f"{self.n_swa})")
+        """Raise unless this model's sequence state has the layout the codec reads and writes
+        (a unified or an iSWA KV cache; not a recurrent or hybrid memory)."""
         if self.recurrent:
             raise SeqStateError(f"{os.path.basename(self.gguf_path)} keeps recurrent state; "
                                 f"its llama.cpp state cannot be moved yet")
@@ -264,14 +280,19 @@ class LlamaCppRuntime:
         The position continues after the highest cell position; `token_ids` (optional, for
         bookkeeping) are the tokens the cells hold."""
         self.check_state_supported()
-        L = self._L
         info = seq_state_info(blob)
-        if info.n_cells and (info.v_trans != self.v_trans or info.kv_dtype != self.kv_dtype):
+        n_cells = max(c.n_cells for c in info.caches)
+        if n_cells and (info.v_trans != self.v_trans or info.kv_dtype != self.kv_dtype):
             raise SeqStateError(
                 f"blob is {info.kv_dtype} v_trans={info.v_trans}; this context is "
                 f"{self.kv_dtype} v_trans={self.v_trans}")
-        if info.n_cells > self.n_ctx:
-            raise SeqStateError(f"{info.n_cells} cells exceed n_ctx {self.n_ctx}")
+        if n_cells > self.n_ctx:
+            raise SeqStateError(f"{n_cells} cells exceed n_ctx {self.n_ctx}")
+        want = 2 if self.n_swa else 1
+        if len(info.caches) != want:
+            raise SeqStateError(f"the state holds {len(info.caches)} KV cache(s); this model's "
+                                f"llama.cpp context has {want}")
+        L = self._L
         if fresh:
             self.reset()
         else:
@@ -280,7 +301,7 @@ class LlamaCppRuntime:
         if n == 0:
             self.reset()
             raise SeqStateError("llama.cpp refused the sequence state (see its log)")
-        self.n_past = (max(info.positions) + 1) if info.positions else 0
+        self.n_past = info.n_past
         self.tokens = list(token_ids) if token_ids is not None else []
         return int(n)
 
@@ -291,6 +312,20 @@ class LlamaCppRuntime:
         blob = build_seq_state(positions, keys, values, kv_dtype=self.kv_dtype,
                                v_trans=self.v_trans)
         return self.set_seq_state(blob, token_ids, fresh=fresh)
+
+    def state_blob(self, layers: Sequence[LayerKV]) -> bytearray:
+        """A blob for this context from per-layer K/V (`cells.LayerKV`: a sliding layer holds
+        its window), with this context's dtype, V layout and KV caches."""
+        if self.layer_windows is None:
+            raise SeqStateError(f"{os.path.basename(self.gguf_path)} has sliding-window layers: "
+                                f"pass layer_windows to say which")
+        return build_seq_state_caches(caches_from_layers(layers, self.layer_windows),
+                                      kv_dtype=self.kv_dtype, v_trans=self.v_trans)
+
+    def attach_layers(self, layers: Sequence[LayerKV], token_ids: Sequence[int] | None = None,
+                      *, fresh: bool = True) -> int:
+        """`state_blob(layers)` set into a fresh (default) or cleared context."""
+        return self.set_seq_state(self.state_blob(layers), token_ids, fresh=fresh)
 
     def save_state(self) -> bytes:
         """llama.cpp's own whole-context state (llama_state_get_data), for timing baselines."""
