@@ -130,6 +130,19 @@ def test_round_trip_and_incremental_saves(saved, tiny_model, tok):
     assert info3.new_blocks == 0 and info3.written == path.stat().st_size
 
 
+def test_a_whole_number_of_blocks_leaves_an_empty_tail(saved, tiny_model):
+    path, ids, agent, _ = saved
+    n = (len(ids) // B) * B
+    info = write_snapshot(path, agent.cache, ids[:n], tiny_model.identity, "technical")
+    assert info.blocks == n // B and info.new_blocks == 0
+    with mx.stream(mx.cpu):
+        assert mx.load(str(path))["k.0"].shape[2] == 0
+    live = kvcache.copy_cache(agent.cache)
+    kvcache.rewind(live, len(ids) - n)
+    cache = restore(tiny_model, path, ids[:n])
+    assert np.array_equal(logits(tiny_model, cache), logits(tiny_model, live))
+
+
 def test_rewind_into_a_block_rewrites_it(saved, tiny_model, tok):
     """Positions a rewind gave back are never taken from the blocks saved before it."""
     path, ids, agent, _ = saved
