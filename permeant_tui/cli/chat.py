@@ -93,7 +93,7 @@ def status(args: argparse.Namespace) -> int:
         snap = ws.snapshot_path(a.agent_id)
         agents.append({
             "id": a.agent_id, "role": a.role, "turns": len(a.turns), "tokens": a.tokens_on_disk,
-            "bytes": snap.stat().st_size if snap.exists() else 0,
+            "bytes": a.bytes_on_disk if snap.exists() else 0,  # manifest and its KV blocks
             "resident": False,  # a status process holds no caches; the TUI shows live residency
             "snapshot": str(snap) if snap.exists() else None,
             "last_used": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(a.last_used))
