@@ -72,6 +72,13 @@ def block_name(chain: bytes, content: bytes) -> str:
     return f"{chain.hex()}-{content.hex()}"
 
 
+def block_rows(streams: list, j: int, block_tokens: int) -> list:
+    """Block j's payload as C-contiguous row groups of numpy arrays [1, heads, L, dim]: for each
+    stream, for each KV head, its [B, dim] rows (views, no copy)."""
+    a, b = j * block_tokens, (j + 1) * block_tokens
+    return [s[0, h, a:b] for s in streams for h in range(s.shape[1])]
+
+
 def _chunks(bufs: list, n: int = _IOV_MAX):
     for i in range(0, len(bufs), n):
         yield bufs[i:i + n]
@@ -120,6 +127,28 @@ class BlockStore:
             tmp.unlink(missing_ok=True)
             raise
         return HEADER_SIZE + payload
+
+    def write_all(self, streams: list, chain: list[bytes], block_tokens: int,
+                  known: tuple = (), clean: int = 0) -> tuple[list[str], int, int]:
+        """Name every whole block of `streams` (numpy [1, heads, T, dim], T >= len(chain) * B)
+        and write those the store lacks; `known[j]` is taken without reading the rows when it
+        chains the same prefix, lies within the first `clean` positions and is in the store.
+        Fsyncs the folder when it wrote any. -> (names, bytes written, blocks written)."""
+        names, written, new = [], 0, 0
+        for j, h in enumerate(chain):
+            old = known[j] if j < len(known) and (j + 1) * block_tokens <= clean else ""
+            if isinstance(old, str) and old.startswith(h.hex()) and self.has(old):
+                names.append(old)
+                continue
+            rows = block_rows(streams, j, block_tokens)
+            name = block_name(h, content_hash(rows))
+            if not self.has(name):
+                written += self.write(name, block_tokens, rows)
+                new += 1
+            names.append(name)
+        if new:
+            self.sync()
+        return names, written, new
 
     def sync(self) -> None:
         fsync_dir(self.folder)

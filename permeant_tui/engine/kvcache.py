@@ -314,10 +314,9 @@ def _fresh(a):
 
 
 def layer_from_state(st: LayerState, base: tuple | None = None):
-    """An mlx-lm cache object holding `st` exactly (through the class's own from_state).
-    `base` (full and quantized layers): (K, V) buffers whose first `offset` positions hold
-    `st`'s keys and values and whose remaining positions are room for the next tokens, so the
-    first update after a restore writes in place instead of growing (copying) the whole K/V."""
+    """An mlx-lm cache object holding `st` exactly (through the class's own from_state). `base`
+    (full, quantized): (K, V) buffers holding `st` first, then room: the next update writes in
+    place instead of growing (copying) the whole K/V."""
     c = _cls()
     if st.kind == FULL:
         if st.offset == 0 or st.keys is None:
@@ -372,9 +371,9 @@ def validate_state(st: LayerState, spec: LayerSpec, n: int, i: int) -> None:
 
 def cache_from_layer_states(model, states: list[LayerState],
                             bases: list[tuple | None] | None = None) -> list:
-    """A cache for `model` holding `states` (as read from a snapshot). Checks every layer against
-    the model's own layout first; raises CacheLayoutError. `bases`: per layer, None or the
-    (K, V) buffers with room beyond the state (see layer_from_state)."""
+    """A cache for `model` holding `states` (as read from a snapshot; `bases`: per layer None or
+    buffers with room, see layer_from_state). Checks every layer against the model's own layout
+    first; raises CacheLayoutError."""
     specs = layer_specs(model)
     if len(states) != len(specs):
         raise CacheLayoutError(f"{len(states)} layer states for a model of {len(specs)} layers")

@@ -40,7 +40,7 @@ import xxhash
 
 from . import kvcache
 from .atomic import commit_file, fsync_dir, temp_path
-from .blockstore import HEADER_SIZE, BlockStore, block_name, chain_hashes, content_hash
+from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 
@@ -152,37 +152,14 @@ def _split(states: list, identity: ModelIdentity, cut: int):
     return named, metas, ordered, streams
 
 
-def _block_rows(streams: list, j: int, block_tokens: int) -> list:
-    """Block j's payload as C-contiguous row groups: for each stream, for each KV head, its
-    [B, head_dim] rows (numpy views, no copy)."""
-    a, b = j * block_tokens, (j + 1) * block_tokens
-    return [s[0, h, a:b] for s in streams for h in range(s.shape[1])]
-
-
 def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
                   streams: list, block_tokens: int) -> tuple[list[str], int, int]:
-    """Name every whole block of `ids` and write those the store lacks. Blocks this cache was
-    read from or last saved as, and has not rewound into since, are not re-read.
-    -> (names, bytes written, blocks written)."""
-    chain = chain_hashes(ids, identity.fingerprint, block_tokens)
+    """Blocks this cache was read from or last saved as, and has not rewound into since, are
+    not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
     clean, tag = kvcache.persisted(cache)
-    known = tag if isinstance(tag, tuple) else ()
-    views = [_np(s) for s in streams]
-    names, written, new = [], 0, 0
-    for j, h in enumerate(chain):
-        old = known[j] if j < len(known) and (j + 1) * block_tokens <= clean else ""
-        if old.startswith(h.hex()) and store.has(old):
-            names.append(old)
-            continue
-        rows = _block_rows(views, j, block_tokens)
-        name = block_name(h, content_hash(rows))
-        if not store.has(name):
-            written += store.write(name, block_tokens, rows)
-            new += 1
-        names.append(name)
-    if new:
-        store.sync()
-    return names, written, new
+    return store.write_all([_np(s) for s in streams],
+                           chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
+                           tag if isinstance(tag, tuple) else (), clean)
 
 
 def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
@@ -407,7 +384,7 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
             raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
         v[:, :, cut:n, :] = _np(t)
     for j, name in enumerate(names):
-        store.read_into(name, block_tokens, _block_rows(views, j, block_tokens))
+        store.read_into(name, block_tokens, block_rows(views, j, block_tokens))
     out, bases = list(groups), [None] * len(groups)
     pos = 0
     for i in which:
