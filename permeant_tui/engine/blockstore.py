@@ -74,9 +74,11 @@ def block_name(chain: bytes, content: bytes) -> str:
 
 def block_rows(streams: list, j: int, block_tokens: int) -> list:
     """Block j's payload as C-contiguous row groups of numpy arrays [1, heads, L, dim]: for each
-    stream, for each KV head, its [B, dim] rows (views, no copy)."""
+    stream, for each KV head, its [B, dim] rows (views, no copy, when the rows are contiguous in
+    the stream; a cache can hold a transposed view, e.g. after one whole-buffer update, and
+    its rows are then copied)."""
     a, b = j * block_tokens, (j + 1) * block_tokens
-    return [s[0, h, a:b] for s in streams for h in range(s.shape[1])]
+    return [np.ascontiguousarray(s[0, h, a:b]) for s in streams for h in range(s.shape[1])]
 
 
 def _chunks(bufs: list, n: int = _IOV_MAX):

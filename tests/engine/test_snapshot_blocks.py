@@ -143,6 +143,29 @@ def test_a_whole_number_of_blocks_leaves_an_empty_tail(saved, tiny_model):
     assert np.array_equal(logits(tiny_model, cache), logits(tiny_model, live))
 
 
+def test_a_cache_holding_transposed_kv_saves_and_restores(tmp_path, tiny_model, tok):
+    """One update that fills mlx-lm's whole buffer (a 512-token prefill chunk on the engine's CPU
+    path) can leave the cache holding the projection's transposed view [1, T, H, D] -> [1, H,
+    T, D], whose per-head rows are not contiguous. Built here directly from such views."""
+    ids = (tok.encode(TEXT) * 2)[:512]
+    agent = built(tiny_model, ids)
+
+    def transposed(x):
+        t = mx.array(np.ascontiguousarray(np.array(x).transpose(0, 2, 1, 3)))
+        return mx.transpose(t, (0, 2, 1, 3))
+
+    states = [kvcache.LayerState(kvcache.FULL, transposed(st.keys), transposed(st.values), 512)
+              for st in kvcache.layer_states(agent.cache)]
+    cache = kvcache.cache_from_layer_states(tiny_model.model, states)
+    kvcache.eval_cache(cache)
+    k = np.array(kvcache.layer_states(cache)[0].keys, copy=False)
+    assert not k[0, 0].flags.c_contiguous  # the case this test is about
+    path = tmp_path / "agents/technical/kv.safetensors"
+    write_snapshot(path, cache, ids, tiny_model.identity, "technical")
+    back = restore(tiny_model, path, ids)
+    assert np.array_equal(logits(tiny_model, back), logits(tiny_model, agent.cache))
+
+
 def test_rewind_into_a_block_rewrites_it(saved, tiny_model, tok):
     """Positions a rewind gave back are never taken from the blocks saved before it."""
     path, ids, agent, _ = saved
