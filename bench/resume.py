@@ -10,8 +10,10 @@ The last section (bench/resume_sliding.py) adds a sliding-window model: a Gemma-
 past its window against the same shape with every layer full attention.
 
 Every figure is measured in this run, on the embedded SmolLM2-135M-Instruct. "cold" means the
-file's pages were dropped from the page cache first (posix_fadvise DONTNEED after fsync), which
-approximates a first read after a reboot; "warm" is a second read of a file just written.
+files' pages were dropped from the page cache first (posix_fadvise DONTNEED after fsync), which
+approximates a first read after a reboot; "warm" is a second read of files just written. A
+"plain read" reads the snapshot's files (manifest and blocks) into one reused buffer, faulted in
+beforehand: the cost of the bytes alone. bench/resume_incremental.py adds the incremental saves.
 """
 
 from __future__ import annotations
@@ -78,22 +80,8 @@ def drop_cache(path: Path) -> bool:
     return True
 
 
-def plain_read_ms(path: Path) -> float:
-    size = path.stat().st_size
-    buf = bytearray(size)
-    view = memoryview(buf)
-    t = time.perf_counter()
-    fd = os.open(path, os.O_RDONLY)
-    try:
-        got = 0
-        while got < size:
-            n = os.readv(fd, [view[got:]])
-            if n == 0:
-                break
-            got += n
-    finally:
-        os.close(fd)
-    return (time.perf_counter() - t) * 1000
+def load_avg() -> str:
+    return " ".join(f"{x:.2f}" for x in os.getloadavg())
 
 
 def timed(fn, repeats: int) -> float:
@@ -105,9 +93,21 @@ def timed(fn, repeats: int) -> float:
     return statistics.median(out)
 
 
+def timed_with(fn, setup, repeats: int) -> float:
+    """Median ms of fn, each run after an untimed setup()."""
+    out = []
+    for _ in range(repeats):
+        setup()
+        t = time.perf_counter()
+        fn()
+        out.append((time.perf_counter() - t) * 1000)
+    return statistics.median(out)
+
+
 def measure_context(lm, n: int, folder: Path, repeats: int) -> dict:
     import mlx.core as mx
     from mlx_lm.models.cache import load_prompt_cache, save_prompt_cache, trim_prompt_cache
+    from resume_incremental import PlainReader, fresh, snapshot_files
 
     from permeant_tui.engine.agent import DEFAULT_AGENTS, Agent
     from permeant_tui.engine.generation import prefill
@@ -123,9 +123,12 @@ def measure_context(lm, n: int, folder: Path, repeats: int) -> dict:
     prefill(lm.model, live, ids)
     prefill_ms = (time.perf_counter() - t) * 1000
 
-    path = folder / f"kv-{n}.safetensors"
-    save_ms = timed(lambda: write_snapshot(path, live.cache, ids, lm.identity, "bench"), repeats)
-    size = path.stat().st_size
+    path = folder / f"ws-{n}/agents/bench/kv.safetensors"
+    save_ms = timed_with(lambda: write_snapshot(path, live.cache, ids, lm.identity, "bench"),
+                         lambda: fresh(path, live.cache), repeats)  # a first save: every block
+    files = snapshot_files(path)
+    size = sum(p.stat().st_size for p in files)
+    reader = PlainReader(size)
 
     def restore():
         pairs, _, _ = read_snapshot(path, lm.identity, ids)
@@ -136,10 +139,12 @@ def measure_context(lm, n: int, folder: Path, repeats: int) -> dict:
     pairs, _, _ = read_snapshot(path, lm.identity, ids)
     flat = [a for kv in pairs for a in kv]
     checksum_ms = timed(lambda: _tensor_checksum(flat), repeats)
-    read_ms = timed(lambda: plain_read_ms(path), repeats)
-    cold = drop_cache(path)
+    read_ms = timed(lambda: reader.read(files), repeats)
+    la = load_avg()
+    cold = all([drop_cache(p) for p in files])
     cold_restore_ms = timed(restore, 1) if cold else None
-    cold_read_ms = (drop_cache(path), plain_read_ms(path))[1] if cold else None
+    cold_read_ms = ([drop_cache(p) for p in files], timed(lambda: reader.read(files), 1))[1] \
+        if cold else None
 
     # The restored state continues exactly like the live one: next-token logits compared.
     restored = restore()
@@ -168,7 +173,7 @@ def measure_context(lm, n: int, folder: Path, repeats: int) -> dict:
         "cold_read_ms": cold_read_ms, "restore_mb_s": mb / (restore_ms / 1000),
         "read_mb_s": mb / (read_ms / 1000), "mlx_lm_save_ms": mlx_save_ms,
         "mlx_lm_load_ms": mlx_load_ms, "logits_identical": identical, "max_logit_diff": max_diff,
-        "live": live, "ids": ids, "agent": agent, "path": path,
+        "live": live, "ids": ids, "agent": agent, "path": path, "load": la,
     }
 
 
@@ -228,8 +233,7 @@ def measure_llamacpp(results: list[dict], folder: Path, repeats: int) -> list[di
 
 COLD_START = r"""
 import json, os, sys, time
-import psutil
-born = psutil.Process().create_time()
+born = float(sys.argv[4])  # the parent's clock just before it spawned this process
 sys.path.insert(0, sys.argv[3])
 from permeant_tui.engine import runtime
 runtime.prepare()
@@ -257,33 +261,41 @@ os._exit(0)  # measured; do not let shutdown write the rebuilt snapshots back
 
 
 def build_workspace(folder: Path, lm, ctx: dict) -> None:
-    """Three agents with the same 4096-token conversation (one prefill builds all three
-    snapshots; restore cost does not depend on what the tokens say)."""
+    """Three agents of ctx's length, one prefill for all three snapshots: each agent's system
+    prompt differs by one character (so do its token ids and so its blocks' names: no block is
+    shared), and its snapshot holds the live cache's K/V under its own ids (what a restore costs
+    does not depend on what the tokens say)."""
     from permeant_tui.engine.settings import AgentSpec, WorkspaceSettings, save_settings
     from permeant_tui.engine.snapshot import write_snapshot
     from permeant_tui.engine.workspace import Workspace
 
-    agent = ctx["agent"]
-    settings = WorkspaceSettings(agents=[AgentSpec(i, i, i.title(), agent.system)
-                                for i in ("technical", "business", "coordinator")])
-    save_settings(folder, settings)
+    tok, n = lm.tokenizer, len(ctx["ids"])
+    base = ctx["agent"].system
+    systems = [s for s in (f"{base} ({c})" for c in "ABCDEFGHJKLMNPQRSTUVWXYZ")
+               if len(tok.encode(s)) == len(tok.encode(f"{base} (A)"))][:3]
+    names = ("technical", "business", "coordinator")
+    save_settings(folder, WorkspaceSettings(agents=[AgentSpec(i, i, i.title(), s)
+                                                    for i, s in zip(names, systems, strict=True)]))
     ws = Workspace.open(folder)
     for a in ws.agents.values():
-        for turn in agent.turns:
+        convo = conversation(tok, a.system, n)
+        for turn in convo.turns:
             ws.append_turn(a, turn)
-        write_snapshot(ws.snapshot_path(a.agent_id), ctx["live"].cache, ctx["ids"], lm.identity,
-                       a.agent_id)
+        write_snapshot(ws.snapshot_path(a.agent_id), ctx["live"].cache, convo.expected_ids(tok),
+                       lm.identity, a.agent_id, ws.blocks)
+    assert len(ws.blocks.names()) == 3 * (n // 64), "blocks shared between the agents"
 
 
 def cold_start(folder: Path, mode: str, drop: list[Path]) -> dict:
     for p in drop:
         drop_cache(p)
     root = os.path.join(os.path.dirname(os.path.abspath(__file__)), "..")
-    out = subprocess.run([sys.executable, "-c", COLD_START, str(folder), mode, root],
+    born = time.time()
+    out = subprocess.run([sys.executable, "-c", COLD_START, str(folder), mode, root, repr(born)],
                          capture_output=True, text=True, timeout=3600)
     if out.returncode:
         raise SystemExit(f"cold start ({mode}) failed:\n{out.stderr[-3000:]}")
-    return json.loads(out.stdout.strip().splitlines()[-1])
+    return {**json.loads(out.stdout.strip().splitlines()[-1]), "load": load_avg()}
 
 
 def fmt(v, spec=".1f") -> str:
@@ -321,7 +333,8 @@ def main() -> int:
           f"mlx {mx.__version__}, {runtime.device_label()}; BLAS {blas}")
     print(f"model    {lm.identity.name}, {lm.weights_mode} weights, KV {lm.identity.kv_dtype}, "
           f"{lm.identity.n_layers} layers x {lm.identity.n_kv_heads} kv heads x "
-          f"{lm.identity.head_dim}\n")
+          f"{lm.identity.head_dim}")
+    print(f"load average at start {load_avg()}\n")
 
     tmp = Path(tempfile.mkdtemp(prefix="permeant-bench-resume-"))
     results = []
@@ -347,13 +360,15 @@ def main() -> int:
 
         print("## Restore against reading the same bytes (median ms, MB/s)\n")
         print("| tokens | restore warm | plain read warm | restore / read | restore MB/s | "
-              "read MB/s | restore cold | plain read cold |")
-        print("|---:|---:|---:|---:|---:|---:|---:|---:|")
+              "read MB/s | restore cold | plain read cold | load avg |")
+        print("|---:|---:|---:|---:|---:|---:|---:|---:|---|")
         for r in results:
             print(f"| {r['tokens']} | {r['restore_ms']:.1f} | {r['read_ms']:.1f} | "
-                  f"{r['restore_ms'] / r['read_ms']:.1f}x | {r['restore_mb_s']:.0f} | "
+                  f"{r['restore_ms'] / r['read_ms']:.2f}x | {r['restore_mb_s']:.0f} | "
                   f"{r['read_mb_s']:.0f} | {fmt(r['cold_restore_ms'])} | "
-                  f"{fmt(r['cold_read_ms'])} |")
+                  f"{fmt(r['cold_read_ms'])} | {r['load']} |")
+        print("\nplain read = the same files (manifest and blocks) read into one reused buffer, "
+              "faulted in beforehand (a page-cache read).")
 
         print("\n## Same cache through mlx-lm's save_prompt_cache / load_prompt_cache "
               "(median ms; no checks)\n")
@@ -383,11 +398,20 @@ def main() -> int:
             print("\n(llama-cpp-python not installed: no llama.cpp baseline in this run)")
 
         big = max(results, key=lambda r: r["tokens"])
+        if big["tokens"] >= 4096:
+            import resume_incremental
+
+            print()
+            resume_incremental.run(lm, big["live"].cache, big["ids"], big["reprefill_ms"],
+                                   tmp / "incremental", args.repeats)
+        else:
+            print("\n(incremental snapshots: needs a context of 4096 tokens; skipped)")
         ws = tmp / "workspace"
         build_workspace(ws, lm, big)
         from permeant_tui.engine.models import default_model_path
 
-        files = [default_model_path(), *sorted(ws.glob("agents/*/kv.safetensors"))]
+        files = [default_model_path(), *sorted(ws.glob("agents/*/kv.safetensors")),
+                 *sorted(ws.glob("kv-blocks/*.kvb"))]
         for r in results:  # free this process's caches before the child processes run
             r.pop("live")
         print(f"\n## Whole workspace cold start: a new process, model + three {big['tokens']}-"
@@ -398,13 +422,15 @@ def main() -> int:
             print("cold start with --rebuild (3 re-prefills) ...", file=sys.stderr, flush=True)
             runs.append(("rebuild all by prefill", cold_start(ws, "rebuild", [])))
         print("| start | process start -> ready ms | model load ms | agents (source ms) | "
-              "RSS MB | MLX active MB | MLX peak MB |")
-        print("|---|---:|---:|---|---:|---:|---:|")
+              "RSS MB | MLX active MB | MLX peak MB | load avg |")
+        print("|---|---:|---:|---|---:|---:|---:|---|")
         for name, c in runs:
             agents = ", ".join(f"{a} {s} {ms:.0f}" for a, s, ms, _ in c["agents"])
             print(f"| {name} | {c['process_start_to_ready_ms']:.0f} | {c['model_load_ms']:.0f} | "
                   f"{agents} | {c['rss_mb']:.0f} | {c['mlx_active_mb']:.0f} | "
-                  f"{c['mlx_peak_mb']:.0f} |")
+                  f"{c['mlx_peak_mb']:.0f} | {c['load']} |")
+        print("\nprocess start -> ready: from the parent's clock just before it spawned the "
+              "process (not psutil's create_time, which can be a second early on a VM).")
         if len(runs) == 3:
             print(f"\ncold start, restore (page cache dropped) against rebuild: "
                   f"**{runs[2][1]['process_start_to_ready_ms'] / runs[0][1]['process_start_to_ready_ms']:.1f}x"

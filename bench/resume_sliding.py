@@ -73,9 +73,13 @@ def measure(lm, label: str, n: int, folder: Path, repeats: int) -> dict:
         lm.model(mx.array([ids[a:a + 512]]), cache=cache)
         kvcache.eval_cache(cache)
     prefill_ms = (time.perf_counter() - t) * 1000
-    path = folder / f"{label}-{n}.safetensors"
-    save_ms = timed(lambda: write_snapshot(path, cache, ids, lm.identity, "bench"), repeats)
-    size = path.stat().st_size
+    from resume import timed_with
+    from resume_incremental import fresh, snapshot_files
+
+    path = folder / f"{label}-{n}/agents/bench/kv.safetensors"
+    save_ms = timed_with(lambda: write_snapshot(path, cache, ids, lm.identity, "bench"),
+                         lambda: fresh(path, cache), repeats)  # a first save: every block
+    size = sum(p.stat().st_size for p in snapshot_files(path))  # manifest and blocks
 
     def restore():
         states, _, _ = read_snapshot(path, lm.identity, ids)

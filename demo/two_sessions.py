@@ -97,7 +97,7 @@ def session_1(args) -> int:
         snap = ws.snapshot_path(agent_id)
         agent = ws.agent(agent_id)
         say(f"  {agent_id:<12} {agent.tokens_on_disk:>6} tokens  "
-            f"{snap.stat().st_size / 1e6:>7.1f} MB  {snap}")
+            f"{agent.bytes_on_disk / 1e6:>7.1f} MB  {snap}")
     say("session 1 ends: the process exits, nothing stays in memory.")
     return 0
 

@@ -195,7 +195,9 @@ def status(args: argparse.Namespace) -> int:
                  else "transcript" if a.turns else "empty")
         agents.append({
             "id": a.agent_id, "role": a.role, "turns": len(a.turns), "tokens": a.tokens_on_disk,
-            "bytes": a.bytes_on_disk, "state": state,
+            # the snapshot's manifest and KV blocks, or the imported file
+            "bytes": a.bytes_on_disk if snap.exists() or imported.exists() else 0,
+            "state": state,
             "resident": False,  # a status process holds no caches; the TUI shows live residency
             "snapshot": str(snap) if snap.exists() else None,
             "imported": str(imported) if imported.exists() else None,

@@ -322,18 +322,22 @@ def _fresh(a):
     return None if a is None else a[...]
 
 
-def layer_from_state(st: LayerState):
-    """An mlx-lm cache object holding `st` exactly (through the class's own from_state)."""
+def layer_from_state(st: LayerState, base: tuple | None = None):
+    """An mlx-lm cache object holding `st` exactly (through the class's own from_state). `base`
+    (full, quantized): (K, V) buffers holding `st` first, then room: the next update writes in
+    place instead of growing (copying) the whole K/V."""
     c = _cls()
     if st.kind == FULL:
         if st.offset == 0 or st.keys is None:
             return c.KVCache()
-        return c.KVCache.from_state((_fresh(st.keys), _fresh(st.values), st.offset))
+        k, v = base if base is not None else (st.keys, st.values)
+        return c.KVCache.from_state((_fresh(k), _fresh(v), st.offset))
     if st.kind == QUANTIZED:
         if st.offset == 0 or st.keys is None:
             return c.QuantizedKVCache(group_size=st.group_size or 64, bits=st.bits or 8)
+        k, v = base if base is not None else (st.keys, st.values)
         return c.QuantizedKVCache.from_state((
-            tuple(_fresh(x) for x in st.keys), tuple(_fresh(x) for x in st.values), st.offset,
+            tuple(_fresh(x) for x in k), tuple(_fresh(x) for x in v), st.offset,
             st.group_size, st.bits))
     if st.kind != SLIDING:
         raise CacheLayoutError(f"unknown layer kind {st.kind!r}")
@@ -374,16 +378,46 @@ def validate_state(st: LayerState, spec: LayerSpec, n: int, i: int) -> None:
                                    f"(window {st.window})")
 
 
-def cache_from_layer_states(model, states: list[LayerState]) -> list:
-    """A cache for `model` holding `states` (as read from a snapshot). Checks every layer against
-    the model's own layout first; raises CacheLayoutError."""
+def cache_from_layer_states(model, states: list[LayerState],
+                            bases: list[tuple | None] | None = None) -> list:
+    """A cache for `model` holding `states` (as read from a snapshot; `bases`: per layer None or
+    buffers with room, see layer_from_state). Checks every layer against the model's own layout
+    first; raises CacheLayoutError."""
     specs = layer_specs(model)
     if len(states) != len(specs):
         raise CacheLayoutError(f"{len(states)} layer states for a model of {len(specs)} layers")
     n = states[0].offset if states else 0
     for i, (st, spec) in enumerate(zip(states, specs, strict=True)):
         validate_state(st, spec, n, i)
-    return [layer_from_state(st) for st in states]
+    bases = bases or [None] * len(states)
+    return [layer_from_state(st, b) for st, b in zip(states, bases, strict=True)]
+
+
+# ---- what a snapshot already holds ---------------------------------------------------------------
+_PERSISTED = "_permeant_persisted"
+
+
+def set_persisted(cache: list, clean: int, tag: object) -> None:
+    """Record that positions [0, clean) of every full layer are stored as `tag` says (the
+    snapshot's blocks): a later save need not re-read them. Rewinds lower `clean`."""
+    for x in cache:
+        setattr(x, _PERSISTED, (clean, tag))
+
+
+def persisted(cache: list) -> tuple[int, object]:
+    """(clean, tag) as set_persisted left them, `clean` lowered by every rewind since; (0, None)
+    for a cache no snapshot was read into or written from (a prefill, an import)."""
+    marks = [getattr(x, _PERSISTED, None) for x in cache]
+    if not marks or any(m is None for m in marks) or any(m[1] is not marks[0][1] for m in marks):
+        return 0, None
+    return min(m[0] for m in marks), marks[0][1]
+
+
+def _lower_persisted(cache: list, n: int) -> None:
+    for x in cache:
+        mark = getattr(x, _PERSISTED, None)
+        if mark is not None and mark[0] > n:
+            setattr(x, _PERSISTED, (n, mark[1]))
 
 
 def states_from_full(model, keys: list, values: list) -> list[LayerState]:
@@ -445,6 +479,7 @@ def rewind(cache: list, n: int) -> None:
             f"cannot rewind {n} of {min(before) if before else 0} tokens by trimming: "
             + ("a sliding-window layer holds its whole window"
                if cache and n <= min(before) else "not that many tokens in the cache"))
+    _lower_persisted(cache, min(before) - n)
     _cls().trim_prompt_cache(cache, n)
     after = offsets(cache)
     if after != [b - n for b in before]:
@@ -482,8 +517,9 @@ def restore_checkpoint(cache: list, cp: Checkpoint) -> None:
         if extra < 0 or (extra and not cache[i].is_trimmable()):
             raise CacheRewindError(f"layer {i} at {int(cache[i].offset)} cannot go back to "
                                    f"{cp.offset}")
+    _lower_persisted(cache, cp.offset)
     for i, st in cp.sliding.items():
-        cache[i] = layer_from_state(st)
+        cache[i] = layer_from_state(st)  # a new object: no mark, so `persisted` says (0, None)
     for i, extra in trim.items():
         if extra:
             cache[i].trim(extra)

@@ -1,24 +1,28 @@
-"""KV snapshots: safetensors files, written atomically, checksummed and identity-stamped.
+"""KV snapshots: a small manifest per agent plus shared K/V blocks, written atomically,
+checksummed and identity-stamped (format permeant-kv/3; docs/RESUME.md has the layout).
 
 A snapshot is a cache of an agent's transcript, attached only when every check holds:
-  format   the header parses and the file is exactly as long as the header says
+  format   the manifest's header parses and the file is exactly as long as the header says
   identity the ModelIdentity fingerprint equals the loaded model's
-  checksum xxh3-128 over the per-layer meta and the tensor bytes (in layer order) equals the
-           recorded one
+  checksum xxh3-128 over the per-layer meta, the block list and the manifest's tensor bytes
+           equals the recorded one; each block's bytes equal the content hash in its name
   tokens   the token ids stored in it hash to the recorded digest and equal the ids the
-           transcript renders to (Agent.expected_ids)
+           transcript renders to (Agent.expected_ids); the block names' chain hashes are the
+           ids' own (USXF's chained block hashes, rooted in the model fingerprint)
   layout   every layer is what the model holds after T tokens: kind and window as the model's
            own cache sets them up, offset T, stored length T (full) or min(T, window) (sliding),
            a possible ring index
-Format permeant-kv/2. Tensors: `token_ids` (int32, [T]) and per layer `k.{i}` / `v.{i}`
-([1, kv_heads, L_i, head_dim], the model's KV dtype, in token order; a quantized cache's parts
-are `k.{i}.{j}`). Metadata (all strings, as safetensors requires): see `write_snapshot`;
-`layer_meta` is a JSON list of {kind, offset, length, parts, window, keep, idx} per layer
-(kvcache.LayerState.meta), `idx` being mlx-lm's ring index so a rotating cache is rebuilt bit
-for bit. Files of format permeant-kv/1 (every layer's full K/V, no layer_meta) still load.
+Format permeant-kv/3: the manifest `agents/<id>/kv.safetensors` holds `token_ids` (int32, [T]),
+the tail (per full layer `k.{i}` / `v.{i}`: positions [nB, T) after the n whole blocks of B
+tokens; per sliding layer its whole window, as in format 2) and metadata (`blocks`: the block
+names in order, `block_tokens`: B, `layer_meta` as in format 2). The first nB positions of every
+full layer live in blocks (engine/blockstore.py), shared by every manifest that names them.
+Formats permeant-kv/2 (one file, every layer's K/V) and /1 still load; the next save writes /3.
 
-Writes go through engine/atomic.py: a temp file in the same folder, fsynced, renamed over the
-old snapshot, the folder fsynced: a crash leaves the old snapshot or the new one, never half.
+Writes: new blocks first (each fsynced and renamed, then the block folder fsynced), then the
+manifest through engine/atomic.py (temp file, fsync, rename, folder fsync): a crash leaves the
+old manifest, whose blocks are all still there (only the workspace's collector deletes blocks,
+and only those no manifest names), or the new one.
 """
 
 from __future__ import annotations
@@ -36,13 +40,26 @@ import xxhash
 
 from . import kvcache
 from .atomic import commit_file, fsync_dir, temp_path
+from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 
 __all__ = ["fsync_dir", "read_snapshot", "write_snapshot", "attach", "attach_payload"]
 
-FORMAT = "permeant-kv/2"
+FORMAT = "permeant-kv/3"
+FORMAT_V2 = "permeant-kv/2"
 FORMAT_V1 = "permeant-kv/1"
+FORMATS = (FORMAT, FORMAT_V2, FORMAT_V1)
+# Tokens per block: small enough that a turn rewrites little (the tail is at most B - 1 tokens,
+# 2.9 MB for the default model at B = 64), large enough that a restore reads at the speed of one
+# file (docs/RESUME.md has the measurements behind the choice).
+BLOCK_TOKENS = 64
+# A restored full layer gets the capacity the live cache had: its tokens rounded up to mlx-lm's
+# growth step (KVCache.step), with at least ROOM_TOKENS free, so the next turn writes in place
+# instead of growing (copying) every layer's K/V on its first step, and uses no more memory.
+ROOM_TOKENS = 1
+ROOM_STEP = 256
+BLOCKS_DIR = "kv-blocks"
 _MAX_HEADER = 16 << 20
 
 
@@ -51,12 +68,19 @@ def ids_digest(ids: list[int]) -> str:
 
 
 def _tensor_checksum(arrays: list, layer_meta: str = "") -> str:
-    """xxh3-128 over the per-layer meta (format 2; "" for format 1) and the tensor bytes."""
+    """xxh3-128 over the per-layer meta (format 2; "" for format 1; format 3 adds the block
+    list) and the tensor bytes."""
     h = xxhash.xxh3_128()
     h.update(layer_meta.encode())
     for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(_np(a))).cast("B"))
+        if a.size:  # an empty tail (T a multiple of the block size) adds no bytes
+            h.update(memoryview(np.ascontiguousarray(_np(a))).cast("B"))
     return h.hexdigest()
+
+
+def _covered(layer_meta: str, blocks: str, block_tokens: str) -> str:
+    """What format 3's manifest checksum covers besides the tensor bytes."""
+    return f"{layer_meta}\n{blocks}\n{block_tokens}"
 
 
 def _np(a):
@@ -70,21 +94,42 @@ def _np(a):
     return np.array(a, copy=False)
 
 
+def default_store(path: Path) -> Path:
+    """The block folder of the manifest at `path`: the workspace's `kv-blocks` for
+    `<workspace>/agents/<id>/kv.safetensors`, else a `kv-blocks` beside the file."""
+    path = Path(path)
+    if path.parent.parent.name == "agents":
+        return path.parent.parent.parent / BLOCKS_DIR
+    return path.parent / BLOCKS_DIR
+
+
 @dataclass(frozen=True)
 class SnapshotInfo:
     path: Path
     tokens: int
-    bytes: int
+    bytes: int  # the whole snapshot: manifest and every block it names
     ms: float
+    written: int = 0  # bytes this save wrote (new blocks and the manifest)
+    blocks: int = 0  # blocks the manifest names
+    new_blocks: int = 0  # of which this save wrote
 
 
-def _states_to_tensors(states: list, identity: ModelIdentity) -> tuple[dict, list[dict], list]:
-    """-> (named tensors, per-layer meta, tensors in checksum order). A layer is `k.{i}` / `v.{i}`
-    [1, kv_heads, L, head_dim] in token order (quantized: `k.{i}.{j}` for each part)."""
+class RestoredStates(list):
+    """read_snapshot's layer states, plus what `attach` uses beyond them: per layer the (K, V)
+    buffers with room for the next turn (format 3), and what the snapshot's blocks hold."""
+
+    bases: list | None = None
+    persisted: tuple[int, object] = (0, None)
+
+
+def _split(states: list, identity: ModelIdentity, cut: int):
+    """-> (tail tensors by name, per-layer meta, tail tensors in checksum order, full-layer
+    streams). A layer is `k.{i}` / `v.{i}` [1, kv_heads, L, head_dim] in token order (quantized:
+    `k.{i}.{j}` for each part); a full layer's positions [0, cut) go to blocks instead."""
     import mlx.core as mx
 
     named: dict = {}
-    metas, ordered = [], []
+    metas, ordered, streams = [], [], []
     empty = mx.zeros((1, identity.n_kv_heads, 0, identity.head_dim), getattr(mx, identity.kv_dtype))
     for i, st in enumerate(states):
         if st.keys is None:
@@ -95,26 +140,48 @@ def _states_to_tensors(states: list, identity: ModelIdentity) -> tuple[dict, lis
         else:
             ks, vs = kvcache.parts(st.keys), kvcache.parts(st.values)
             m = {**st.meta(), "parts": len(ks)}
+            if st.kind != kvcache.SLIDING and cut:
+                streams.extend(ks + vs)
+                ks = tuple(a[..., cut:, :] for a in ks)
+                vs = tuple(a[..., cut:, :] for a in vs)
         for name, group in (("k", ks), ("v", vs)):
             for j, a in enumerate(group):
                 named[f"{name}.{i}" if len(group) == 1 else f"{name}.{i}.{j}"] = a
                 ordered.append(a)
         metas.append(m)
-    return named, metas, ordered
+    return named, metas, ordered, streams
+
+
+def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
+                  streams: list, block_tokens: int) -> tuple[list[str], int, int]:
+    """Blocks this cache was read from or last saved as, and has not rewound into since, are
+    not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
+    clean, tag = kvcache.persisted(cache)
+    return store.write_all([_np(s) for s in streams],
+                           chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
+                           tag if isinstance(tag, tuple) else (), clean)
 
 
 def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
-                   agent_id: str) -> SnapshotInfo:
-    """Write the state of `cache` after its first len(ids) tokens (normally all of it)."""
+                   agent_id: str, store: BlockStore | None = None,
+                   block_tokens: int = BLOCK_TOKENS) -> SnapshotInfo:
+    """Write the state of `cache` after its first len(ids) tokens (normally all of it): the
+    blocks `store` lacks, then the manifest at `path`."""
     import mlx.core as mx
 
     t0 = time.perf_counter()
+    path = Path(path)
+    store = store if store is not None else BlockStore(default_store(path))
     n = len(ids)
+    cut = (n // block_tokens) * block_tokens
     states = kvcache.layer_states(cache, n)
-    named, metas, ordered = _states_to_tensors(states, identity)
+    named, metas, ordered, streams = _split(states, identity, cut)
     arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
-    mx.eval(list(arrays.values()))
+    mx.eval(list(arrays.values()) + streams)
+    names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens)
     layer_meta = json.dumps(metas, sort_keys=True, separators=(",", ":"))
+    blocks = json.dumps(names, separators=(",", ":"))
+    block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
     meta = {
         "format": FORMAT,
         "agent": agent_id,
@@ -124,14 +191,16 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
         "tokens_digest": ids_digest(ids),
         "kv_dtype": identity.kv_dtype,
         "layout": f"per-layer k.i/v.i [1, {identity.n_kv_heads}, L_i, {identity.head_dim}] in "
-                  f"token order (L_i = T, or min(T, window) on sliding layers; see layer_meta), "
-                  f"rope {identity.rope_layout}",
+                  f"token order: full layers positions [{cut}, T) (the rest in the blocks), "
+                  f"sliding layers min(T, window) (see layer_meta), rope {identity.rope_layout}",
         "layers": str(len(states)),
         "layer_meta": layer_meta,
-        "checksum": _tensor_checksum(ordered, layer_meta),
+        "block_tokens": str(block_tokens),
+        "blocks": blocks,
+        "block_bytes": str(block_bytes if names else 0),
+        "checksum": _tensor_checksum(ordered, _covered(layer_meta, blocks, str(block_tokens))),
         "created": f"{time.time():.3f}",
     }
-    path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = temp_path(path, ".safetensors")  # mlx appends .safetensors to any other name
     remove_stale_temps(path)
@@ -141,7 +210,10 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
         tmp.unlink(missing_ok=True)
         raise
     commit_file(tmp, path)
-    return SnapshotInfo(path, n, path.stat().st_size, (time.perf_counter() - t0) * 1000)
+    kvcache.set_persisted(cache, cut, tuple(names))
+    size = path.stat().st_size
+    return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0),
+                        (time.perf_counter() - t0) * 1000, written + size, len(names), new)
 
 
 def remove_stale_temps(path: Path) -> list[Path]:
@@ -205,8 +277,11 @@ def read_header(path: Path) -> dict:
     return header
 
 
-def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] | None):
-    """Verify and load -> (list of kvcache.LayerState, ids, metadata). Raises SnapshotInvalid."""
+def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] | None,
+                  store: BlockStore | None = None, room: int = ROOM_TOKENS):
+    """Verify and load -> (list of kvcache.LayerState, ids, metadata). Raises SnapshotInvalid.
+    Format 3: the blocks come from `store` (default: `default_store(path)`), each verified, and
+    every full layer gets at least `room` free positions beyond its tokens (ROOM_STEP)."""
     import mlx.core as mx
 
     path = Path(path)
@@ -215,43 +290,114 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
     header = read_header(path)
     meta = header.get("__metadata__") or {}
     fmt = meta.get("format")
-    if fmt not in (FORMAT, FORMAT_V1):
+    if fmt not in FORMATS:
         raise SnapshotCorrupt(str(path), "format", f"format {fmt!r}, expected {FORMAT}")
     if meta.get("identity") != identity.fingerprint:
         raise ModelMismatch(str(path), "identity",
                             f"made by model {meta.get('model')!r} (fingerprint "
                             f"{str(meta.get('identity'))[:12]}...), loaded model is "
                             f"{identity.name!r} ({identity.fingerprint[:12]}...)")
-    layer_meta = meta.get("layer_meta", "") if fmt == FORMAT else ""
+    layer_meta = meta.get("layer_meta", "") if fmt != FORMAT_V1 else ""
+    covered, names, block_tokens = layer_meta, [], 0
     try:
         arrays = mx.load(str(path))
+        # all at once: x1.7 faster on a warm 4k restore than materialising them one by one in
+        # the checksum pass (issue 17)
+        mx.eval(list(arrays.values()))
         n_layers = int(meta["layers"])
-        metas = json.loads(layer_meta) if fmt == FORMAT else [{"parts": 1}] * n_layers
+        metas = json.loads(layer_meta) if fmt != FORMAT_V1 else [{"parts": 1}] * n_layers
         if not isinstance(metas, list) or len(metas) != n_layers or \
                 not all(isinstance(m, dict) and m.get("parts") in (1, 3) for m in metas):
             raise ValueError("layer_meta does not describe every layer")
         groups = [_layer_tensors(arrays, i, m["parts"]) for i, m in enumerate(metas)]
         ids_arr = arrays["token_ids"]
+        if fmt == FORMAT:
+            block_tokens = int(meta["block_tokens"])
+            names = json.loads(meta["blocks"])
+            if block_tokens < 1 or not isinstance(names, list) or \
+                    not all(isinstance(x, str) for x in names):
+                raise ValueError("bad block list")
+            covered = _covered(layer_meta, meta["blocks"], meta["block_tokens"])
     except Exception as exc:  # mlx raises RuntimeError/ValueError; a missing key is KeyError
         raise SnapshotCorrupt(str(path), "format", f"unreadable tensors: {exc}") from None
     ordered = [a for ks, vs in groups for a in ks + vs]
-    if _tensor_checksum(ordered, layer_meta) != meta.get("checksum"):
+    if _tensor_checksum(ordered, covered) != meta.get("checksum"):
         raise SnapshotCorrupt(str(path), "checksum", "tensor bytes do not match the recorded "
                               "checksum (bit rot or a partial write)")
     ids = _np(ids_arr).astype(np.int64).tolist()
     # str compare: a damaged count ("4x") must fail this check, not raise ValueError
     if ids_digest(ids) != meta.get("tokens_digest") or str(len(ids)) != meta.get("tokens"):
         raise SnapshotCorrupt(str(path), "tokens", "token ids do not match their digest")
-    states = _layout(path, identity, metas, groups, len(ids), fmt)
-    if expected_ids is not None and ids != expected_ids:
-        if len(ids) < len(expected_ids) and ids == expected_ids[:len(ids)]:
-            detail = (f"stale: snapshot holds {len(ids)} tokens, the transcript has "
-                      f"{len(expected_ids)} (a turn finished after the last save)")
-        else:
-            detail = (f"snapshot's {len(ids)} token ids differ from the transcript's "
-                      f"{len(expected_ids)}")
-        raise SnapshotInvalid(str(path), "tokens", detail)
+    if fmt != FORMAT:
+        states = _layout(path, identity, metas, groups, len(ids), fmt)
+        _check_expected(path, ids, expected_ids)
+        return states, ids, meta
+    want = chain_hashes(ids, identity.fingerprint, block_tokens)
+    if [x[:32] for x in names] != [h.hex() for h in want]:
+        raise SnapshotCorrupt(str(path), "blocks", f"the {len(names)} block names do not chain "
+                              f"the {len(ids)} token ids under this model ({len(want)} blocks)")
+    _check_expected(path, ids, expected_ids)  # before reading blocks of a stale snapshot
+    store = store if store is not None else BlockStore(default_store(path))
+    groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room)
+    states = RestoredStates(_layout(path, identity, metas, groups, len(ids), fmt))
+    states.bases = bases
+    states.persisted = (len(names) * block_tokens, tuple(names))
     return states, ids, meta
+
+
+def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None) -> None:
+    if expected_ids is None or ids == expected_ids:
+        return
+    if len(ids) < len(expected_ids) and ids == expected_ids[:len(ids)]:
+        detail = (f"stale: snapshot holds {len(ids)} tokens, the transcript has "
+                  f"{len(expected_ids)} (a turn finished after the last save)")
+    else:
+        detail = f"snapshot's {len(ids)} token ids differ from the transcript's {len(expected_ids)}"
+    raise SnapshotInvalid(str(path), "tokens", detail)
+
+
+def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, names: list[str],
+              block_tokens: int, n: int, room: int) -> tuple[list, list]:
+    """Format 3: every full layer's K/V [1, kv_heads, capacity, head_dim], its first positions
+    read from the blocks (verified, straight into the arrays), then the manifest's tail.
+    -> (per layer (K parts, V parts) of n positions, per layer (K, V) buffers or None)."""
+    import mlx.core as mx
+
+    cut = len(names) * block_tokens
+    allocs, which = [], []
+    for i, (m, (ks, vs)) in enumerate(zip(metas, groups, strict=True)):
+        if m.get("kind") == kvcache.SLIDING or not m.get("length"):
+            continue
+        for t in ks + vs:
+            if t.ndim != 4 or int(t.shape[0]) != 1 or int(t.shape[2]) != n - cut:
+                raise SnapshotCorrupt(str(path), "layout", f"layer {i}: a tail of shape "
+                                      f"{tuple(t.shape)}, expected positions {cut}..{n}")
+            storage = mx.uint16 if t.dtype == mx.bfloat16 else t.dtype
+            cap = -(-(n + room) // ROOM_STEP) * ROOM_STEP
+            allocs.append(mx.zeros((1, int(t.shape[1]), cap, int(t.shape[3])), storage))
+        which.append(i)
+    mx.eval(allocs)
+    views = [np.array(a, copy=False) for a in allocs]
+    tails = [t for i in which for t in groups[i][0] + groups[i][1]]
+    for v, t in zip(views, tails, strict=True):
+        if not v.flags.writeable or not v.flags.c_contiguous:
+            raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
+        v[:, :, cut:n, :] = _np(t)
+    for j, name in enumerate(names):
+        store.read_into(name, block_tokens, block_rows(views, j, block_tokens))
+    out, bases = list(groups), [None] * len(groups)
+    pos = 0
+    for i in which:
+        ks, vs = groups[i]
+        full = []
+        for t in ks + vs:
+            a = allocs[pos]
+            full.append(a.view(mx.bfloat16) if t.dtype == mx.bfloat16 else a)
+            pos += 1
+        fk, fv = tuple(full[:len(ks)]), tuple(full[len(ks):])
+        out[i] = (tuple(a[..., :n, :] for a in fk), tuple(a[..., :n, :] for a in fv))
+        bases[i] = (fk, fv) if metas[i].get("kind") == kvcache.QUANTIZED else (fk[0], fv[0])
+    return out, bases
 
 
 def _layer_tensors(arrays: dict, i: int, n_parts: int) -> tuple[tuple, tuple]:
@@ -314,7 +460,11 @@ def attach(model, states: list) -> list:
     (K, V) pairs holding every token, [1, kv_heads, n, head_dim] per layer."""
     if states and isinstance(states[0], tuple):
         states = kvcache.states_from_full(model, [k for k, _ in states], [v for _, v in states])
-    return kvcache.cache_from_layer_states(model, states)
+    cache = kvcache.cache_from_layer_states(model, states, getattr(states, "bases", None))
+    clean, blocks = getattr(states, "persisted", (0, None))
+    if blocks is not None:
+        kvcache.set_persisted(cache, clean, blocks)  # the next save re-reads none of them
+    return cache
 
 
 def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype: str,

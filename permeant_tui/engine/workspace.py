@@ -3,7 +3,9 @@ and the LRU policy that decides which agents' caches stay in memory.
 
     <workspace>/workspace.json                   settings (atomic writes)
     <workspace>/agents/<id>/transcript.jsonl     one line per finished turn, fsynced
-    <workspace>/agents/<id>/kv.safetensors       KV snapshot (a verified cache of the transcript)
+    <workspace>/agents/<id>/kv.safetensors       KV snapshot manifest (a verified cache of the
+                                                 transcript): token ids, tail, block names
+    <workspace>/kv-blocks/<chain>-<content>.kvb  K/V blocks the manifests name, stored once
     <workspace>/agents/<id>/import.usxf          an imported USXF state not yet saved as snapshot
     <workspace>/exports/                         USXF exports
     <workspace>/keys/                            this workspace's signing key and trusted keys
@@ -21,6 +23,7 @@ from pathlib import Path
 
 from .agent import Agent, Turn
 from .atomic import fsync_dir, write_atomic
+from .blockstore import BlockStore
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .events import RestoreReport
 from .generation import new_cache, prefill
@@ -33,6 +36,8 @@ from .settings import (
     save_settings,
 )
 from .snapshot import (
+    BLOCKS_DIR,
+    FORMAT,
     attach,
     attach_payload,
     ids_digest,
@@ -55,6 +60,7 @@ class Workspace:
         self.settings = settings
         self.agents = agents
         self.warnings = warnings  # things found while opening (a torn transcript line, ...)
+        self.blocks = BlockStore(folder / BLOCKS_DIR)
 
     # ---- opening (no MLX) -------------------------------------------------------------
     @classmethod
@@ -94,6 +100,8 @@ class Workspace:
                 try:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
+                    agent.bytes_on_disk += len(json.loads(meta.get("blocks", "[]"))) * \
+                        int(meta.get("block_bytes", 0))
                 except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
             elif (imported := folder / "agents" / spec.id / IMPORTED).exists():
@@ -154,6 +162,7 @@ class Workspace:
         write_atomic(d / TRANSCRIPT, lines.encode())
         if existing is not None:
             (d / SNAPSHOT).unlink(missing_ok=True)  # the state of an empty conversation
+            self.collect_blocks()
             self.agents[existing].release()
             self.settings.agents = [spec if a.id == existing else a for a in self.settings.agents]
         else:
@@ -189,6 +198,7 @@ class Workspace:
             p.unlink(missing_ok=True)
         if d.exists():
             fsync_dir(d)  # the archive's rename and the deletions are durable together
+        self.collect_blocks()
         agent.turns.clear()
         agent.tokens_on_disk = agent.bytes_on_disk = 0
         agent.cache, agent.cache_ids, agent.dirty, agent.source = None, [], False, "new"
@@ -222,10 +232,11 @@ class Workspace:
                     self._attach_usxf(agent, loaded, imported, expected)
                     agent.source, agent.dirty = "usxf", True
                 else:
-                    pairs, ids, _ = read_snapshot(self.snapshot_path(agent.agent_id),
-                                                  loaded.identity, expected)
+                    pairs, ids, meta = read_snapshot(self.snapshot_path(agent.agent_id),
+                                                     loaded.identity, expected, self.blocks)
                     agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
-                    agent.source, agent.dirty = "snapshot", False
+                    # an older format is rewritten as blocks at the next save
+                    agent.source, agent.dirty = "snapshot", meta.get("format") != FORMAT
                 return RestoreReport(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
             except SnapshotInvalid as exc:
                 detail = exc.detail
@@ -277,11 +288,32 @@ class Workspace:
         # restore and cancel keep that invariant), and a snapshot whose ids do not match is
         # rejected when it is loaded, never attached.
         info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
-                              loaded.identity, agent.agent_id)
+                              loaded.identity, agent.agent_id, self.blocks)
         agent.tokens_on_disk, agent.bytes_on_disk = info.tokens, info.bytes
         self.imported_path(agent.agent_id).unlink(missing_ok=True)
         agent.dirty = False
+        self.collect_blocks()
         return info.ms
+
+    def collect_blocks(self) -> list[str]:
+        """Delete the KV blocks no snapshot manifest of this workspace names (a replaced or
+        reset snapshot's, a crashed save's). Runs in the workspace's one writer (engine/lock.py)
+        after a manifest is committed; does nothing while any manifest cannot be read, since the
+        blocks it names are then unknown. Returns the deleted names."""
+        if not self.blocks.folder.is_dir():
+            return []
+        referenced: set[str] = set()
+        for m in (self.folder / "agents").glob(f"*/{SNAPSHOT}"):
+            try:
+                meta = read_header(m).get("__metadata__") or {}
+                names = json.loads(meta.get("blocks", "[]")) if meta.get("format") == FORMAT \
+                    else []
+            except (SnapshotInvalid, ValueError):
+                return []
+            if not isinstance(names, list):
+                return []
+            referenced.update(x for x in names if isinstance(x, str))
+        return self.blocks.collect(referenced)
 
     def enforce_residency(self, save: Callable[[Agent], object],
                           keep: Agent | None = None) -> list[str]:

@@ -18,7 +18,7 @@ from permeant_tui.engine import kvcache
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.events import AgentRestored, Notice, Saved
 from permeant_tui.engine.generation import common_prefix
-from permeant_tui.engine.snapshot import read_snapshot
+from permeant_tui.engine.snapshot import read_header, read_snapshot
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
 
@@ -220,7 +220,9 @@ def test_status_json_lists_every_agent(tmp_path, tiny_model):
         snap = folder / "agents" / aid / "kv.safetensors"
         assert a["turns"] == turns
         assert a["tokens"] == len(expected_ids(folder, aid, tok)) > 0
-        assert a["bytes"] == snap.stat().st_size > 0
+        blocks = json.loads(read_header(snap)["__metadata__"]["blocks"])
+        assert a["bytes"] == snap.stat().st_size + sum(
+            (folder / "kv-blocks" / f"{b}.kvb").stat().st_size for b in blocks) > 0
         assert a["snapshot"] == str(snap.resolve())
         assert time.strptime(a["last_used"], "%Y-%m-%dT%H:%M:%S")
     b = agents["business"]

@@ -1,0 +1,259 @@
+"""The workspace's KV block store (format permeant-kv/3): immutable, content-addressed files,
+each holding B consecutive tokens of every full-attention layer's K/V.
+
+    <workspace>/kv-blocks/<chain>-<content>.kvb
+
+`chain` is USXF's chained block hash of the tokens up to the end of the block (docs/USXF.md 4:
+rooted in the model fingerprint and B, so it names the token prefix under this model);
+`content` is the xxh3-128 of the block's bytes. A block is found again by its prefix (a fork, a
+shared system prompt, the unchanged history of the next turn) and is stored once; two blocks of
+the same tokens whose bytes differ (computed once by decode and once by a batched prefill, which
+round differently) are two blocks, so a restore always returns the exact bytes that were saved.
+
+A block file: a 64-byte header (magic, header size, B, payload bytes, chain hash, content hash,
+8 zero bytes), then the payload: for each stream (a full layer's K parts then its V parts, layers
+in order), for each KV head, the B rows of that head ([B, head_dim] in the KV dtype), C order.
+Rows are read with preadv straight into the caller's arrays and hashed there: no extra copy.
+
+Writes: a temp file `.<name>.<pid>.tmp` beside the block, fsynced and renamed; the caller fsyncs
+the folder (`sync`) once before it commits the manifest that names the new blocks.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import stat
+import struct
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+
+import numpy as np
+import xxhash
+
+from .atomic import fsync_dir, remove_dead_temps
+from .errors import SnapshotCorrupt
+
+MAGIC = b"PKVBLK3\0"
+_HEAD = struct.Struct("<8sIIQ16s16s8x")
+HEADER_SIZE = _HEAD.size  # 64
+SUFFIX = ".kvb"
+_BLOCKS_DOMAIN = b"usxf.blocks.v1\x00"  # docs/USXF.md 4: the same chain as a USXF manifest's
+_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}")
+_TEMP = re.compile(r"\..+\.(\d+)\.tmp")
+try:
+    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+except (AttributeError, OSError, ValueError):
+    _IOV_MAX = 512
+
+
+def chain_hashes(ids: Sequence[int] | np.ndarray, fingerprint: str, block_tokens: int) -> list[bytes]:
+    """USXF's chain h[i] = xxh3_128(h[i-1] || ids of block i as uint32 LE), for the full blocks
+    only (a partial last block is never a block file: it lives in the manifest's tail)."""
+    raw = np.asarray(ids, dtype="<u4").tobytes()
+    parent = xxhash.xxh3_128_digest(_BLOCKS_DOMAIN + fingerprint.encode("ascii")
+                                    + struct.pack("<I", block_tokens))
+    step = 4 * block_tokens
+    out = []
+    for i in range(0, (len(raw) // step) * step, step):
+        parent = xxhash.xxh3_128_digest(parent + raw[i:i + step])
+        out.append(parent)
+    return out
+
+
+def content_hash(rows: Iterable) -> bytes:
+    h = xxhash.xxh3_128()
+    for r in rows:
+        h.update(r)
+    return h.digest()
+
+
+def block_name(chain: bytes, content: bytes) -> str:
+    return f"{chain.hex()}-{content.hex()}"
+
+
+def block_rows(streams: list, j: int, block_tokens: int) -> list:
+    """Block j's payload as C-contiguous row groups of numpy arrays [1, heads, L, dim]: for each
+    stream, for each KV head, its [B, dim] rows (views, no copy, when the rows are contiguous in
+    the stream; a cache can hold a transposed view, e.g. after one whole-buffer update, and
+    its rows are then copied)."""
+    a, b = j * block_tokens, (j + 1) * block_tokens
+    return [np.ascontiguousarray(s[0, h, a:b]) for s in streams for h in range(s.shape[1])]
+
+
+def _chunks(bufs: list, n: int = _IOV_MAX):
+    for i in range(0, len(bufs), n):
+        yield bufs[i:i + n]
+
+
+class BlockStore:
+    """One folder of block files. One writer per workspace (engine/lock.py), so a block being
+    collected is never one a concurrent save is about to name."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+
+    def path(self, name: str) -> Path:
+        return self.folder / f"{name}{SUFFIX}"
+
+    def has(self, name: str) -> bool:
+        try:
+            return stat.S_ISREG(os.stat(self.path(name)).st_mode)
+        except OSError:
+            return False
+
+    # ---- writing ---------------------------------------------------------------------------
+    def write(self, name: str, block_tokens: int, rows: list) -> int:
+        """Write one block (rows: C-contiguous arrays, the payload in order) durably under its
+        name. Returns the bytes written. The folder is fsynced by `sync`."""
+        chain, content = bytes.fromhex(name[:32]), bytes.fromhex(name[33:])
+        payload = sum(int(r.nbytes) for r in rows)
+        self.folder.mkdir(parents=True, exist_ok=True)
+        final = self.path(name)
+        tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
+        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
+        try:
+            try:
+                bufs = [_HEAD.pack(MAGIC, HEADER_SIZE, block_tokens, payload, chain, content), *rows]
+                want = HEADER_SIZE + payload
+                done = 0
+                for group in _chunks(bufs):
+                    done += _write_all(fd, group)
+                if done != want:
+                    raise OSError(f"short write: {done} of {want} bytes")
+                os.fsync(fd)
+            finally:
+                os.close(fd)
+            os.replace(tmp, final)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        return HEADER_SIZE + payload
+
+    def write_all(self, streams: list, chain: list[bytes], block_tokens: int,
+                  known: tuple = (), clean: int = 0) -> tuple[list[str], int, int]:
+        """Name every whole block of `streams` (numpy [1, heads, T, dim], T >= len(chain) * B)
+        and write those the store lacks; `known[j]` is taken without reading the rows when it
+        chains the same prefix, lies within the first `clean` positions and is in the store.
+        Fsyncs the folder when it wrote any. -> (names, bytes written, blocks written)."""
+        names, written, new = [], 0, 0
+        for j, h in enumerate(chain):
+            old = known[j] if j < len(known) and (j + 1) * block_tokens <= clean else ""
+            if isinstance(old, str) and old.startswith(h.hex()) and self.has(old):
+                names.append(old)
+                continue
+            rows = block_rows(streams, j, block_tokens)
+            name = block_name(h, content_hash(rows))
+            if not self.has(name):
+                written += self.write(name, block_tokens, rows)
+                new += 1
+            names.append(name)
+        if new:
+            self.sync()
+        return names, written, new
+
+    def sync(self) -> None:
+        fsync_dir(self.folder)
+
+    # ---- reading ---------------------------------------------------------------------------
+    def read_into(self, name: str, block_tokens: int, rows: list) -> None:
+        """Read block `name` into `rows` (writable C-contiguous arrays, the payload in order)
+        and verify it: a regular file of exactly the expected size, a header that names this
+        block, the payload's xxh3-128 equal to the content hash in its name. Else
+        SnapshotCorrupt naming the block file (check "block")."""
+        path = self.path(name)
+        if not _NAME.fullmatch(name):
+            raise SnapshotCorrupt(str(path), "block", "not a block name")
+        payload = sum(int(r.nbytes) for r in rows)
+        try:
+            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+        except FileNotFoundError:
+            raise SnapshotCorrupt(str(path), "block", "missing (deleted, or the store was "
+                                  "copied without it)") from None
+        except OSError as exc:
+            raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") \
+                from None
+        try:
+            st = os.fstat(fd)
+            if not stat.S_ISREG(st.st_mode):
+                raise SnapshotCorrupt(str(path), "block", "not a regular file")
+            if st.st_size != HEADER_SIZE + payload:
+                raise SnapshotCorrupt(str(path), "block", f"{st.st_size} bytes, a block of "
+                                      f"{block_tokens} tokens is {HEADER_SIZE + payload}: "
+                                      f"truncated or not this model's")
+            head = os.pread(fd, HEADER_SIZE, 0)
+            magic, hsize, tokens, plen, chain, content = _HEAD.unpack(head)
+            if (magic, hsize, tokens, plen) != (MAGIC, HEADER_SIZE, block_tokens, payload) or \
+                    block_name(chain, content) != name:
+                raise SnapshotCorrupt(str(path), "block", "header does not describe this block")
+            pos = HEADER_SIZE
+            for group in _chunks(rows):
+                got = os.preadv(fd, group, pos) if hasattr(os, "preadv") else \
+                    _pread_each(fd, group, pos)
+                if got != sum(int(r.nbytes) for r in group):
+                    raise SnapshotCorrupt(str(path), "block", "short read: truncated")
+                pos += got
+        except OSError as exc:
+            raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") \
+                from None
+        finally:
+            os.close(fd)
+        if content_hash(rows) != content:
+            raise SnapshotCorrupt(str(path), "block", "bytes do not match the block's checksum "
+                                  "(bit rot or a partial write)")
+
+    def size(self, name: str) -> int:
+        try:
+            return os.stat(self.path(name)).st_size
+        except OSError:
+            return 0
+
+    # ---- collecting --------------------------------------------------------------------------
+    def names(self) -> set[str]:
+        try:
+            return {p.name[:-len(SUFFIX)] for p in self.folder.iterdir()
+                    if p.name.endswith(SUFFIX) and _NAME.fullmatch(p.name[:-len(SUFFIX)])}
+        except OSError:
+            return set()
+
+    def collect(self, referenced: set[str]) -> list[str]:
+        """Delete every block no manifest references, and dead writers' temp files. The caller
+        passes the union over every manifest of the workspace (and must not call this when one
+        of them could not be read). Returns the deleted names."""
+        removed = []
+        for name in sorted(self.names() - referenced):
+            try:
+                self.path(name).unlink()
+                removed.append(name)
+            except OSError:
+                pass
+        remove_dead_temps(self.folder, _TEMP)
+        if removed:
+            fsync_dir(self.folder)
+        return removed
+
+
+def _write_all(fd: int, bufs: list) -> int:
+    done = 0
+    views = [memoryview(b).cast("B") for b in bufs]
+    while views:
+        n = os.writev(fd, views)
+        done += n
+        while views and n >= len(views[0]):
+            n -= len(views[0])
+            views.pop(0)
+        if views and n:
+            views[0] = views[0][n:]
+    return done
+
+
+def _pread_each(fd: int, bufs: list, pos: int) -> int:
+    done = 0
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        data = os.pread(fd, len(mv), pos + done)
+        mv[:len(data)] = data
+        done += len(data)
+        if len(data) < len(mv):
+            break
+    return done
