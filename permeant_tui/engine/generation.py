@@ -187,7 +187,9 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
             pending_text += seg
             pending_ids.append(token)
             now = time.perf_counter()
-            if now - last_emit >= BATCH_SECONDS:
+            # The first token goes out at once (time to first token shows, and a cancel "at
+            # the first token" is a well-defined point); the rest in ~40 ms batches.
+            if len(generated) == 1 or now - last_emit >= BATCH_SECONDS:
                 emit(Tokens(agent.agent_id, turn_id, pending_text, tuple(pending_ids)))
                 pending_text, pending_ids, last_emit = "", [], now
             if cancel.is_set():

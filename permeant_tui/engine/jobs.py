@@ -225,13 +225,19 @@ class Worker:
         if self.loaded is None:
             job.future.set_result(())
             return
-        saved, ms = [], 0.0
+        saved, ms, failed = [], 0.0, []
         for agent in list(self.ws.agents.values()):
-            took = self.save_agent(agent)
+            try:
+                took = self.save_agent(agent)
+            except Exception as exc:  # noqa: BLE001 - one agent's failure must not stop the rest
+                failed.append(f"{agent.agent_id}: {exc}")
+                continue
             if took is not None:
                 saved.append(agent.agent_id)
                 ms += took
         self.emit(Saved(tuple(saved), ms))
+        if failed:
+            raise PermeantError("could not save " + "; ".join(failed))
         job.future.set_result(tuple(saved))
 
     def reset(self, job: Job) -> None:

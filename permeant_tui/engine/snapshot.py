@@ -55,7 +55,9 @@ def _tensor_checksum(arrays: list, layer_meta: str = "") -> str:
     h = xxhash.xxh3_128()
     h.update(layer_meta.encode())
     for a in arrays:
-        h.update(memoryview(np.ascontiguousarray(_np(a))).cast("B"))
+        # reshape + view, not memoryview.cast: an empty layer (an agent with no turns yet)
+        # has a zero in its shape, which memoryview refuses to cast (issue 15)
+        h.update(np.ascontiguousarray(_np(a)).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 

@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..paths import cache_dir, resolve_workspace
 from .api import AgentView, EngineAPI, EventSink, ModelInfo, TurnView, WorkerContext
-from .errors import ModelLoadError
+from .errors import ModelLoadError, TurnCancelled
 from .events import (
     AgentStats,
     EngineStats,
@@ -34,6 +34,7 @@ from .events import (
     TurnQueued,
     TurnResult,
 )
+from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
 from .jobs import Job, Worker
 from .lock import WorkspaceLock
@@ -183,12 +184,22 @@ class Engine:
         return team
 
     def cancel(self, agent_id: str) -> None:
+        dropped: list[Job] = []
         with self._lock:
-            for job in self._queued:
+            running = self._running is not None and self._running.agent_id == agent_id
+            for job in list(self._queued):
                 if job.agent_id == agent_id:
                     job.cancel.set()
-            if self._running is not None and self._running.agent_id == agent_id:
+                    if not running:  # dropped now, not when the worker reaches it
+                        self._queued.remove(job)
+                        self._states.finished(agent_id, "cancelled", started=False)
+                        dropped.append(job)
+            if running:
+                assert self._running is not None
                 self._running.cancel.set()
+        for job in dropped:
+            self._emit(TurnCancelledEvent(agent_id, job.turn_id, None))
+            job.future.set_exception(TurnCancelled("cancelled before it started"))
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
                fidelity: bool = True) -> Future[UsxfFile]:
@@ -282,16 +293,15 @@ class Engine:
             job = self._jobs.get()
             try:
                 if job.kind == "stop":
-                    try:
-                        self._worker.save(Job("save"))
-                    finally:
-                        self._emit(Stopped())
-                        job.future.set_result(None)
+                    self._final_save()
+                    self._emit(Stopped())
+                    job.future.set_result(None)
                     return
                 if job.kind == "turn":
                     with self._lock:
-                        if job in self._queued:
-                            self._queued.remove(job)
+                        if job not in self._queued:  # dropped by cancel() while queued
+                            continue
+                        self._queued.remove(job)
                         self._running = job
                 self._worker.handle(job)
             except BaseException as exc:  # noqa: BLE001 - the worker must survive everything
@@ -304,6 +314,16 @@ class Engine:
                     with self._lock:
                         self._running = None
                 self._refresh_stats(memory=True)
+
+    def _final_save(self) -> None:
+        """The last save before the worker exits. Whatever fails here is reported and the
+        worker still stops: a stop that cannot finish would keep `shutdown()` waiting for its
+        whole timeout (issue 15: 65 s after a save error)."""
+        try:
+            self._worker.save(Job("save"))
+        except BaseException as exc:  # noqa: BLE001 - reported; the transcripts are durable
+            self._emit(Notice("error", f"save at shutdown failed: {exc}; the agents will be "
+                                       "rebuilt from their transcripts"))
 
     # ---- stats -----------------------------------------------------------------------------
     def _refresh_stats(self, memory: bool = False) -> None:
