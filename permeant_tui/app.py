@@ -105,8 +105,15 @@ class PermeantApp(App[None]):
                 tooltip="Show every key and its keymap id"),
         Binding("ctrl+f", "search", "Search", id="search", priority=True, show=False,
                 tooltip="Search every agent's conversation; Enter jumps to the turn"),
+        Binding("ctrl+l", "continue_reply", "Continue", id="continue", priority=True,
+                show=False, tooltip="Continue the focused agent's last reply (one cut by the "
+                "length limit) from its KV cache, without re-reading the conversation"),
+        Binding("f5", "regenerate", "Regenerate", id="regenerate", priority=True, show=False,
+                tooltip="Sample the focused agent's last reply again (the old one stays if "
+                "you cancel)"),
     ]
-    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset", "help", "search"})
+    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset", "help", "search",
+                                   "continue_reply", "regenerate"})
 
     def __init__(self, engine: EngineAPI, workspace_label: str = "",
                  preferences: Preferences | None = None) -> None:
@@ -186,7 +193,7 @@ class PermeantApp(App[None]):
                 user = event.user
                 if not user and self._team_questions:  # the coordinator's part of a team turn
                     user = TEAM_BRIEF_OPENING + self._team_questions.popleft()
-                await pane.turn_queued(event.turn_id, user)
+                await pane.turn_queued(event.turn_id, user, event.kind)
             case TurnStarted() if pane:
                 await pane.turn_started(event.turn_id, event.user, event.to_prefill)
             case PrefillProgress() if pane:
@@ -282,6 +289,16 @@ class PermeantApp(App[None]):
     def action_save(self) -> None:
         self._save_requested = True
         self._call(self.engine.save)
+
+    def action_continue_reply(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is not None:
+            self._call(self.engine.continue_reply, pane.agent_id)
+
+    def action_regenerate(self) -> None:
+        pane = self.workspace.active_pane
+        if pane is not None:
+            self._call(self.engine.regenerate, pane.agent_id)
 
     def action_cancel_turn(self) -> None:
         screen = self.workspace

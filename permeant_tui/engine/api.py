@@ -127,6 +127,24 @@ class EngineAPI(Protocol):
                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
         """Queue one turn; returns its turn id and a Future of its TurnResult."""
 
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None,
+                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        """Extend the agent's last reply (one cut by the length limit) from its KV cache, without
+        re-prefill; the longer reply replaces the last turn. Raises NothingToDo when there is no
+        reply; a reply that ended on its own fails the turn with NothingToDo. Events as a turn,
+        with `kind="continue"`; the result's `reply` is the whole reply, `generated` the new
+        tokens."""
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None,
+                   params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        """Rewind the agent's last reply and sample it again; the new reply replaces the last
+        turn when it completes (a cancel keeps the old one). `kind="regenerate"`."""
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None,
+                    params: TurnParams | None = None) -> TurnParams:
+        """What a turn of the agent samples with: `params`, else the agent's settings;
+        `max_tokens` overrides either."""
+
     def ask_team(self, question: str,
                  max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:
         """Technical and business answer `question`; then the coordinator gets both answers.

@@ -152,6 +152,9 @@ class Worker:
     # ---- a turn ----------------------------------------------------------------------------
     def _turn_input(self, job: Job) -> tuple[str, TurnParams]:
         payload = job.payload
+        if payload.get("kind", "new") != "new":  # continue / regenerate: the last message
+            turns = self.ws.agent(job.agent_id or "").turns
+            return (turns[-1].user if turns else ""), payload["params"]
         if "team" not in payload:
             return payload["text"], payload["params"]
         question, f_tech, f_biz = payload["team"]
@@ -160,8 +163,7 @@ class Worker:
         except BaseException as exc:
             raise PermeantError(f"team: the coordinator needs both answers ({exc})") from None
         text = TEAM_BRIEF.format(question=question, technical=tech.reply, business=biz.reply)
-        return text, TurnParams(max_tokens=payload.get("max_tokens")
-                                or self.ws.settings.max_tokens)
+        return text, payload["params"]
 
     def _finished(self, agent_id: str, outcome: Outcome, started: bool) -> None:
         with self.lock:
@@ -183,8 +185,10 @@ class Worker:
             restore = self.restore(agent)
             source = restore.source
 
+            kind = job.payload.get("kind", "new")
+
             def on_start(cached: int, todo: int) -> None:
-                self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text))
+                self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text, kind))
 
             def emit(ev: Event) -> None:
                 if isinstance(ev, Tokens) and self.states[agent_id] == "prefilling":
@@ -193,9 +197,10 @@ class Worker:
                 self.emit(ev)
 
             result = self.runner.run_turn(agent, text, params, turn_id=job.turn_id, emit=emit,
-                                          cancel=job.cancel, source=source, on_start=on_start)
+                                          cancel=job.cancel, source=source, on_start=on_start,
+                                          kind=kind)
             # Durable first: the transcript line, then the snapshot.
-            self.ws.append_turn(agent, agent.turns[-1])
+            self.ws.append_turn(agent, agent.turns[-1], replaces_last=kind != "new")
             t = time.perf_counter()
             self.enforce_residency(keep=agent)
             if self.autosave:

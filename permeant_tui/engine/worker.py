@@ -21,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..paths import cache_dir, resolve_workspace
 from .api import AgentView, EngineAPI, EventSink, ModelInfo, TurnView, WorkerContext
-from .errors import ModelLoadError, TurnCancelled
+from .errors import ModelLoadError, NothingToDo, TurnCancelled
 from .events import (
     AgentStats,
     EngineStats,
@@ -153,11 +153,35 @@ class Engine:
     def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
         self._ws.agent(agent_id)  # unknown agents fail here, in the caller's thread
-        p = params or TurnParams(max_tokens=max_tokens or self._ws.settings.max_tokens)
-        if max_tokens is not None:
-            p = replace(p, max_tokens=max_tokens)
+        p = self.turn_params(agent_id, max_tokens, params)
         job = self._turn_job(agent_id, {"text": text, "params": p})
         self._emit(TurnQueued(agent_id, job.turn_id, text))
+        self._put(job)
+        return job.turn_id, job.future
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None,
+                    params: TurnParams | None = None) -> TurnParams:
+        """What a turn of the agent samples with: `params`, else the agent's settings;
+        `max_tokens` overrides either."""
+        p = params or TurnParams(max_tokens=self._ws.settings.max_tokens)
+        return replace(p, max_tokens=max_tokens) if max_tokens is not None else p
+
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None,
+                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        return self._redo(agent_id, "continue", max_tokens, params)
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None,
+                   params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        return self._redo(agent_id, "regenerate", max_tokens, params)
+
+    def _redo(self, agent_id: str, kind: str, max_tokens: int | None,
+              params: TurnParams | None) -> tuple[int, Future[TurnResult]]:
+        turns = self._ws.agent(agent_id).turns
+        if not turns:
+            raise NothingToDo(f"{agent_id} has no reply to {kind} yet")
+        p = self.turn_params(agent_id, max_tokens, params)
+        job = self._turn_job(agent_id, {"kind": kind, "params": p})
+        self._emit(TurnQueued(agent_id, job.turn_id, turns[-1].user, kind))
         self._put(job)
         return job.turn_id, job.future
 
@@ -168,7 +192,8 @@ class Engine:
         _, f_tech = self.submit_future("technical", question, max_tokens)
         _, f_biz = self.submit_future("business", question, max_tokens)
         job = self._turn_job("coordinator", {"team": (question, f_tech, f_biz),
-                                             "max_tokens": max_tokens})
+                                             "params": self.turn_params("coordinator",
+                                                                        max_tokens)})
         self._emit(TurnQueued("coordinator", job.turn_id, ""))
         self._put(job)
         team: Future[dict[str, TurnResult]] = Future()

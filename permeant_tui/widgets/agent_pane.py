@@ -96,6 +96,8 @@ class AgentPane(Vertical):
         self._last_sent = next((t.user for t in reversed(view.turns)
                                 if team_question(t.user) is None), "")
         self._turns: dict[int, ChatTurn] = {}
+        self._redo: set[int] = set()  # turn ids that continue or regenerate a shown turn
+        self.last_finish = ""  # why the last reply of this session stopped ("length": continue)
         self._model = "loading"  # loading | ready | failed: the model's, from its events
         self._engine_state = "idle"  # the agent's, from the engine's stats
         self._prefill: tuple[int, int] | None = None  # (done, total) of the turn prefilling
@@ -224,7 +226,16 @@ class AgentPane(Vertical):
         self._model = "failed"
         self._sync_state()
 
-    async def turn_queued(self, turn_id: int, user: str) -> None:
+    async def turn_queued(self, turn_id: int, user: str, kind: str = "new") -> None:
+        """A new turn gets its own widget; a continue or a regenerate streams into the last
+        finished turn (kept as it was if it does not complete)."""
+        if kind != "new":
+            last = next((t for t in reversed(self._chat_turns()) if t.index is not None), None)
+            if last is not None:
+                await last.reopen(clear=kind == "regenerate")
+                self._turns[turn_id] = last
+                self._redo.add(turn_id)
+                return
         turn = ChatTurn(user, turn_id=turn_id, pending=True)
         self._turns[turn_id] = turn
         await self._conversation.mount(turn)
@@ -244,19 +255,26 @@ class AgentPane(Vertical):
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
-        turn.index = self._next_index  # finished turns, and only they, join the transcript
-        self._next_index += 1
+        if turn_id not in self._redo:  # a continue or regenerate keeps its turn's place
+            turn.index = self._next_index  # finished turns, and only they, join the transcript
+            self._next_index += 1
         await turn.finish(result.reply, turn_note(result))
+        self.last_finish = result.finish_reason
         self._turn_ended(turn_id)
 
     async def turn_failed(self, turn_id: int, kind: str) -> None:
         turn = await self._turn(turn_id)
-        await turn.finish(note=f"failed: {kind}", state="failed")
+        if turn_id in self._redo:
+            await turn.restore(f"failed: {kind}")
+        else:
+            await turn.finish(note=f"failed: {kind}", state="failed")
         self._turn_ended(turn_id)
 
     async def turn_cancelled(self, turn_id: int) -> None:
         turn = self._turns.get(turn_id)
-        if turn is not None:
+        if turn is not None and turn_id in self._redo:
+            await turn.restore("cancelled")
+        elif turn is not None:
             await turn.finish(note="cancelled", state="cancelled")
         self._turn_ended(turn_id)
 
@@ -284,6 +302,7 @@ class AgentPane(Vertical):
 
     def _turn_ended(self, turn_id: int) -> None:
         self._turns.pop(turn_id, None)
+        self._redo.discard(turn_id)
         self._set_prefill(None)
 
     def _set_prefill(self, progress: tuple[int, int] | None) -> None:

@@ -86,6 +86,8 @@ class Calls:
     resets: list[str] = field(default_factory=list)
     load_more: list[tuple[str, int, int]] = field(default_factory=list)
     shutdowns: int = 0
+    continues: list[str] = field(default_factory=list)
+    regenerates: list[str] = field(default_factory=list)
     started: int = 0
 
 
@@ -180,6 +182,17 @@ class ScriptedEngine:
                       params=None):
         self.calls.submits.append((agent_id, text))
         return self.engine.submit_future(agent_id, text, max_tokens, params)
+
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None, params=None):
+        self.calls.continues.append(agent_id)
+        return self.engine.continue_reply(agent_id, max_tokens, params)
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None, params=None):
+        self.calls.regenerates.append(agent_id)
+        return self.engine.regenerate(agent_id, max_tokens, params)
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None, params=None):
+        return self.engine.turn_params(agent_id, max_tokens, params)
 
     def ask_team(self, question: str, max_tokens: int | None = None) -> Future:
         self.calls.asks.append(question)
