@@ -31,6 +31,9 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PERMEANT_CACHE", str(tmp_path_factory.mktemp("cache")))
     # The UI's config file (keymap): never the developer's own.
     monkeypatch.setenv("PERMEANT_CONFIG", str(tmp_path_factory.mktemp("config") / "config.toml"))
+    # Turns submitted without params sample greedily (the agents' own settings sample): tests
+    # compare replies token for token. tests/engine/test_agent_settings.py lifts it.
+    monkeypatch.setenv("PERMEANT_GREEDY", "1")
 
 
 @pytest.fixture(scope="session")

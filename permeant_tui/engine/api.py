@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .generation import TurnParams
     from .identity import ModelIdentity
     from .models import LoadedModel
-    from .settings import WorkspaceSettings
+    from .settings import AgentSpec, WorkspaceSettings
     from .usxf.reader import UsxfFile as ExportInfo
     from .workspace import Workspace
 
@@ -144,6 +144,11 @@ class EngineAPI(Protocol):
                     params: TurnParams | None = None) -> TurnParams:
         """What a turn of the agent samples with: `params`, else the agent's settings;
         `max_tokens` overrides either."""
+
+    def update_agent_settings(self, agent_id: str, **changes) -> Future[AgentSpec]:
+        """Change the agent's generation settings (temp, top_p, repetition_penalty, max_tokens;
+        see `settings()`), saved in workspace.json; later turns submitted without params use
+        them. Bad values raise WorkspaceError at once, naming the field."""
 
     def ask_team(self, question: str,
                  max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:

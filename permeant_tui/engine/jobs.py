@@ -36,6 +36,7 @@ from .events import (
 from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
 from .runner import ModelRunner
+from .settings import save_settings
 from .states import AgentStates, Outcome
 from .workspace import Workspace
 
@@ -58,7 +59,7 @@ def snapshot_warning(agent_id: str, exc: BaseException) -> str:
 
 @dataclass
 class Job:
-    kind: str  # load | turn | save | reset | export | import | replay | call | stop
+    kind: str  # load | turn | save | reset | export | import | replay | call | settings | stop
     agent_id: str | None = None
     payload: dict = field(default_factory=dict)
     future: Future = field(default_factory=Future)
@@ -84,7 +85,7 @@ class Worker:
         self._handlers: dict[str, Callable[[Job], None]] = {
             "load": self.load, "turn": self.turn, "save": self.save, "reset": self.reset,
             "export": self.export, "import": self.import_usxf, "replay": self.replay_fidelity,
-            "call": self.call,
+            "call": self.call, "settings": self.agent_settings,
         }
 
     def handle(self, job: Job) -> None:
@@ -279,6 +280,16 @@ class Worker:
         assert job.agent_id is not None
         self.need_model()
         job.future.set_result(self.runner.replay_fidelity(self.ws, job.agent_id, self.restore))
+
+    def agent_settings(self, job: Job) -> None:
+        """Apply checked generation settings to the agent's spec and save workspace.json."""
+        spec = self.ws.settings.agent(job.agent_id or "")
+        if spec is None:
+            raise PermeantError(f"no settings for agent {job.agent_id!r}")
+        for key, value in job.payload["changes"].items():
+            setattr(spec, key, value)
+        save_settings(self.ws.folder, self.ws.settings)
+        job.future.set_result(replace(spec))
 
     def context(self) -> WorkerContext:
         return WorkerContext(self.loaded, self.ws,

@@ -9,6 +9,7 @@ is engine/jobs.py; the model work behind it is the runner (engine/runner.py).
 
 from __future__ import annotations
 
+import os
 import queue
 import threading
 import time
@@ -40,7 +41,7 @@ from .jobs import Job, Worker
 from .lock import WorkspaceLock
 from .runner import MlxRunner, ModelRunner
 from .runtime import MemoryFigures
-from .settings import WorkspaceSettings
+from .settings import AgentSpec, WorkspaceSettings, check_generation
 from .states import AgentStates
 from .workspace import Workspace
 
@@ -161,10 +162,18 @@ class Engine:
 
     def turn_params(self, agent_id: str, max_tokens: int | None = None,
                     params: TurnParams | None = None) -> TurnParams:
-        """What a turn of the agent samples with: `params`, else the agent's settings;
-        `max_tokens` overrides either."""
-        p = params or TurnParams(max_tokens=self._ws.settings.max_tokens)
+        """What a turn of the agent samples with: `params`, else the agent's settings (greedy
+        under PERMEANT_GREEDY=1: tests and benchmarks); `max_tokens` overrides either."""
+        p = params or agent_params(self._ws.settings, agent_id)
         return replace(p, max_tokens=max_tokens) if max_tokens is not None else p
+
+    def update_agent_settings(self, agent_id: str, **changes) -> Future[AgentSpec]:
+        """Change the agent's generation settings (temp, top_p, repetition_penalty,
+        max_tokens) and save them in workspace.json. Bad values raise WorkspaceError here, in
+        the caller's thread, naming the field; nothing is changed then."""
+        self._ws.agent(agent_id)
+        checked = check_generation(changes)
+        return self._put(Job("settings", agent_id, {"changes": checked}))
 
     def continue_reply(self, agent_id: str, max_tokens: int | None = None,
                        params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
@@ -375,6 +384,17 @@ class Engine:
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
+
+
+def agent_params(settings: WorkspaceSettings, agent_id: str) -> TurnParams:
+    """The agent's own sampling settings as TurnParams. PERMEANT_GREEDY=1 makes every such
+    turn greedy and unpenalised (the test suite sets it; `--temp` passes explicit params)."""
+    spec = settings.agent(agent_id)
+    max_tokens = (spec.max_tokens if spec else None) or settings.max_tokens
+    if spec is None or os.environ.get("PERMEANT_GREEDY") == "1":
+        return TurnParams(max_tokens=max_tokens)
+    return TurnParams(max_tokens=max_tokens, temp=spec.temp, top_p=spec.top_p,
+                      repetition_penalty=spec.repetition_penalty)
 
 
 if TYPE_CHECKING:

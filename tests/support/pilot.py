@@ -191,6 +191,9 @@ class ScriptedEngine:
         self.calls.regenerates.append(agent_id)
         return self.engine.regenerate(agent_id, max_tokens, params)
 
+    def update_agent_settings(self, agent_id: str, **changes):
+        return self.engine.update_agent_settings(agent_id, **changes)
+
     def turn_params(self, agent_id: str, max_tokens: int | None = None, params=None):
         return self.engine.turn_params(agent_id, max_tokens, params)
 
