@@ -200,11 +200,12 @@ class PermeantApp(App[None]):
                     user = TEAM_BRIEF_OPENING + self._team_questions.popleft()
                 await pane.turn_queued(event.turn_id, user, event.kind)
             case TurnStarted() if pane:
-                await pane.turn_started(event.turn_id, event.user, event.to_prefill)
+                await pane.turn_started(event.turn_id, event.user, event.to_prefill,
+                                        event.cached)
             case PrefillProgress() if pane:
                 pane.prefill_progress(event.done, event.total)
             case Tokens() if pane:
-                await pane.tokens(event.turn_id, event.text)
+                await pane.tokens(event.turn_id, event.text, len(event.ids))
             case TurnDone() if pane:
                 await pane.turn_done(event.turn_id, event.result)
             case TurnFailed():

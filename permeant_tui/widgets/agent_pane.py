@@ -9,7 +9,9 @@ subtitle; events only add the prefill count ("prefilling 120/300").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -49,6 +51,31 @@ STATE_STYLES = {
     "failed": "$text-error",
     "unavailable": "$text-error",
 }
+
+
+class LiveFigures:
+    """What a streaming turn has reached, from its events: tokens in the context (reused +
+    prefilled + generated so far) and the decode speed since the first token."""
+
+    def __init__(self, cached: int) -> None:
+        self.cached, self.prefilled, self.tokens_out = cached, 0, 0
+        self._first: float | None = None
+        self._last = 0.0
+
+    def generated(self, n: int, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self.tokens_out += n
+        self._last = now
+
+    @property
+    def tok_s(self) -> float:
+        span = self._last - (self._first or self._last)
+        return (self.tokens_out - 1) / span if self.tokens_out > 1 and span > 0 else 0.0
+
+    def over(self, stats: AgentStats) -> AgentStats:
+        tokens = max(stats.tokens, self.cached + self.prefilled + self.tokens_out)
+        return replace(stats, tokens=tokens, last_tok_s=self.tok_s or stats.last_tok_s)
 
 
 def turn_note(result: TurnResult) -> str:
@@ -97,6 +124,9 @@ class AgentPane(Vertical):
                                 if team_question(t.user) is None), "")
         self._turns: dict[int, ChatTurn] = {}
         self._redo: set[int] = set()  # turn ids that continue or regenerate a shown turn
+        self._live: LiveFigures | None = None  # the turn streaming now, for live gauges
+        self._stats: AgentStats | None = None  # the engine's last figures for this agent
+        self._prefill_total = 0
         self.last_finish = ""  # why the last reply of this session stopped ("length": continue)
         self._model = "loading"  # loading | ready | failed: the model's, from its events
         self._engine_state = "idle"  # the agent's, from the engine's stats
@@ -240,16 +270,27 @@ class AgentPane(Vertical):
         self._turns[turn_id] = turn
         await self._conversation.mount(turn)
 
-    async def turn_started(self, turn_id: int, user: str, to_prefill: int) -> None:
+    async def turn_started(self, turn_id: int, user: str, to_prefill: int,
+                           cached: int = 0) -> None:
         turn = await self._turn(turn_id, user)
         turn.set_user(user)
+        self._live = LiveFigures(cached)
+        self._prefill_total = to_prefill
         self._set_prefill((0, to_prefill) if to_prefill else None)
 
     def prefill_progress(self, done: int, total: int) -> None:
         self._set_prefill((done, total))
+        if self._live is not None:
+            self._live.prefilled = done
+            self._show_live()
 
-    async def tokens(self, turn_id: int, text: str) -> None:
+    async def tokens(self, turn_id: int, text: str, n_ids: int = 0) -> None:
         self._set_prefill(None)
+        if self._live is not None:
+            if self._prefill_total:
+                self._live.prefilled = self._prefill_total
+            self._live.generated(n_ids, time.monotonic())
+            self._show_live()
         turn = await self._turn(turn_id)
         await turn.append(text)
 
@@ -279,6 +320,7 @@ class AgentPane(Vertical):
         self._turn_ended(turn_id)
 
     async def reset(self) -> None:
+        self._live = None
         self._turns.clear()
         self._set_prefill(None)
         self.first_index = self._next_index = 0
@@ -293,19 +335,29 @@ class AgentPane(Vertical):
             self._export_bar.update(progress=fraction)
 
     def show_stats(self, stats: AgentStats) -> None:
-        self._gauges.show(stats)
+        self._stats = stats
+        self._gauges.show(self._live.over(stats) if self._live is not None else stats)
         if stats.state != self._engine_state:
             self._engine_state = stats.state
             self._sync_state()
 
     # internals
 
+    def _show_live(self) -> None:
+        """The gauges while a reply streams: the engine's figures of the last sample, with the
+        context and the speed this turn has reached since (the engine's arrive when it ends)."""
+        if self._stats is not None and self._live is not None:
+            self._gauges.show(self._live.over(self._stats))
+
     def _turn_ended(self, turn_id: int) -> None:
+        self._live = None
         self._turns.pop(turn_id, None)
         self._redo.discard(turn_id)
         self._set_prefill(None)
 
     def _set_prefill(self, progress: tuple[int, int] | None) -> None:
+        if progress is not None:
+            self._prefill_total = progress[1]
         if progress != self._prefill:
             self._prefill = progress
             self._sync_state()
