@@ -38,6 +38,8 @@ EventSink = Callable[[Event], None]
 class TurnView:
     user: str
     reply: str
+    # the figures kept in the transcript (engine/agent.py Turn.stats), None for older turns
+    stats: dict | None = None
 
 
 @dataclass(frozen=True)

@@ -245,6 +245,14 @@ def _figures(agent: Agent, dec: _Decode, t0: float, t_end: float) -> tuple[float
     return t_first - t0, decode_s, tok_s
 
 
+def turn_stats(generated: int, tok_s: float, ttft_s: float, cached: int, prefilled: int,
+               finish: str) -> dict:
+    """The figures kept with a Turn in the transcript (shown under the reply after a restart)."""
+    return {"generated": generated, "decode_tok_s": round(tok_s, 2),
+            "ttft_ms": round(ttft_s * 1000, 1), "cached": cached, "prefilled": prefilled,
+            "finish": finish}
+
+
 def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
              context_limit: int, turn_id: int, emit: Callable[[Event], None],
              cancel: threading.Event, source: str,
@@ -286,10 +294,12 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     agent.cache_ids = prompt + generated
     _settle(model, agent, len(agent.cache_ids))
     reply = dec.reply(generated)
-    agent.turns.append(Turn(text, reply, tuple(generated), time.time()))
+    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
+    agent.turns.append(Turn(text, reply, tuple(generated), time.time(),
+                            turn_stats(len(generated), tok_s, ttft, cached, len(todo),
+                                       dec.finish)))
     agent.dirty = True
     agent.last_used = time.time()
-    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
     return TurnResult(
         agent=agent.agent_id, user=text, reply=reply, generated_ids=tuple(generated),
         source=source, cached=cached, prefilled=len(todo), generated=len(generated),
@@ -358,10 +368,11 @@ def continue_reply(model, tokenizer, agent: Agent, params: TurnParams, *, contex
     agent.cache_ids = expected + dec.generated
     _settle(model, agent, len(agent.cache_ids))
     reply = dec.reply(ids)
-    agent.turns[-1] = Turn(last.user, reply, ids, time.time())
+    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
+    agent.turns[-1] = Turn(last.user, reply, ids, time.time(),
+                           turn_stats(len(ids), tok_s, ttft, n - 1, 1, dec.finish))
     agent.dirty = True
     agent.last_used = time.time()
-    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
     return TurnResult(
         agent=agent.agent_id, user=last.user, reply=reply, generated_ids=ids, source=source,
         cached=n - 1, prefilled=1, generated=len(dec.generated),

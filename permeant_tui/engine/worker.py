@@ -136,7 +136,7 @@ class Engine:
 
     def _view(self, agent_id: str) -> AgentView:
         a = self._ws.agent(agent_id)
-        turns = tuple(TurnView(t.user, t.reply) for t in list(a.turns))
+        turns = tuple(TurnView(t.user, t.reply, t.stats) for t in list(a.turns))
         return AgentView(a.agent_id, a.role, a.title, a.system, turns)
 
     def settings(self) -> WorkspaceSettings:
@@ -145,7 +145,7 @@ class Engine:
     def load_more(self, agent_id: str, before: int, count: int = 20) -> list[TurnView]:
         turns = self._ws.agent(agent_id).turns
         lo = max(0, before - count)
-        return [TurnView(t.user, t.reply) for t in turns[lo:before]]
+        return [TurnView(t.user, t.reply, t.stats) for t in turns[lo:before]]
 
     def submit(self, agent_id: str, text: str, max_tokens: int | None = None,
                params: TurnParams | None = None) -> int:

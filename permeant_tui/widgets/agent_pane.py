@@ -79,13 +79,31 @@ class LiveFigures:
 
 
 def turn_note(result: TurnResult) -> str:
-    parts = [f"{result.generated} tokens", f"{result.decode_tok_s:.1f} tok/s"]
-    if result.cached:
-        parts.append(f"{result.cached:,} reused")
-    if result.prefilled:
-        parts.append(f"{result.prefilled:,} prefilled")
-    if result.finish_reason not in ("stop", ""):
-        parts.append(f"stopped: {result.finish_reason}")
+    return _note(result.generated, result.decode_tok_s, result.cached, result.prefilled,
+                 result.finish_reason)
+
+
+def history_note(stats: dict | None) -> str:
+    """The same footnote for a turn of an earlier session, from the figures its transcript
+    line keeps ("" for turns recorded before they were kept, or unreadable ones)."""
+    if not stats:
+        return ""
+    try:
+        return _note(int(stats["generated"]), float(stats["decode_tok_s"]),
+                     int(stats.get("cached", 0)), int(stats.get("prefilled", 0)),
+                     str(stats.get("finish", "")))
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+def _note(generated: int, tok_s: float, cached: int, prefilled: int, finish: str) -> str:
+    parts = [f"{generated} tokens", f"{tok_s:.1f} tok/s"]
+    if cached:
+        parts.append(f"{cached:,} reused")
+    if prefilled:
+        parts.append(f"{prefilled:,} prefilled")
+    if finish not in ("stop", ""):
+        parts.append(f"stopped: {printable(finish)}")
     return " · ".join(parts)
 
 
@@ -144,7 +162,8 @@ class AgentPane(Vertical):
         with self._conversation:
             yield self._load_more_button
             for index, turn in enumerate(self._initial, self.first_index):
-                yield ChatTurn(turn.user, turn.reply, index=index)
+                yield ChatTurn(turn.user, turn.reply, index=index,
+                               note=history_note(turn.stats))
         yield self._export_bar
         yield self._gauges
         yield self._message_input
@@ -232,7 +251,7 @@ class AgentPane(Vertical):
         self.first_index = max(first_index, 0) if turns else 0
         if turns:
             await self._conversation.mount_all(
-                [ChatTurn(turn.user, turn.reply, index=index)
+                [ChatTurn(turn.user, turn.reply, index=index, note=history_note(turn.stats))
                  for index, turn in enumerate(turns, self.first_index)],
                 after="#load-more",
             )

@@ -73,7 +73,8 @@ def write_workspace(folder: Path, agent_views: list[AgentView]) -> None:
             d = folder / "agents" / v.agent_id
             d.mkdir(parents=True, exist_ok=True)
             (d / "transcript.jsonl").write_text("".join(
-                json.dumps(Turn(t.user, t.reply, (), 0.0).to_json()) + "\n" for t in v.turns))
+                json.dumps(Turn(t.user, t.reply, (), 0.0, t.stats).to_json()) + "\n"
+                for t in v.turns))
 
 
 @dataclass
