@@ -254,8 +254,7 @@ class PermeantApp(App[None]):
                 self.engine_stopped = True
 
     def _demo_note(self, model_name: str) -> None:
-        """On a first start with an embedded model, say plainly what it is and how to bring a
-        real one."""
+        """First start on an embedded model: say what it is and how to bring a real one."""
         note = demo_model_note(model_name)
         if note and not any(view.turns for view in self._call(self.engine.agents) or []):
             self._tell(note, "Demonstration model", timeout=20)
@@ -304,14 +303,19 @@ class PermeantApp(App[None]):
         self._call(self.engine.save)
 
     def action_continue_reply(self) -> None:
-        pane = self.workspace.active_pane
-        if pane is not None:
-            self._call(self.engine.continue_reply, pane.agent_id)
+        self._redo("continue_reply")
 
     def action_regenerate(self) -> None:
+        self._redo("regenerate")
+
+    def _redo(self, method: str) -> None:
+        """Continue or regenerate the focused agent's last reply, once its turns are done."""
         pane = self.workspace.active_pane
-        if pane is not None:
-            self._call(self.engine.regenerate, pane.agent_id)
+        if pane is not None and pane.busy:
+            self._tell("Wait for the turn in flight to finish (or cancel it with escape).",
+                       pane.agent_title, "warning")
+        elif pane is not None:
+            self._call(getattr(self.engine, method), pane.agent_id)
 
     def action_agent_settings(self) -> None:
         pane = self.workspace.active_pane

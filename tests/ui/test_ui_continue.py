@@ -110,3 +110,18 @@ async def test_continue_and_regenerate_are_in_the_palette():
         await pilot.press("enter")
         await settle(pilot, engine)
         assert engine.calls.continues == ["technical"]
+
+
+async def test_continue_waits_for_the_turn_in_flight():
+    engine = ScriptedEngine(manual=True)
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        await send(pilot, "hello")
+        await settle(pilot, engine)  # held at the gate
+        await pilot.press("ctrl+l")
+        await pilot.pause()
+        assert engine.calls.continues == []
+        assert any("Wait for the turn in flight" in message for _, message, _ in notes(app))
+        engine.release()
+        await settle(pilot, engine)
