@@ -21,7 +21,7 @@ from textual.command import CommandPalette
 from textual.message import Message
 from textual.worker import Worker, WorkerState
 
-from .conversation import TEAM_BRIEF_OPENING, conversation_markdown
+from .conversation import TEAM_BRIEF_OPENING, conversation_markdown, demo_model_note
 from .engine.agent import DEFAULT_AGENTS
 from .engine.api import AgentView, EngineAPI
 from .engine.atomic import write_atomic
@@ -52,6 +52,7 @@ from .engine.events import (
 from .engine.text import printable
 from .palette import HistorySearch, WorkspaceCommands
 from .preferences import Preferences, load_preferences
+from .screens.agent_settings import AgentSettingsScreen
 from .screens.confirm import ConfirmScreen
 from .screens.help import HelpScreen, binding_ids, workspace_keys
 from .screens.migrate import MigrateScreen, MigrationRequest
@@ -105,8 +106,18 @@ class PermeantApp(App[None]):
                 tooltip="Show every key and its keymap id"),
         Binding("ctrl+f", "search", "Search", id="search", priority=True, show=False,
                 tooltip="Search every agent's conversation; Enter jumps to the turn"),
+        Binding("ctrl+l", "continue_reply", "Continue", id="continue", priority=True,
+                show=False, tooltip="Continue the focused agent's last reply (one cut by the "
+                "length limit) from its KV cache, without re-reading the conversation"),
+        Binding("f5", "regenerate", "Regenerate", id="regenerate", priority=True, show=False,
+                tooltip="Sample the focused agent's last reply again (the old one stays if "
+                "you cancel)"),
+        Binding("f8", "agent_settings", "Agent settings", id="agent.settings", priority=True,
+                show=False, tooltip="Temperature, top-p, repetition penalty and max tokens of "
+                "the focused agent (saved in the workspace)"),
     ]
-    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset", "help", "search"})
+    WORKSPACE_ACTIONS = frozenset({"export", "save", "cancel_turn", "reset", "help", "search",
+                                   "continue_reply", "regenerate", "agent_settings"})
 
     def __init__(self, engine: EngineAPI, workspace_label: str = "",
                  preferences: Preferences | None = None) -> None:
@@ -174,6 +185,7 @@ class PermeantApp(App[None]):
                                     event.context_limit, event.chat_format)
                 for each in screen.panes:
                     each.model_ready()
+                self._demo_note(event.name)
             case ModelFailed():
                 screen.status.failed(event.message)
                 for each in screen.panes:
@@ -186,13 +198,14 @@ class PermeantApp(App[None]):
                 user = event.user
                 if not user and self._team_questions:  # the coordinator's part of a team turn
                     user = TEAM_BRIEF_OPENING + self._team_questions.popleft()
-                await pane.turn_queued(event.turn_id, user)
+                await pane.turn_queued(event.turn_id, user, event.kind)
             case TurnStarted() if pane:
-                await pane.turn_started(event.turn_id, event.user, event.to_prefill)
+                await pane.turn_started(event.turn_id, event.user, event.to_prefill,
+                                        event.cached)
             case PrefillProgress() if pane:
                 pane.prefill_progress(event.done, event.total)
             case Tokens() if pane:
-                await pane.tokens(event.turn_id, event.text)
+                await pane.tokens(event.turn_id, event.text, len(event.ids))
             case TurnDone() if pane:
                 await pane.turn_done(event.turn_id, event.result)
             case TurnFailed():
@@ -240,6 +253,12 @@ class PermeantApp(App[None]):
             case Stopped():
                 self.engine_stopped = True
 
+    def _demo_note(self, model_name: str) -> None:
+        """First start on an embedded model: say what it is and how to bring a real one."""
+        note = demo_model_note(model_name)
+        if note and not any(view.turns for view in self._call(self.engine.agents) or []):
+            self._tell(note, "Demonstration model", timeout=20)
+
     def _notify_restored(self, event: AgentRestored, title: str) -> None:
         if event.source in RESTORED_BY:
             self._tell(f"restored from {RESTORED_BY[event.source]} in {event.ms:,.0f} ms, "
@@ -269,7 +288,7 @@ class PermeantApp(App[None]):
 
     def check_action(self, action: str, parameters: tuple[object, ...]) -> bool | None:
         if action in self.WORKSPACE_ACTIONS and isinstance(
-                self.screen, (ConfirmScreen, MigrateScreen, HelpScreen)):
+                self.screen, (ConfirmScreen, MigrateScreen, HelpScreen, AgentSettingsScreen)):
             return False
         return True
 
@@ -282,6 +301,39 @@ class PermeantApp(App[None]):
     def action_save(self) -> None:
         self._save_requested = True
         self._call(self.engine.save)
+
+    def action_continue_reply(self) -> None:
+        self._redo("continue_reply")
+
+    def action_regenerate(self) -> None:
+        self._redo("regenerate")
+
+    def _redo(self, method: str) -> None:
+        """Continue or regenerate the focused agent's last reply, once its turns are done."""
+        pane = self.workspace.active_pane
+        if pane is not None and pane.busy:
+            self._tell("Wait for the turn in flight to finish (or cancel it with escape).",
+                       pane.agent_title, "warning")
+        elif pane is not None:
+            self._call(getattr(self.engine, method), pane.agent_id)
+
+    def action_agent_settings(self) -> None:
+        pane = self.workspace.active_pane
+        settings = self._call(self.engine.settings)
+        spec = settings.agent(pane.agent_id) if pane is not None and settings else None
+        if pane is None or settings is None or spec is None:
+            return
+
+        def save(values: dict | None) -> None:
+            if values:
+                if self._call(self.engine.update_agent_settings, pane.agent_id,
+                              **values) is not None:
+                    shown = ", ".join(f"{k} {'default' if v is None else f'{v:g}'}"
+                                      for k, v in values.items())
+                    self._tell(shown, f"{pane.agent_title}: settings saved")
+            pane.input.focus()
+
+        self.push_screen(AgentSettingsScreen(pane.agent_title, spec, settings.max_tokens), save)
 
     def action_cancel_turn(self) -> None:
         screen = self.workspace
@@ -379,7 +431,8 @@ class PermeantApp(App[None]):
                    "Markdown", timeout=12)
 
     def _check_preferences(self) -> None:
-        known = binding_ids(self.BINDINGS, ConfirmScreen.BINDINGS, MigrateScreen.BINDINGS)
+        known = binding_ids(self.BINDINGS, ConfirmScreen.BINDINGS, MigrateScreen.BINDINGS,
+                            AgentSettingsScreen.BINDINGS)
         for problem in self.preferences.check(known):
             self._tell(problem, "Keymap", "warning", timeout=15)
 
@@ -414,10 +467,11 @@ class PermeantApp(App[None]):
         self.notify(text, title=printable(title), severity=severity,  # type: ignore[arg-type]
                     timeout=timeout, markup=False)
 
-    def _call(self, method: Callable[..., T], *args: Any, quiet: bool = False) -> T | None:
+    def _call(self, method: Callable[..., T], *args: Any, quiet: bool = False,
+              **kwargs: Any) -> T | None:
         """Call the engine; a failure becomes a notification, never a crash."""
         try:
-            return method(*args)
+            return method(*args, **kwargs)
         except Exception as error:
             if not quiet:
                 self._failed(method.__name__.replace("_", " "), error)

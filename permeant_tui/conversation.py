@@ -103,3 +103,16 @@ def snippet(flat: str, at: int, length: int, width: int = SNIPPET_CHARS) -> str:
     start = max(0, min(start, end - width))
     text = flat[start:end]
     return printable(("…" if start else "") + text + ("…" if end < len(flat) else ""))
+
+
+# The embedded models' names (engine/embedded.py display names): small demonstration models.
+DEMO_MODELS = ("SmolLM2-135M-Instruct (", "Gemma 3 270M (")
+
+
+def demo_model_note(model_name: str) -> str | None:
+    """What a first start with an embedded model says about it, or None for any other model."""
+    if not model_name.startswith(DEMO_MODELS):
+        return None
+    return (f"{model_name} is a small demonstration model: expect short, often wrong answers. "
+            "Bring a real one with `permeant --model path/to/model.gguf` (or, on a Mac, an "
+            "mlx-community repository such as mlx-community/Qwen2.5-7B-Instruct-4bit).")

@@ -21,6 +21,11 @@ runtime.prepare()  # OpenBLAS before the first mlx import, as the CLI does
 os.environ.setdefault("PERMEANT_MODEL_CACHE", str(
     Path(tempfile.gettempdir()) / f"permeant-test-models-{os.getuid()}"))
 
+# Turns submitted without params sample greedily (the agents' own settings sample): tests
+# compare replies token for token. Set here, not in a fixture, so module- and session-scoped
+# fixtures and subprocesses see it too; tests/engine/test_agent_settings.py lifts it.
+os.environ["PERMEANT_GREEDY"] = "1"
+
 # llama.cpp's outputs for the embedded GGUF, kept in the repository (tests/data/README.md)
 FIXTURES = Path(__file__).resolve().parent / "data"
 

@@ -29,10 +29,16 @@ class Turn:
     reply: str
     generated_ids: tuple[int, ...]
     ts: float = 0.0
+    # How the reply was made, shown under it after a restart too: generated, decode_tok_s,
+    # ttft_ms, cached, prefilled, finish. None for turns recorded before it was kept.
+    stats: dict | None = field(default=None, compare=False)
 
     def to_json(self) -> dict:
-        return {"user": self.user, "reply": self.reply,
-                "generated_ids": list(self.generated_ids), "ts": self.ts}
+        d = {"user": self.user, "reply": self.reply,
+             "generated_ids": list(self.generated_ids), "ts": self.ts}
+        if self.stats:
+            d["stats"] = self.stats
+        return d
 
     @classmethod
     def from_json(cls, d: dict) -> Turn:
@@ -41,7 +47,9 @@ class Turn:
             raise TypeError("generated_ids is not a list")
         # Kept as found: checked against the model's vocabulary before use
         # (Workspace.ensure_resident), which names the agent and the turn.
-        return cls(str(d["user"]), str(d["reply"]), tuple(ids), float(d.get("ts", 0.0)))
+        stats = d.get("stats")
+        return cls(str(d["user"]), str(d["reply"]), tuple(ids), float(d.get("ts", 0.0)),
+                   stats if isinstance(stats, dict) else None)
 
 
 @dataclass

@@ -26,7 +26,7 @@ if TYPE_CHECKING:
     from .generation import TurnParams
     from .identity import ModelIdentity
     from .models import LoadedModel
-    from .settings import WorkspaceSettings
+    from .settings import AgentSpec, WorkspaceSettings
     from .usxf.reader import UsxfFile as ExportInfo
     from .workspace import Workspace
 
@@ -38,6 +38,8 @@ EventSink = Callable[[Event], None]
 class TurnView:
     user: str
     reply: str
+    # the figures kept in the transcript (engine/agent.py Turn.stats), None for older turns
+    stats: dict | None = None
 
 
 @dataclass(frozen=True)
@@ -131,6 +133,29 @@ class EngineAPI(Protocol):
     def submit_future(self, agent_id: str, text: str, max_tokens: int | None = None,
                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
         """Queue one turn; returns its turn id and a Future of its TurnResult."""
+
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None,
+                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        """Extend the agent's last reply (one cut by the length limit) from its KV cache, without
+        re-prefill; the longer reply replaces the last turn. Raises NothingToDo when there is no
+        reply; a reply that ended on its own fails the turn with NothingToDo. Events as a turn,
+        with `kind="continue"`; the result's `reply` is the whole reply, `generated` the new
+        tokens."""
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None,
+                   params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        """Rewind the agent's last reply and sample it again; the new reply replaces the last
+        turn when it completes (a cancel keeps the old one). `kind="regenerate"`."""
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None,
+                    params: TurnParams | None = None) -> TurnParams:
+        """What a turn of the agent samples with: `params`, else the agent's settings;
+        `max_tokens` overrides either."""
+
+    def update_agent_settings(self, agent_id: str, **changes) -> Future[AgentSpec]:
+        """Change the agent's generation settings (temp, top_p, repetition_penalty, max_tokens;
+        see `settings()`), saved in workspace.json; later turns submitted without params use
+        them. Bad values raise WorkspaceError at once, naming the field."""
 
     def ask_team(self, question: str,
                  max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:

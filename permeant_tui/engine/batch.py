@@ -31,6 +31,8 @@ from .generation import (
     TurnParams,
     common_prefix,
     prefill,
+    processors_for,
+    sampler_for,
     sync_to_transcript,
     trim_to,
     undo_turn,
@@ -63,15 +65,6 @@ class BatchTurn:
 def batchable(model) -> bool:
     """True when every layer's cache type can join a batch (mlx-lm's merge/extract)."""
     return kvcache.batchable(new_cache(model))
-
-
-def _processors(params: TurnParams) -> list:
-    penalty = getattr(params, "repetition_penalty", None)
-    if not penalty or penalty == 1.0:
-        return []
-    from mlx_lm.sample_utils import make_logits_processors
-
-    return make_logits_processors(repetition_penalty=penalty)
 
 
 def _begin(model, tokenizer, t: BatchTurn, context_limit: int) -> None:
@@ -219,9 +212,8 @@ def run_turns(model, tokenizer, turns: list[BatchTurn], *,
     seeds = [s for s in (turns[i].params.seed for i in live) if s is not None]
     if seeds:
         mx.random.seed(seeds[0])
-    greedy = make_sampler(temp=0.0)
-    samplers = [greedy if turns[i].params.temp <= 0 else
-                make_sampler(temp=turns[i].params.temp, top_p=turns[i].params.top_p)
+    greedy = make_sampler(temp=0.0)  # one object: the batch samples in one call when all share it
+    samplers = [greedy if turns[i].params.temp <= 0 else sampler_for(turns[i].params)
                 for i in live]
     gen = BatchGenerator(model, stop_tokens=[[e] for e in sorted(eos)])
     original = {i: turns[i].agent.cache for i in live}
@@ -230,7 +222,10 @@ def run_turns(model, tokenizer, turns: list[BatchTurn], *,
         uids = gen.insert([[turns[i].prompt[-1]] for i in live],
                           max_tokens=[turns[i].params.max_tokens for i in live],
                           caches=[original[i] for i in live], samplers=samplers,
-                          logits_processors=[_processors(turns[i].params) for i in live])
+                          logits_processors=[processors_for(turns[i].params) or [] for i in live],
+                          # what a penalty looks back over, as in a single turn: the new part of
+                          # the prompt (the last token is the batch's first input), then replies
+                          all_tokens=[turns[i].prompt[turns[i].cached:-1] for i in live])
         by_uid = dict(zip(uids, live, strict=True))
         while by_uid:
             _, responses = gen.next()

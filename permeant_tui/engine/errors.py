@@ -35,6 +35,11 @@ class TurnCancelled(PermeantError):
     """The turn was cancelled between tokens; nothing was recorded."""
 
 
+class NothingToDo(PermeantError):
+    """A continue or a regenerate with nothing to work on (no reply yet, or the last reply
+    ended on its own); the message says what to do instead."""
+
+
 class UnknownAgent(PermeantError):
     exit_code = 2
 

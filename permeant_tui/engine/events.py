@@ -56,6 +56,7 @@ class TurnQueued(Event):
     agent_id: str
     turn_id: int
     user: str = ""  # the message; empty for a team coordinator turn until it starts
+    kind: str = "new"  # new | continue (extends the last reply) | regenerate (replaces it)
 
 
 @dataclass(frozen=True)
@@ -66,6 +67,7 @@ class TurnStarted(Event):
     cached: int  # tokens reused from KV state
     to_prefill: int
     user: str = ""  # the user message of this turn (for the coordinator: the composed brief)
+    kind: str = "new"  # as TurnQueued.kind
 
 
 @dataclass(frozen=True)
@@ -103,6 +105,8 @@ class TurnResult:
     finish_reason: str = "stop"
     # how the cache was brought back before the turn: None (no need) | "trim" | "rebuild"
     rewind: str | None = None
+    # new | continue (reply: the whole extended reply; generated: the new tokens) | regenerate
+    kind: str = "new"
 
     def to_json(self) -> dict:
         return {

@@ -15,23 +15,32 @@ from dataclasses import dataclass
 
 from . import kvcache
 from .agent import Agent, Turn
-from .errors import ContextExhausted, TurnCancelled
+from .errors import ContextExhausted, NothingToDo, TurnCancelled
 from .events import Event, PrefillProgress, Tokens, TurnResult
 from .kvcache import cache_offset, new_cache
 
-__all__ = ["TurnParams", "cache_offset", "common_prefix", "new_cache", "prefill", "rebuild",
-           "run_turn", "sync_to_transcript", "trim_to", "undo_turn"]
+__all__ = ["TurnParams", "cache_offset", "common_prefix", "continue_reply", "new_cache",
+           "prefill", "rebuild", "regenerate", "run_turn", "sync_to_transcript", "trim_to",
+           "undo_turn"]
 
 PREFILL_CHUNK = 512
 BATCH_SECONDS = 0.04
 
 
+REPETITION_CONTEXT = 20  # tokens the repetition penalty looks back over (mlx_lm's default)
+
+
 @dataclass(frozen=True)
 class TurnParams:
+    """How one turn samples. The defaults here are greedy and unpenalised (tests, benchmarks,
+    `--temp 0`); an agent's own settings (engine/settings.py `AgentSpec`, the SmolLM2
+    recommendation by default) apply when a front end submits without params."""
+
     max_tokens: int = 256
     temp: float = 0.0
     top_p: float = 1.0
     seed: int | None = None
+    repetition_penalty: float | None = None  # mlx_lm's multiplicative penalty; None/1.0: off
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -125,10 +134,130 @@ def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
     return len(rest)
 
 
+class _Decode:
+    """One streamed decode through mlx_lm's `generate_step` into the agent's cache: feeds
+    `feed` (the part of the prompt not in the cache), samples up to max_tokens, batches text
+    into Tokens events. `prefix` are generated ids already shown (a continued reply): the
+    detokenizer reads them first so the text joins them exactly."""
+
+    def __init__(self, model, tokenizer, agent: Agent, params: TurnParams, *, turn_id: int,
+                 emit: Callable[[Event], None], cancel: threading.Event) -> None:
+        self.model, self.tokenizer, self.agent, self.params = model, tokenizer, agent, params
+        self.turn_id, self.emit, self.cancel = turn_id, emit, cancel
+        self.eos = set(tokenizer.eos_token_ids)
+        self.generated: list[int] = []
+        self.finish = "length"
+        self.t_first: float | None = None
+
+    def _on_prefill(self, done: int, total: int) -> None:
+        if self.cancel.is_set():
+            raise TurnCancelled("cancelled during prefill")
+        if 0 < done < total:
+            self.emit(PrefillProgress(self.agent.agent_id, self.turn_id, done, total))
+
+    def run(self, feed: list[int], prefix: tuple[int, ...] = ()) -> None:
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        p = self.params
+        if p.seed is not None:
+            mx.random.seed(p.seed)
+        detok = self.tokenizer.detokenizer
+        detok.reset()
+        for t in prefix:
+            if t not in self.eos:
+                detok.add_token(t)
+        _ = detok.last_segment  # already shown
+        agent_id, generated = self.agent.agent_id, self.generated
+        pending_text, pending_ids, last_emit = "", [], time.perf_counter()
+        gen = generate_step(mx.array(feed), self.model, max_tokens=p.max_tokens,
+                            sampler=sampler_for(p), logits_processors=processors_for(p),
+                            prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
+                            prompt_progress_callback=self._on_prefill)
+        try:
+            for token, _ in gen:
+                if self.t_first is None:
+                    self.t_first = time.perf_counter()
+                generated.append(token)
+                if token in self.eos:
+                    self.finish = "stop"
+                    break
+                detok.add_token(token)
+                pending_text += detok.last_segment
+                pending_ids.append(token)
+                now = time.perf_counter()
+                # The first token goes out at once (time to first token shows, and a cancel
+                # "at the first token" is a well-defined point); the rest in ~40 ms batches.
+                if len(generated) == 1 or now - last_emit >= BATCH_SECONDS:
+                    self.emit(Tokens(agent_id, self.turn_id, pending_text, tuple(pending_ids)))
+                    pending_text, pending_ids, last_emit = "", [], now
+                if self.cancel.is_set():
+                    raise TurnCancelled("cancelled")
+        finally:
+            gen.close()
+        detok.finalize()
+        pending_text += detok.last_segment
+        if pending_text or pending_ids:
+            self.emit(Tokens(agent_id, self.turn_id, pending_text, tuple(pending_ids)))
+
+    def reply(self, ids: tuple[int, ...] | list[int]) -> str:
+        # The reply keeps a leading space the streaming detokenizer trims for display:
+        # re-rendered in the next prompt it must re-tokenize to the generated ids, or the next
+        # turn would re-read the whole reply instead of reusing it from the cache.
+        return self.tokenizer.decode([t for t in ids if t not in self.eos])
+
+
+def sampler_for(params: TurnParams):
+    from mlx_lm.sample_utils import make_sampler
+
+    return make_sampler(temp=params.temp, top_p=params.top_p if params.temp > 0 else 0.0)
+
+
+def processors_for(params: TurnParams) -> list | None:
+    """mlx_lm's repetition penalty over the last REPETITION_CONTEXT tokens, when asked for."""
+    if not params.repetition_penalty or params.repetition_penalty == 1.0:
+        return None
+    from mlx_lm.sample_utils import make_logits_processors
+
+    return make_logits_processors(repetition_penalty=params.repetition_penalty,
+                                  repetition_context_size=REPETITION_CONTEXT)
+
+
+def _settle(model, agent: Agent, expected_len: int) -> None:
+    """After a decode, make sure ids and K/V agree (defensive: generate_step feeds every token
+    it yields, EOS included, into the cache before yielding it)."""
+    offset = cache_offset(agent.cache)
+    if offset != len(agent.cache_ids):
+        agent.cache_ids = agent.cache_ids[:offset]
+        trim_to(agent, min(offset, len(agent.cache_ids)), model)
+    kvcache.check_offsets(agent.cache, len(agent.cache_ids))
+
+
+def _figures(agent: Agent, dec: _Decode, t0: float, t_end: float) -> tuple[float, float, float]:
+    """(time to first token s, decode s, tok/s); also kept on the agent for the gauges."""
+    t_first = dec.t_first or t_end
+    n_gen = len(dec.generated)
+    decode_s = t_end - t_first
+    tok_s = (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0
+    agent.last_tok_s = tok_s
+    agent.last_ttft_ms = (t_first - t0) * 1000
+    agent.tok_s_history = (agent.tok_s_history + [tok_s])[-30:]
+    return t_first - t0, decode_s, tok_s
+
+
+def turn_stats(generated: int, tok_s: float, ttft_s: float, cached: int, prefilled: int,
+               finish: str) -> dict:
+    """The figures kept with a Turn in the transcript (shown under the reply after a restart)."""
+    return {"generated": generated, "decode_tok_s": round(tok_s, 2),
+            "ttft_ms": round(ttft_s * 1000, 1), "cached": cached, "prefilled": prefilled,
+            "finish": finish}
+
+
 def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
              context_limit: int, turn_id: int, emit: Callable[[Event], None],
              cancel: threading.Event, source: str,
-             on_start: Callable[[int, int], None] | None = None) -> TurnResult:
+             on_start: Callable[[int, int], None] | None = None,
+             kind: str = "new") -> TurnResult:
     """Run one turn of `agent`; append the Turn to agent.turns only when it completes.
 
     Raises ContextExhausted before touching the cache when the turn cannot fit, and
@@ -136,10 +265,6 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     exception's `rewind` says how: "trim", "checkpoint" or "rebuild"). TurnResult.rewind says
     how the cache was brought back to the prompt's cached prefix before the turn (None: no need).
     """
-    import mlx.core as mx
-    from mlx_lm.generate import generate_step
-    from mlx_lm.sample_utils import make_sampler
-
     t0 = time.perf_counter()
     prompt = agent.prompt_ids(tokenizer, text)
     if agent.cache is None:
@@ -154,87 +279,104 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     todo = prompt[cached:]
     if on_start:
         on_start(cached, len(todo))
-    if params.seed is not None:
-        mx.random.seed(params.seed)
-    sampler = make_sampler(temp=params.temp, top_p=params.top_p if params.temp > 0 else 0.0)
-    eos = set(tokenizer.eos_token_ids)
-
-    def on_prefill(done: int, total: int) -> None:
-        if cancel.is_set():
-            raise TurnCancelled("cancelled during prefill")
-        if 0 < done < total:
-            emit(PrefillProgress(agent.agent_id, turn_id, done, total))
-
-    detok = tokenizer.detokenizer
-    detok.reset()
-    generated: list[int] = []
-    t_first = None
-    pending_text, pending_ids, last_emit = "", [], time.perf_counter()
-    finish = "length"
-    gen = generate_step(mx.array(todo), model, max_tokens=params.max_tokens, sampler=sampler,
-                        prompt_cache=agent.cache, prefill_step_size=PREFILL_CHUNK,
-                        prompt_progress_callback=on_prefill)
+    dec = _Decode(model, tokenizer, agent, params, turn_id=turn_id, emit=emit, cancel=cancel)
     try:
-        for token, _ in gen:
-            if t_first is None:
-                t_first = time.perf_counter()
-            generated.append(token)
-            if token in eos:
-                finish = "stop"
-                break
-            detok.add_token(token)
-            seg = detok.last_segment
-            pending_text += seg
-            pending_ids.append(token)
-            now = time.perf_counter()
-            if now - last_emit >= BATCH_SECONDS:
-                emit(Tokens(agent.agent_id, turn_id, pending_text, tuple(pending_ids)))
-                pending_text, pending_ids, last_emit = "", [], now
-            if cancel.is_set():
-                raise TurnCancelled("cancelled")
+        dec.run(todo)
     except TurnCancelled as exc:
-        gen.close()
         # What the cache holds now: the prompt and the generated tokens fed so far.
-        agent.cache_ids = (prompt[:cached] + todo + generated)[:cache_offset(agent.cache)]
+        agent.cache_ids = (prompt[:cached] + todo + dec.generated)[:cache_offset(agent.cache)]
         agent.dirty = True
         exc.rewind = undo_turn(model, agent, cp, cached)  # type: ignore[attr-defined]
         sync_to_transcript(model, tokenizer, agent)
         raise
-    finally:
-        gen.close()
-    detok.finalize()
-    pending_text += detok.last_segment
-    if pending_text or pending_ids:
-        emit(Tokens(agent.agent_id, turn_id, pending_text, tuple(pending_ids)))
     t_end = time.perf_counter()
-
-    # generate_step feeds every token it yields (EOS included) into the cache before yielding.
+    generated = dec.generated
     agent.cache_ids = prompt + generated
-    offset = cache_offset(agent.cache)
-    if offset != len(agent.cache_ids):  # defensive: never let ids and K/V disagree
-        agent.cache_ids = agent.cache_ids[:offset]
-        trim_to(agent, min(offset, len(agent.cache_ids)), model)
-    kvcache.check_offsets(agent.cache, len(agent.cache_ids))
-    # The reply keeps a leading space the streaming detokenizer trims for display: re-rendered
-    # in the next prompt it must re-tokenize to the generated ids, or the next turn would
-    # re-read the whole reply instead of reusing it from the cache.
-    reply = tokenizer.decode([t for t in generated if t not in eos])
-    agent.turns.append(Turn(text, reply, tuple(generated), time.time()))
+    _settle(model, agent, len(agent.cache_ids))
+    reply = dec.reply(generated)
+    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
+    agent.turns.append(Turn(text, reply, tuple(generated), time.time(),
+                            turn_stats(len(generated), tok_s, ttft, cached, len(todo),
+                                       dec.finish)))
     agent.dirty = True
     agent.last_used = time.time()
-
-    t_first = t_first or t_end
-    n_gen = len(generated)
-    decode_s = t_end - t_first
-    tok_s = (n_gen - 1) / decode_s if n_gen > 1 and decode_s > 0 else 0.0
-    agent.last_tok_s = tok_s
-    agent.last_ttft_ms = (t_first - t0) * 1000
-    agent.tok_s_history = (agent.tok_s_history + [tok_s])[-30:]
     return TurnResult(
         agent=agent.agent_id, user=text, reply=reply, generated_ids=tuple(generated),
-        source=source, cached=cached, prefilled=len(todo), generated=n_gen,
+        source=source, cached=cached, prefilled=len(todo), generated=len(generated),
         in_cache=cache_offset(agent.cache), context_limit=context_limit,
-        timing_ms={"prefill": (t_first - t0) * 1000, "ttft": (t_first - t0) * 1000,
-                   "decode": decode_s * 1000},
-        decode_tok_s=tok_s, finish_reason=finish, rewind=rewind,
+        timing_ms={"prefill": ttft * 1000, "ttft": ttft * 1000, "decode": decode_s * 1000},
+        decode_tok_s=tok_s, finish_reason=dec.finish, rewind=rewind, kind=kind,
+    )
+
+
+def regenerate(model, tokenizer, agent: Agent, params: TurnParams, **kw) -> TurnResult:
+    """Rewind the last reply and sample it again (same user message). The cache goes back to
+    the prompt by trim, or checkpoint/rebuild on sliding-window layers past their window (as
+    any turn's rewind). The new Turn replaces the last one only when it completes; a cancel or
+    a failure leaves the old reply, in the transcript and in the cache."""
+    if not agent.turns:
+        raise NothingToDo(f"{agent.agent_id}: no reply to regenerate yet")
+    last = agent.turns.pop()
+    try:
+        return run_turn(model, tokenizer, agent, last.user, params, kind="regenerate", **kw)
+    except BaseException:
+        agent.turns.append(last)
+        if agent.cache is not None:
+            sync_to_transcript(model, tokenizer, agent)
+        raise
+
+
+def continue_reply(model, tokenizer, agent: Agent, params: TurnParams, *, context_limit: int,
+                   turn_id: int, emit: Callable[[Event], None], cancel: threading.Event,
+                   source: str, on_start: Callable[[int, int], None] | None = None
+                   ) -> TurnResult:
+    """Extend the last reply (one that stopped on the length limit) from the cache: no
+    re-prefill, only its last token is fed again (the cache holds it, but not the logits after
+    it). Moving back that one token is O(1), or checkpoint/rebuild on a sliding-window layer
+    that holds its whole window. The last Turn is replaced by the longer one when it completes;
+    a cancel leaves it as it was."""
+    if not agent.turns:
+        raise NothingToDo(f"{agent.agent_id}: no reply to continue yet")
+    last = agent.turns[-1]
+    eos = set(tokenizer.eos_token_ids)
+    if not last.generated_ids or last.generated_ids[-1] in eos:
+        raise NothingToDo(f"{agent.agent_id}: the last reply ended on its own; nothing to "
+                          "continue (send a message, or regenerate it)")
+    t0 = time.perf_counter()
+    if agent.cache is None:
+        agent.cache, agent.cache_ids = new_cache(model), []
+    sync_to_transcript(model, tokenizer, agent)  # a no-op at rest (the invariant holds)
+    expected = list(agent.cache_ids)
+    n = len(expected)
+    if n + params.max_tokens > context_limit:
+        raise ContextExhausted(n - 1, 1, params.max_tokens, context_limit)
+    rewind = trim_to(agent, n - 1, model)
+    cp = kvcache.checkpoint(agent.cache)
+    if on_start:
+        on_start(n - 1, 1)
+    dec = _Decode(model, tokenizer, agent, params, turn_id=turn_id, emit=emit, cancel=cancel)
+    try:
+        dec.run(expected[-1:], prefix=last.generated_ids)
+    except TurnCancelled as exc:
+        agent.cache_ids = (expected + dec.generated)[:cache_offset(agent.cache)]
+        agent.dirty = True
+        exc.rewind = undo_turn(model, agent, cp, n - 1)  # type: ignore[attr-defined]
+        sync_to_transcript(model, tokenizer, agent)
+        raise
+    t_end = time.perf_counter()
+    ids = last.generated_ids + tuple(dec.generated)
+    agent.cache_ids = expected + dec.generated
+    _settle(model, agent, len(agent.cache_ids))
+    reply = dec.reply(ids)
+    ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)
+    agent.turns[-1] = Turn(last.user, reply, ids, time.time(),
+                           turn_stats(len(ids), tok_s, ttft, n - 1, 1, dec.finish))
+    agent.dirty = True
+    agent.last_used = time.time()
+    return TurnResult(
+        agent=agent.agent_id, user=last.user, reply=reply, generated_ids=ids, source=source,
+        cached=n - 1, prefilled=1, generated=len(dec.generated),
+        in_cache=cache_offset(agent.cache), context_limit=context_limit,
+        timing_ms={"prefill": ttft * 1000, "ttft": ttft * 1000, "decode": decode_s * 1000},
+        decode_tok_s=tok_s, finish_reason=dec.finish, rewind=rewind, kind="continue",
     )

@@ -39,6 +39,7 @@ from .events import (
 from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
 from .runner import ModelRunner
+from .settings import save_settings
 from .states import AgentStates, Outcome
 from .workspace import Workspace
 
@@ -61,7 +62,7 @@ def snapshot_warning(agent_id: str, exc: BaseException) -> str:
 
 @dataclass
 class Job:
-    kind: str  # load | turn | save | reset | export | import | replay | call | stop
+    kind: str  # load | turn | save | reset | export | import | replay | call | settings | stop
     agent_id: str | None = None
     payload: dict = field(default_factory=dict)
     future: Future = field(default_factory=Future)
@@ -106,7 +107,8 @@ class JobQueue:
 
 
 def _groupable(job: Job) -> bool:
-    return job.kind == "turn" and "team" not in job.payload and not job.cancel.is_set()
+    return (job.kind == "turn" and "team" not in job.payload and not job.cancel.is_set()
+            and job.payload.get("kind", "new") == "new")
 
 
 @dataclass(eq=False)
@@ -127,6 +129,11 @@ class _Begun:
     emit: Callable[[Event], None] = field(default=lambda ev: None)
     outcome: TurnResult | BaseException | None = None
 
+    @property
+    def kind(self) -> str:
+        """new | continue | regenerate (only new turns join a batch)."""
+        return self.job.payload.get("kind", "new")
+
 
 class Worker:
     """The worker thread's side of the engine. `Engine` (engine/worker.py) owns the queue and
@@ -146,7 +153,7 @@ class Worker:
         self._handlers: dict[str, Callable[[Job], None]] = {
             "load": self.load, "turn": self.turn, "save": self.save, "reset": self.reset,
             "export": self.export, "import": self.import_usxf, "replay": self.replay_fidelity,
-            "call": self.call,
+            "call": self.call, "settings": self.agent_settings,
         }
 
     def handle(self, job: Job) -> None:
@@ -215,6 +222,9 @@ class Worker:
     # ---- a turn ----------------------------------------------------------------------------
     def _turn_input(self, job: Job) -> tuple[str, TurnParams]:
         payload = job.payload
+        if payload.get("kind", "new") != "new":  # continue / regenerate: the last message
+            turns = self.ws.agent(job.agent_id or "").turns
+            return (turns[-1].user if turns else ""), payload["params"]
         if "team" not in payload:
             return payload["text"], payload["params"]
         question, f_tech, f_biz = payload["team"]
@@ -223,8 +233,7 @@ class Worker:
         except BaseException as exc:
             raise PermeantError(f"team: the coordinator needs both answers ({exc})") from None
         text = TEAM_BRIEF.format(question=question, technical=tech.reply, business=biz.reply)
-        return text, TurnParams(max_tokens=payload.get("max_tokens")
-                                or self.ws.settings.max_tokens)
+        return text, payload["params"]
 
     def _finished(self, agent_id: str, outcome: Outcome, started: bool) -> None:
         with self.lock:
@@ -259,7 +268,7 @@ class Worker:
                     b.restore = self.restore(b.agent)
                 one: TurnResult | BaseException = self.runner.run_turn(
                     b.agent, b.text, b.params, turn_id=b.job.turn_id, emit=b.emit,
-                    cancel=b.job.cancel, source=b.source, on_start=b.on_start)
+                    cancel=b.job.cancel, source=b.source, on_start=b.on_start, kind=b.kind)
             except BaseException as exc:  # noqa: BLE001 - reported by _end
                 one = exc
             b.outcome = self._record(b, one)
@@ -286,8 +295,10 @@ class Worker:
             return None
         source, text = b.source, b.text
 
+        kind = b.kind
+
         def on_start(cached: int, todo: int) -> None:
-            self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text))
+            self.emit(TurnStarted(agent_id, job.turn_id, source, cached, todo, text, kind))
 
         def emit(ev: Event) -> None:
             if isinstance(ev, Tokens) and self.states[agent_id] == "prefilling":
@@ -303,7 +314,7 @@ class Worker:
         if isinstance(out, BaseException):
             return out
         try:
-            self.ws.append_turn(b.agent, b.agent.turns[-1])
+            self.ws.append_turn(b.agent, b.agent.turns[-1], replaces_last=b.kind != "new")
         except BaseException as exc:  # noqa: BLE001 - reported by _end
             return exc
         return out
@@ -344,13 +355,19 @@ class Worker:
         if self.loaded is None:
             job.future.set_result(())
             return
-        saved, ms = [], 0.0
+        saved, ms, failed = [], 0.0, []
         for agent in list(self.ws.agents.values()):
-            took = self.save_agent(agent)
+            try:
+                took = self.save_agent(agent)
+            except Exception as exc:  # noqa: BLE001 - one agent's failure must not stop the rest
+                failed.append(f"{agent.agent_id}: {exc}")
+                continue
             if took is not None:
                 saved.append(agent.agent_id)
                 ms += took
         self.emit(Saved(tuple(saved), ms))
+        if failed:
+            raise PermeantError("could not save " + "; ".join(failed))
         job.future.set_result(tuple(saved))
 
     def reset(self, job: Job) -> None:
@@ -387,6 +404,16 @@ class Worker:
         assert job.agent_id is not None
         self.need_model()
         job.future.set_result(self.runner.replay_fidelity(self.ws, job.agent_id, self.restore))
+
+    def agent_settings(self, job: Job) -> None:
+        """Apply checked generation settings to the agent's spec and save workspace.json."""
+        spec = self.ws.settings.agent(job.agent_id or "")
+        if spec is None:
+            raise PermeantError(f"no settings for agent {job.agent_id!r}")
+        for key, value in job.payload["changes"].items():
+            setattr(spec, key, value)
+        save_settings(self.ws.folder, self.ws.settings)
+        job.future.set_result(replace(spec))
 
     def context(self) -> WorkerContext:
         return WorkerContext(self.loaded, self.ws,

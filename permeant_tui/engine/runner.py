@@ -14,7 +14,7 @@ import threading
 import time
 from collections.abc import Callable
 from pathlib import Path
-from typing import TYPE_CHECKING, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
 from . import runtime
 from .agent import Agent
@@ -51,8 +51,9 @@ class ModelRunner(Protocol):
 
     def run_turn(self, agent: Agent, text: str, params: TurnParams, *, turn_id: int,
                  emit: Callable[[Event], None], cancel: threading.Event, source: str,
-                 on_start: Callable[[int, int], None]) -> TurnResult:
-        """One turn; appends the Turn to agent.turns only when it completes."""
+                 on_start: Callable[[int, int], None], kind: str = "new") -> TurnResult:
+        """One turn; appends the Turn to agent.turns only when it completes. `kind`:
+        "continue" extends the last reply, "regenerate" replaces it (`text` is then unused)."""
 
     def max_batch(self) -> int:
         """How many agents' turns `run_turns` decodes together (1: no batching)."""
@@ -129,13 +130,17 @@ class MlxRunner:
 
     def run_turn(self, agent: Agent, text: str, params: TurnParams, *, turn_id: int,
                  emit: Callable[[Event], None], cancel: threading.Event, source: str,
-                 on_start: Callable[[int, int], None]) -> TurnResult:
-        from .generation import run_turn
+                 on_start: Callable[[int, int], None], kind: str = "new") -> TurnResult:
+        from . import generation
 
         lm = self._model()
-        return run_turn(lm.model, lm.tokenizer, agent, text, params,
-                        context_limit=lm.context_limit, turn_id=turn_id, emit=emit,
-                        cancel=cancel, source=source, on_start=on_start)
+        kw: dict[str, Any] = dict(context_limit=lm.context_limit, turn_id=turn_id, emit=emit,
+                                  cancel=cancel, source=source, on_start=on_start)
+        if kind == "continue":
+            return generation.continue_reply(lm.model, lm.tokenizer, agent, params, **kw)
+        if kind == "regenerate":
+            return generation.regenerate(lm.model, lm.tokenizer, agent, params, **kw)
+        return generation.run_turn(lm.model, lm.tokenizer, agent, text, params, **kw)
 
     def max_batch(self) -> int:
         from .batch import MAX_BATCH, batchable

@@ -20,12 +20,54 @@ SETTINGS_FILE = "workspace.json"
 VERSION = 1
 
 
+# How an agent samples unless a turn says otherwise. SmolLM2-135M-Instruct's model card
+# (https://huggingface.co/HuggingFaceTB/SmolLM2-135M-Instruct, "How to use") generates with
+# temperature=0.2, top_p=0.9, do_sample=True; its generation_config.json sets no sampling. Greedy
+# decoding makes that model loop ("...such as a server being terminated by a user-level service,
+# such as a server being terminated..."), so a mild repetition penalty (mlx_lm's, over the last
+# 20 tokens) is added; bench/answers.py measures the effect against greedy.
+DEFAULT_TEMP = 0.2
+DEFAULT_TOP_P = 0.9
+DEFAULT_REPETITION_PENALTY = 1.1
+GENERATION_FIELDS = ("temp", "top_p", "repetition_penalty", "max_tokens")
+
+
 @dataclass
 class AgentSpec:
     id: str
     role: str
     title: str
     system: str
+    # generation settings (TurnParams' names); max_tokens None: the workspace's max_tokens
+    temp: float = DEFAULT_TEMP
+    top_p: float = DEFAULT_TOP_P
+    repetition_penalty: float = DEFAULT_REPETITION_PENALTY
+    max_tokens: int | None = None
+
+
+def check_generation(values: dict) -> dict:
+    """Generation settings as the engine can use them, or WorkspaceError naming the field:
+    temp >= 0, 0 < top_p <= 1, repetition_penalty in [1, 2], max_tokens >= 1 (or None)."""
+    out = {}
+    for key, v in values.items():
+        if key not in GENERATION_FIELDS:
+            raise WorkspaceError(f"unknown generation setting '{key}'; known: "
+                                 f"{', '.join(GENERATION_FIELDS)}")
+        if key == "max_tokens":
+            if v is not None and (not _is_int(v) or v < 1):
+                raise WorkspaceError(f"max_tokens must be a whole number >= 1, not {v!r}")
+            out[key] = v
+            continue
+        if isinstance(v, bool) or not isinstance(v, (int, float)) or v != v:
+            raise WorkspaceError(f"{key} must be a number, not {v!r}")
+        ok = {"temp": 0 <= v <= 5, "top_p": 0 < v <= 1,
+              "repetition_penalty": 1 <= v <= 2}[key]
+        if not ok:
+            rule = {"temp": "between 0 and 5 (0: greedy)", "top_p": "above 0 and at most 1",
+                    "repetition_penalty": "between 1 (off) and 2"}[key]
+            raise WorkspaceError(f"{key} must be {rule}, not {v}")
+        out[key] = float(v)
+    return out
 
 
 def default_agents() -> list[AgentSpec]:
@@ -114,7 +156,14 @@ def parse_settings(raw: object, where: str = SETTINGS_FILE, refuse: str = "") ->
             if a["id"].casefold() in seen:
                 raise bad(f"agents[{i}].id", f"repeats the name '{a['id']}'")
             seen.add(a["id"].casefold())
-            specs.append(AgentSpec(*(a[k] for k in _AGENT_FIELDS)))
+            spec = AgentSpec(*(a[k] for k in _AGENT_FIELDS))
+            given = {k: a[k] for k in GENERATION_FIELDS if k in a}
+            try:
+                for k, v in check_generation(given).items():
+                    setattr(spec, k, v)
+            except WorkspaceError as exc:
+                raise bad(f"agents[{i}]", str(exc)) from None
+            specs.append(spec)
         if specs:
             s.agents = specs
     return s

@@ -73,8 +73,10 @@ def _tensor_checksum(arrays: list, layer_meta: str = "") -> str:
     h = xxhash.xxh3_128()
     h.update(layer_meta.encode())
     for a in arrays:
-        if a.size:  # an empty tail (T a multiple of the block size) adds no bytes
-            h.update(memoryview(np.ascontiguousarray(_np(a))).cast("B"))
+        # reshape + view, not memoryview.cast: an empty layer (an agent with no turns yet, or a
+        # tail that is a whole number of blocks) has a zero in its shape, which memoryview
+        # refuses to cast (issue 15); it adds no bytes
+        h.update(np.ascontiguousarray(_np(a)).reshape(-1).view(np.uint8))
     return h.hexdigest()
 
 

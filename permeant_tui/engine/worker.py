@@ -9,6 +9,7 @@ is engine/jobs.py; the model work behind it is the runner (engine/runner.py).
 
 from __future__ import annotations
 
+import os
 import threading
 import time
 import traceback
@@ -20,7 +21,7 @@ from typing import TYPE_CHECKING, TypeVar
 
 from ..paths import cache_dir, resolve_workspace
 from .api import AgentView, EngineAPI, EventSink, ModelInfo, TurnView, WorkerContext
-from .errors import ModelLoadError
+from .errors import ModelLoadError, NothingToDo, TurnCancelled
 from .events import (
     AgentStats,
     EngineStats,
@@ -33,12 +34,13 @@ from .events import (
     TurnQueued,
     TurnResult,
 )
+from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
 from .jobs import Job, JobQueue, Worker
 from .lock import WorkspaceLock
 from .runner import MlxRunner, ModelRunner
 from .runtime import MemoryFigures
-from .settings import WorkspaceSettings
+from .settings import AgentSpec, WorkspaceSettings, check_generation
 from .states import AgentStates
 from .workspace import Workspace
 
@@ -137,7 +139,7 @@ class Engine:
 
     def _view(self, agent_id: str) -> AgentView:
         a = self._ws.agent(agent_id)
-        turns = tuple(TurnView(t.user, t.reply) for t in list(a.turns))
+        turns = tuple(TurnView(t.user, t.reply, t.stats) for t in list(a.turns))
         return AgentView(a.agent_id, a.role, a.title, a.system, turns)
 
     def settings(self) -> WorkspaceSettings:
@@ -146,7 +148,7 @@ class Engine:
     def load_more(self, agent_id: str, before: int, count: int = 20) -> list[TurnView]:
         turns = self._ws.agent(agent_id).turns
         lo = max(0, before - count)
-        return [TurnView(t.user, t.reply) for t in turns[lo:before]]
+        return [TurnView(t.user, t.reply, t.stats) for t in turns[lo:before]]
 
     def submit(self, agent_id: str, text: str, max_tokens: int | None = None,
                params: TurnParams | None = None) -> int:
@@ -160,14 +162,46 @@ class Engine:
     def _queue_turn(self, agent_id: str, text: str, max_tokens: int | None,
                     params: TurnParams | None, put: bool = True) -> Job:
         self._ws.agent(agent_id)  # unknown agents fail here, in the caller's thread
-        p = params or TurnParams(max_tokens=max_tokens or self._ws.settings.max_tokens)
-        if max_tokens is not None:
-            p = replace(p, max_tokens=max_tokens)
+        p = self.turn_params(agent_id, max_tokens, params)
         job = self._turn_job(agent_id, {"text": text, "params": p})
         self._emit(TurnQueued(agent_id, job.turn_id, text))
         if put:
             self._put(job)
         return job
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None,
+                    params: TurnParams | None = None) -> TurnParams:
+        """What a turn of the agent samples with: `params`, else the agent's settings (greedy
+        under PERMEANT_GREEDY=1: tests and benchmarks); `max_tokens` overrides either."""
+        p = params or agent_params(self._ws.settings, agent_id)
+        return replace(p, max_tokens=max_tokens) if max_tokens is not None else p
+
+    def update_agent_settings(self, agent_id: str, **changes) -> Future[AgentSpec]:
+        """Change the agent's generation settings (temp, top_p, repetition_penalty,
+        max_tokens) and save them in workspace.json. Bad values raise WorkspaceError here, in
+        the caller's thread, naming the field; nothing is changed then."""
+        self._ws.agent(agent_id)
+        checked = check_generation(changes)
+        return self._put(Job("settings", agent_id, {"changes": checked}))
+
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None,
+                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        return self._redo(agent_id, "continue", max_tokens, params)
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None,
+                   params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
+        return self._redo(agent_id, "regenerate", max_tokens, params)
+
+    def _redo(self, agent_id: str, kind: str, max_tokens: int | None,
+              params: TurnParams | None) -> tuple[int, Future[TurnResult]]:
+        turns = self._ws.agent(agent_id).turns
+        if not turns:
+            raise NothingToDo(f"{agent_id} has no reply to {kind} yet")
+        p = self.turn_params(agent_id, max_tokens, params)
+        job = self._turn_job(agent_id, {"kind": kind, "params": p})
+        self._emit(TurnQueued(agent_id, job.turn_id, turns[-1].user, kind))
+        self._put(job)
+        return job.turn_id, job.future
 
     def ask_team(self, question: str,
                  max_tokens: int | None = None) -> Future[dict[str, TurnResult]]:
@@ -178,7 +212,8 @@ class Engine:
                      for a in ("technical", "business"))
         f_tech, f_biz = tech.future, biz.future
         job = self._turn_job("coordinator", {"team": (question, f_tech, f_biz),
-                                             "max_tokens": max_tokens})
+                                             "params": self.turn_params("coordinator",
+                                                                        max_tokens)})
         self._emit(TurnQueued("coordinator", job.turn_id, ""))
         self._jobs.put_all([tech, biz, job])
         team: Future[dict[str, TurnResult]] = Future()
@@ -194,13 +229,22 @@ class Engine:
         return team
 
     def cancel(self, agent_id: str) -> None:
+        dropped: list[Job] = []
         with self._lock:
-            for job in self._queued:
+            running = any(j.agent_id == agent_id for j in self._running)
+            for job in list(self._queued):
                 if job.agent_id == agent_id:
                     job.cancel.set()
+                    if not running:  # dropped now, not when the worker reaches it
+                        self._queued.remove(job)
+                        self._states.finished(agent_id, "cancelled", started=False)
+                        dropped.append(job)
             for job in self._running:
                 if job.agent_id == agent_id:
                     job.cancel.set()
+        for job in dropped:
+            self._emit(TurnCancelledEvent(agent_id, job.turn_id, None))
+            job.future.set_exception(TurnCancelled("cancelled before it started"))
 
     def export(self, agent_id: str, path: str | None = None, quant: str = "none",
                fidelity: bool | int = True) -> Future[UsxfFile]:
@@ -342,18 +386,19 @@ class Engine:
             group = [job]
             try:
                 if job.kind == "stop":
-                    try:
-                        self._worker.save(Job("save"))
-                    finally:
-                        self._emit(Stopped())
-                        job.future.set_result(None)
+                    self._final_save()
+                    self._emit(Stopped())
+                    job.future.set_result(None)
                     return
                 if job.kind == "turn":
-                    group = self._jobs.group(job, self._worker.max_batch())
                     with self._lock:
+                        if job not in self._queued:  # dropped by cancel() while queued
+                            continue
+                    group = self._jobs.group(job, self._worker.max_batch())
+                    with self._lock:  # a follower may have been dropped meanwhile too
+                        group = [j for j in group if j in self._queued]
                         for j in group:
-                            if j in self._queued:
-                                self._queued.remove(j)
+                            self._queued.remove(j)
                         self._running = group
                     self._worker.turns(group)
                 else:
@@ -369,6 +414,16 @@ class Engine:
                     with self._lock:
                         self._running = []
                 self._refresh_stats(memory=True)
+
+    def _final_save(self) -> None:
+        """The last save before the worker exits. Whatever fails here is reported and the
+        worker still stops: a stop that cannot finish would keep `shutdown()` waiting for its
+        whole timeout (issue 15: 65 s after a save error)."""
+        try:
+            self._worker.save(Job("save"))
+        except BaseException as exc:  # noqa: BLE001 - reported; the transcripts are durable
+            self._emit(Notice("error", f"save at shutdown failed: {exc}; the agents will be "
+                                       "rebuilt from their transcripts"))
 
     # ---- stats -----------------------------------------------------------------------------
     def _refresh_stats(self, memory: bool = False) -> None:
@@ -395,6 +450,17 @@ class Engine:
             weights_dtype=lm.weights_mode if lm else "", workspace=str(self.folder),
             rss_bytes=self._mem.rss_bytes, mlx_active_bytes=self._mem.mlx_active_bytes,
             mlx_peak_bytes=self._mem.mlx_peak_bytes, agents=agents)
+
+
+def agent_params(settings: WorkspaceSettings, agent_id: str) -> TurnParams:
+    """The agent's own sampling settings as TurnParams. PERMEANT_GREEDY=1 makes every such
+    turn greedy and unpenalised (the test suite sets it; `--temp` passes explicit params)."""
+    spec = settings.agent(agent_id)
+    max_tokens = (spec.max_tokens if spec else None) or settings.max_tokens
+    if spec is None or os.environ.get("PERMEANT_GREEDY") == "1":
+        return TurnParams(max_tokens=max_tokens)
+    return TurnParams(max_tokens=max_tokens, temp=spec.temp, top_p=spec.top_p,
+                      repetition_penalty=spec.repetition_penalty)
 
 
 if TYPE_CHECKING:

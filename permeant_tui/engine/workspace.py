@@ -173,8 +173,11 @@ class Workspace:
         return agent
 
     # ---- transcript -------------------------------------------------------------------
-    def append_turn(self, agent: Agent, turn: Turn) -> None:
-        """Durable before the turn counts as done: write one line, flush, fsync."""
+    def append_turn(self, agent: Agent, turn: Turn, *, replaces_last: bool = False) -> None:
+        """Durable before the turn counts as done: write one line, flush, fsync.
+        `replaces_last`: the line stands for the turn before it (a continued or regenerated
+        reply): the transcript stays append-only, and a crash before this line is written
+        leaves the previous reply, which the snapshot on disk still matches."""
         d = self.agent_dir(agent.agent_id)
         d.mkdir(parents=True, exist_ok=True)
         path = d / TRANSCRIPT
@@ -182,7 +185,8 @@ class Workspace:
         if not new:
             heal_tail(path)
         with open(path, "a", encoding="utf-8") as f:
-            f.write(json.dumps(turn.to_json(), ensure_ascii=False) + "\n")
+            record = {**turn.to_json(), "replaces": True} if replaces_last else turn.to_json()
+            f.write(json.dumps(record, ensure_ascii=False) + "\n")
             f.flush()
             os.fsync(f.fileno())
         if new:
@@ -433,13 +437,18 @@ def read_transcript(path: Path) -> tuple[list[Turn], str | None]:
         data = read_regular(path, _MAX_TRANSCRIPT)
     except OSError as exc:
         raise WorkspaceError(f"{path}: unreadable transcript ({exc.strerror or exc})") from None
-    turns, warn = [], None
+    turns: list[Turn] = []
+    warn = None
     lines = data.split(b"\n")
     for i, line in enumerate(lines):
         if not line.strip():
             continue
         try:
-            turns.append(Turn.from_json(json.loads(line)))
+            record = json.loads(line)
+            turn = Turn.from_json(record)
+            if record.get("replaces") is True and turns:  # a continued or regenerated reply
+                turns.pop()
+            turns.append(turn)
         except (ValueError, KeyError, TypeError) as exc:
             if i == len(lines) - 1:  # no newline after it: an append cut short
                 warn = f"ignored an unfinished last line in {path.name} (an interrupted write)"

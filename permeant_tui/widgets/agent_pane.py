@@ -9,7 +9,9 @@ subtitle; events only add the prefill count ("prefilling 120/300").
 
 from __future__ import annotations
 
+import time
 from collections.abc import Sequence
+from dataclasses import replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -51,14 +53,57 @@ STATE_STYLES = {
 }
 
 
+class LiveFigures:
+    """What a streaming turn has reached, from its events: tokens in the context (reused +
+    prefilled + generated so far) and the decode speed since the first token."""
+
+    def __init__(self, cached: int) -> None:
+        self.cached, self.prefilled, self.tokens_out = cached, 0, 0
+        self._first: float | None = None
+        self._last = 0.0
+
+    def generated(self, n: int, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self.tokens_out += n
+        self._last = now
+
+    @property
+    def tok_s(self) -> float:
+        span = self._last - (self._first or self._last)
+        return (self.tokens_out - 1) / span if self.tokens_out > 1 and span > 0 else 0.0
+
+    def over(self, stats: AgentStats) -> AgentStats:
+        tokens = max(stats.tokens, self.cached + self.prefilled + self.tokens_out)
+        return replace(stats, tokens=tokens, last_tok_s=self.tok_s or stats.last_tok_s)
+
+
 def turn_note(result: TurnResult) -> str:
-    parts = [f"{result.generated} tokens", f"{result.decode_tok_s:.1f} tok/s"]
-    if result.cached:
-        parts.append(f"{result.cached:,} reused")
-    if result.prefilled:
-        parts.append(f"{result.prefilled:,} prefilled")
-    if result.finish_reason not in ("stop", ""):
-        parts.append(f"stopped: {result.finish_reason}")
+    return _note(result.generated, result.decode_tok_s, result.cached, result.prefilled,
+                 result.finish_reason)
+
+
+def history_note(stats: dict | None) -> str:
+    """The same footnote for a turn of an earlier session, from the figures its transcript
+    line keeps ("" for turns recorded before they were kept, or unreadable ones)."""
+    if not stats:
+        return ""
+    try:
+        return _note(int(stats["generated"]), float(stats["decode_tok_s"]),
+                     int(stats.get("cached", 0)), int(stats.get("prefilled", 0)),
+                     str(stats.get("finish", "")))
+    except (KeyError, TypeError, ValueError):
+        return ""
+
+
+def _note(generated: int, tok_s: float, cached: int, prefilled: int, finish: str) -> str:
+    parts = [f"{generated} tokens", f"{tok_s:.1f} tok/s"]
+    if cached:
+        parts.append(f"{cached:,} reused")
+    if prefilled:
+        parts.append(f"{prefilled:,} prefilled")
+    if finish not in ("stop", ""):
+        parts.append(f"stopped: {printable(finish)}")
     return " · ".join(parts)
 
 
@@ -96,6 +141,11 @@ class AgentPane(Vertical):
         self._last_sent = next((t.user for t in reversed(view.turns)
                                 if team_question(t.user) is None), "")
         self._turns: dict[int, ChatTurn] = {}
+        self._redo: set[int] = set()  # turn ids that continue or regenerate a shown turn
+        self._live: LiveFigures | None = None  # the turn streaming now, for live gauges
+        self._stats: AgentStats | None = None  # the engine's last figures for this agent
+        self._prefill_total = 0
+        self.last_finish = ""  # why the last reply of this session stopped ("length": continue)
         self._model = "loading"  # loading | ready | failed: the model's, from its events
         self._engine_state = "idle"  # the agent's, from the engine's stats
         self._prefill: tuple[int, int] | None = None  # (done, total) of the turn prefilling
@@ -112,7 +162,8 @@ class AgentPane(Vertical):
         with self._conversation:
             yield self._load_more_button
             for index, turn in enumerate(self._initial, self.first_index):
-                yield ChatTurn(turn.user, turn.reply, index=index)
+                yield ChatTurn(turn.user, turn.reply, index=index,
+                               note=history_note(turn.stats))
         yield self._export_bar
         yield self._gauges
         yield self._message_input
@@ -200,7 +251,7 @@ class AgentPane(Vertical):
         self.first_index = max(first_index, 0) if turns else 0
         if turns:
             await self._conversation.mount_all(
-                [ChatTurn(turn.user, turn.reply, index=index)
+                [ChatTurn(turn.user, turn.reply, index=index, note=history_note(turn.stats))
                  for index, turn in enumerate(turns, self.first_index)],
                 after="#load-more",
             )
@@ -224,43 +275,71 @@ class AgentPane(Vertical):
         self._model = "failed"
         self._sync_state()
 
-    async def turn_queued(self, turn_id: int, user: str) -> None:
+    async def turn_queued(self, turn_id: int, user: str, kind: str = "new") -> None:
+        """A new turn gets its own widget; a continue or a regenerate streams into the last
+        finished turn (kept as it was if it does not complete)."""
+        if kind != "new":
+            last = next((t for t in reversed(self._chat_turns()) if t.index is not None), None)
+            if last is not None:
+                await last.reopen(clear=kind == "regenerate")
+                self._turns[turn_id] = last
+                self._redo.add(turn_id)
+                return
         turn = ChatTurn(user, turn_id=turn_id, pending=True)
         self._turns[turn_id] = turn
         await self._conversation.mount(turn)
 
-    async def turn_started(self, turn_id: int, user: str, to_prefill: int) -> None:
+    async def turn_started(self, turn_id: int, user: str, to_prefill: int,
+                           cached: int = 0) -> None:
         turn = await self._turn(turn_id, user)
         turn.set_user(user)
+        self._live = LiveFigures(cached)
+        self._prefill_total = to_prefill
         self._set_prefill((0, to_prefill) if to_prefill else None)
 
     def prefill_progress(self, done: int, total: int) -> None:
         self._set_prefill((done, total))
+        if self._live is not None:
+            self._live.prefilled = done
+            self._show_live()
 
-    async def tokens(self, turn_id: int, text: str) -> None:
+    async def tokens(self, turn_id: int, text: str, n_ids: int = 0) -> None:
         self._set_prefill(None)
+        if self._live is not None:
+            if self._prefill_total:
+                self._live.prefilled = self._prefill_total
+            self._live.generated(n_ids, time.monotonic())
+            self._show_live()
         turn = await self._turn(turn_id)
         await turn.append(text)
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
-        turn.index = self._next_index  # finished turns, and only they, join the transcript
-        self._next_index += 1
+        if turn_id not in self._redo:  # a continue or regenerate keeps its turn's place
+            turn.index = self._next_index  # finished turns, and only they, join the transcript
+            self._next_index += 1
         await turn.finish(result.reply, turn_note(result))
+        self.last_finish = result.finish_reason
         self._turn_ended(turn_id)
 
     async def turn_failed(self, turn_id: int, kind: str) -> None:
         turn = await self._turn(turn_id)
-        await turn.finish(note=f"failed: {kind}", state="failed")
+        if turn_id in self._redo:
+            await turn.restore(f"failed: {kind}")
+        else:
+            await turn.finish(note=f"failed: {kind}", state="failed")
         self._turn_ended(turn_id)
 
     async def turn_cancelled(self, turn_id: int) -> None:
         turn = self._turns.get(turn_id)
-        if turn is not None:
+        if turn is not None and turn_id in self._redo:
+            await turn.restore("cancelled")
+        elif turn is not None:
             await turn.finish(note="cancelled", state="cancelled")
         self._turn_ended(turn_id)
 
     async def reset(self) -> None:
+        self._live = None
         self._turns.clear()
         self._set_prefill(None)
         self.first_index = self._next_index = 0
@@ -275,18 +354,29 @@ class AgentPane(Vertical):
             self._export_bar.update(progress=fraction)
 
     def show_stats(self, stats: AgentStats) -> None:
-        self._gauges.show(stats)
+        self._stats = stats
+        self._gauges.show(self._live.over(stats) if self._live is not None else stats)
         if stats.state != self._engine_state:
             self._engine_state = stats.state
             self._sync_state()
 
     # internals
 
+    def _show_live(self) -> None:
+        """The gauges while a reply streams: the engine's figures of the last sample, with the
+        context and the speed this turn has reached since (the engine's arrive when it ends)."""
+        if self._stats is not None and self._live is not None:
+            self._gauges.show(self._live.over(self._stats))
+
     def _turn_ended(self, turn_id: int) -> None:
+        self._live = None
         self._turns.pop(turn_id, None)
+        self._redo.discard(turn_id)
         self._set_prefill(None)
 
     def _set_prefill(self, progress: tuple[int, int] | None) -> None:
+        if progress is not None:
+            self._prefill_total = progress[1]
         if progress != self._prefill:
             self._prefill = progress
             self._sync_state()

@@ -61,8 +61,10 @@ class ChatTurn(Vertical):
         self._flush_timer: Timer | None = None
         self._user_view = Static(user_content(user), classes="user")
         self._reply_view = Markdown(reply, classes="reply")
+        self._note = note
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
+        self._before: tuple[str, str] | None = None  # (reply, note) before a continue/regenerate
 
     def compose(self) -> ComposeResult:
         yield self._user_view
@@ -97,6 +99,30 @@ class ChatTurn(Vertical):
             self._stream = Markdown.get_stream(self._reply_view)
         await self._stream.write(text)
 
+    async def reopen(self, *, clear: bool) -> None:
+        """Stream into this finished turn again: a continue appends to its reply, a regenerate
+        (`clear`) replaces it. `restore()` brings the old reply back if that turn does not
+        complete."""
+        self._before = (self._reply, self._note)
+        for state in ("-done", "-cancelled", "-failed"):
+            self.remove_class(state)
+        self.add_class("-pending" if clear else "-continuing")
+        self._note_view.update("continuing…" if not clear else "regenerating…")
+        self._note_view.display = True
+        if clear:
+            self._reply = ""
+            await self._reply_view.update("")
+
+    async def restore(self, why: str) -> None:
+        """The continue or regenerate did not complete: the old reply and note, and why."""
+        if self._before is None:
+            await self.finish(note=why, state="cancelled")
+            return
+        reply, note = self._before
+        self._before = None
+        self._unwritten = ""
+        await self.finish(reply, f"{note} · {why}" if note else why, state="done")
+
     async def finish(self, reply: str | None = None, note: str = "", state: str = "done") -> None:
         """Stop streaming; show the final reply (one update at most) and the footnote."""
         if self._flush_timer is not None:
@@ -105,8 +131,10 @@ class ChatTurn(Vertical):
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
-        self.remove_class("-pending")
+        self.remove_class("-pending", "-continuing")
         self.add_class(f"-{state}")
+        self._before = None
+        self._note = note
         if reply is not None and reply != self._reply:
             self._reply = reply
             await self._reply_view.update(reply)

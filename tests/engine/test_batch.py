@@ -151,3 +151,25 @@ def test_one_turn_per_agent(tok):
     a = agents_with_history(lm, 1, 1)[0]
     with pytest.raises(ValueError, match="one turn per agent"):
         run_turns(lm.model, lm.tokenizer, [bt(a, "x"), bt(a, "y")], context_limit=4096)
+
+
+def test_repetition_penalty_batched_equals_sequential(tok):
+    """The penalty looks back over the same tokens in a batch as in a single turn."""
+    lm = tiny_model("llama", tok)[1]
+    base = agents_with_history(lm, 2, 1)
+    params = TurnParams(max_tokens=24, repetition_penalty=1.5)
+    seq = [clone(a) for a in base]
+    ref = [run_turn(lm.model, lm.tokenizer, a, q, params, context_limit=4096, turn_id=1,
+                    emit=lambda e: None, cancel=threading.Event(), source="test")
+           for a, q in zip(seq, QUESTIONS, strict=False)]
+    bat = [clone(a) for a in base]
+    res = run_turns(lm.model, lm.tokenizer,
+                    [BatchTurn(a, q, params, 1, lambda e: None, threading.Event(), "test")
+                     for a, q in zip(bat, QUESTIONS, strict=False)], context_limit=4096)
+    plain = run_turn(lm.model, lm.tokenizer, clone(base[0]), QUESTIONS[0],
+                     TurnParams(max_tokens=24), context_limit=4096, turn_id=1,
+                     emit=lambda e: None, cancel=threading.Event(), source="test")
+    assert plain.generated_ids != ref[0].generated_ids  # the penalty changes this reply
+    for r, b in zip(ref, res, strict=True):
+        assert not isinstance(b, BaseException), b
+        assert b.generated_ids == r.generated_ids

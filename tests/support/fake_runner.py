@@ -33,6 +33,10 @@ RESUMED_FIGURES = {"last_tok_s": 18.9, "last_ttft_ms": 120.0,
                    "tok_s_history": [17.2, 18.1, 19.4, 18.6, 18.9]}
 
 
+CONTINUED = " and a third point."
+REGENERATED = "\n\n(second take)"
+
+
 def reply_for(agent_id: str, text: str) -> str:
     return f"**{agent_id.title()}** view on *{text}*:\n\n- first point\n- second point"
 
@@ -122,6 +126,7 @@ class FakeRunner:
         self._device, self._blas, self._memory = device, blas, memory
         # what ran, for assertions
         self.turns: list[tuple[str, str]] = []
+        self.params: list = []  # the TurnParams of each turn, in order
         self.restored: list[str] = []
         self.saved: list[str] = []
         self.exports: list[str] = []
@@ -212,19 +217,39 @@ class FakeRunner:
         return self.save_ms
 
     def run_turn(self, agent: Agent, text: str, params, *, turn_id: int, emit, cancel,
-                 source: str, on_start) -> TurnResult:
+                 source: str, on_start, kind: str = "new") -> TurnResult:
+        """A scripted turn. "continue" adds CONTINUED to the last reply; "regenerate" replaces
+        it with the scripted reply plus REGENERATED (a cancel keeps the old one)."""
+        if kind == "regenerate":
+            last = agent.turns.pop()
+            try:
+                return self._turn(agent, last.user, params, turn_id=turn_id, emit=emit,
+                                  cancel=cancel, source=source, on_start=on_start, kind=kind)
+            except BaseException:
+                agent.turns.append(last)
+                raise
+        return self._turn(agent, text, params, turn_id=turn_id, emit=emit, cancel=cancel,
+                          source=source, on_start=on_start, kind=kind)
+
+    def _turn(self, agent: Agent, text: str, params, *, turn_id: int, emit, cancel,
+              source: str, on_start, kind: str) -> TurnResult:
         agent_id = agent.agent_id
         self.turns.append((agent_id, text))
+        self.params.append(params)
         if self.manual:
             self._hold(lambda t: self._gate.acquire(timeout=t), cancel)
         cached = len(agent.cache_ids)
-        to_prefill = 24 + len(text.split())
+        to_prefill = 1 if kind == "continue" else 24 + len(text.split())
         on_start(cached, to_prefill)
         emit(PrefillProgress(agent_id, turn_id, to_prefill // 2, to_prefill))
         emit(PrefillProgress(agent_id, turn_id, to_prefill, to_prefill))
         if agent_id in self.fail_next:
             raise self.fail_next.pop(agent_id)
         reply = reply_for(agent_id, text.splitlines()[0] if text else "")
+        if kind == "continue":
+            reply = CONTINUED
+        elif kind == "regenerate":
+            reply += REGENERATED
         words = reply.split(" ")
         for i in range(0, len(words), self.chunk_words):
             if cancel.is_set():
@@ -235,6 +260,9 @@ class FakeRunner:
             emit(Tokens(agent_id, turn_id, chunk if i == 0 else " " + chunk, ()))
         generated = len(words) * 2
         agent.cache_ids = [0] * (cached + to_prefill + generated)
+        if kind == "continue":
+            last = agent.turns.pop()
+            reply = last.reply + reply
         agent.turns.append(Turn(text, reply, (), time.time()))
         agent.dirty, agent.last_used = True, time.time()
         agent.last_tok_s, agent.last_ttft_ms = 18.9, 120.0
@@ -243,7 +271,9 @@ class FakeRunner:
             agent=agent_id, user=text, reply=reply, generated_ids=(), source=source,
             cached=cached, prefilled=to_prefill, generated=generated,
             in_cache=len(agent.cache_ids), context_limit=self.model.context_limit,
-            timing_ms={"ttft": 120.0}, decode_tok_s=18.9)
+            timing_ms={"ttft": 120.0}, decode_tok_s=18.9,
+            finish_reason="length" if text.startswith("long") and kind != "continue" else "stop",
+            kind=kind)
 
     def max_batch(self) -> int:
         return self.batch

@@ -73,7 +73,8 @@ def write_workspace(folder: Path, agent_views: list[AgentView]) -> None:
             d = folder / "agents" / v.agent_id
             d.mkdir(parents=True, exist_ok=True)
             (d / "transcript.jsonl").write_text("".join(
-                json.dumps(Turn(t.user, t.reply, (), 0.0).to_json()) + "\n" for t in v.turns))
+                json.dumps(Turn(t.user, t.reply, (), 0.0, t.stats).to_json()) + "\n"
+                for t in v.turns))
 
 
 @dataclass
@@ -86,6 +87,8 @@ class Calls:
     resets: list[str] = field(default_factory=list)
     load_more: list[tuple[str, int, int]] = field(default_factory=list)
     shutdowns: int = 0
+    continues: list[str] = field(default_factory=list)
+    regenerates: list[str] = field(default_factory=list)
     started: int = 0
 
 
@@ -180,6 +183,20 @@ class ScriptedEngine:
                       params=None):
         self.calls.submits.append((agent_id, text))
         return self.engine.submit_future(agent_id, text, max_tokens, params)
+
+    def continue_reply(self, agent_id: str, max_tokens: int | None = None, params=None):
+        self.calls.continues.append(agent_id)
+        return self.engine.continue_reply(agent_id, max_tokens, params)
+
+    def regenerate(self, agent_id: str, max_tokens: int | None = None, params=None):
+        self.calls.regenerates.append(agent_id)
+        return self.engine.regenerate(agent_id, max_tokens, params)
+
+    def update_agent_settings(self, agent_id: str, **changes):
+        return self.engine.update_agent_settings(agent_id, **changes)
+
+    def turn_params(self, agent_id: str, max_tokens: int | None = None, params=None):
+        return self.engine.turn_params(agent_id, max_tokens, params)
 
     def ask_team(self, question: str, max_tokens: int | None = None) -> Future:
         self.calls.asks.append(question)
