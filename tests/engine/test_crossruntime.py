@@ -80,7 +80,7 @@ def test_attach_report(captured):
     keys = WorkspaceKeys(captured["ws"] / "keys")
     r = attach_usxf(captured["file"], _embedded_gguf(), 4, keys, threads=1)
     assert len(r.continued) == 4 and isinstance(r.text, str)
-    assert r.probe is not None and (r.probe.matched, r.probe.n) == (16, 16)
+    assert r.probe is not None and (r.probe.matched, r.probe.n) == (PROBE_N, PROBE_N)
     assert r.tokens > 40 and r.blob_bytes > 0 and r.decision in ("attach", "re-prefill")
     assert r.attach_ms > 0 and r.estimate_prefill_ms > 0
 
