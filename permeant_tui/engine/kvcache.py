@@ -197,7 +197,7 @@ def cache_nbytes(cache: list | None) -> int:
     return sum(int(x.nbytes) for x in cache) if cache else 0
 
 
-def _cat(xs: list):
+def concat(xs: list):
     import mlx.core as mx
 
     xs = [x for x in xs if x.shape[2]]
@@ -221,14 +221,14 @@ def _sliding_state(layer) -> LayerState:
             raise CacheLayoutError(f"rotating cache holds {size} < window {window} at {offset}")
 
         def last(x):
-            return _cat([x[..., :keep, :], x[..., cut + keep:, :]])
+            return concat([x[..., :keep, :], x[..., cut + keep:, :]])
 
         return LayerState(SLIDING, last(k), last(v), offset, window, keep, window)
     if size != window or not keep < idx < window:
         raise CacheLayoutError(f"rotating cache of {size} slots, window {window}, index {idx}")
 
     def order(x):  # mlx-lm's _temporal_order
-        return _cat([x[..., :keep, :], x[..., idx:, :], x[..., keep:idx, :]])
+        return concat([x[..., :keep, :], x[..., idx:, :], x[..., keep:idx, :]])
 
     return LayerState(SLIDING, order(k), order(v), offset, window, keep, idx)
 
@@ -348,7 +348,7 @@ def layer_from_state(st: LayerState, base: tuple | None = None):
     def ring(x):
         if a <= 0:
             return _fresh(x)
-        return _fresh(_cat([x[..., :st.keep, :], x[..., st.keep + a:, :],
+        return _fresh(concat([x[..., :st.keep, :], x[..., st.keep + a:, :],
                             x[..., st.keep:st.keep + a, :]]))
 
     return c.RotatingKVCache.from_state((ring(st.keys), ring(st.values), st.offset, st.keep,
@@ -418,38 +418,6 @@ def _lower_persisted(cache: list, n: int) -> None:
         mark = getattr(x, _PERSISTED, None)
         if mark is not None and mark[0] > n:
             setattr(x, _PERSISTED, (n, mark[1]))
-
-
-def states_from_full(model, keys: list, values: list) -> list[LayerState]:
-    """Layer states from every layer's full K/V in token order, [1, kv_heads, n, head_dim] (a USXF
-    payload, an old snapshot): a sliding layer keeps what mlx-lm would hold after n tokens."""
-    return states_from_specs(layer_specs(model), keys, values)
-
-
-def states_from_specs(specs: list[LayerSpec], keys: list, values: list) -> list[LayerState]:
-    if len(keys) != len(specs) or len(values) != len(specs):
-        raise CacheLayoutError(f"{len(keys)} K / {len(values)} V layers for a model of "
-                               f"{len(specs)} layers")
-    out = []
-    for i, (k, v, spec) in enumerate(zip(keys, values, specs, strict=True)):
-        n = int(k.shape[2])
-        if spec.kind == QUANTIZED:
-            raise CacheLayoutError(f"layer {i}: a quantized KV cache cannot be built from floats")
-        if n == 0:
-            out.append(LayerState(spec.kind, None, None, 0, spec.window, spec.keep, 0))
-        elif spec.kind == FULL:
-            out.append(LayerState(FULL, k, v, n))
-        elif n < spec.window:
-            out.append(LayerState(SLIDING, k, v, n, spec.window, spec.keep, n))
-        else:
-            cut = n - spec.window
-
-            def last(x, cut=cut, keep=spec.keep):
-                return _cat([x[..., :keep, :], x[..., cut + keep:, :]])
-
-            out.append(LayerState(SLIDING, last(k), last(v), n, spec.window, spec.keep,
-                                  spec.window))
-    return out
 
 
 def copy_cache(cache: list) -> list:

@@ -86,3 +86,35 @@ def cache_from_layers(model, keys: list, values: list, n: int) -> list:
     [1, kv_heads, L_i, head_dim]); every layer checked against the model's own layout."""
     states = states_from_layers(kvcache.layer_specs(model), keys, values, n)
     return kvcache.cache_from_layer_states(model, states)
+
+
+def states_from_full(model, keys: list, values: list) -> list[LayerState]:
+    """Layer states from every layer's full K/V in token order, [1, kv_heads, n, head_dim] (a USXF
+    payload, an old snapshot): a sliding layer keeps what mlx-lm would hold after n tokens."""
+    return states_from_specs(kvcache.layer_specs(model), keys, values)
+
+
+def states_from_specs(specs: list[LayerSpec], keys: list, values: list) -> list[LayerState]:
+    if len(keys) != len(specs) or len(values) != len(specs):
+        raise CacheLayoutError(f"{len(keys)} K / {len(values)} V layers for a model of "
+                               f"{len(specs)} layers")
+    out = []
+    for i, (k, v, spec) in enumerate(zip(keys, values, specs, strict=True)):
+        n = int(k.shape[2])
+        if spec.kind == QUANTIZED:
+            raise CacheLayoutError(f"layer {i}: a quantized KV cache cannot be built from floats")
+        if n == 0:
+            out.append(LayerState(spec.kind, None, None, 0, spec.window, spec.keep, 0))
+        elif spec.kind == FULL:
+            out.append(LayerState(FULL, k, v, n))
+        elif n < spec.window:
+            out.append(LayerState(SLIDING, k, v, n, spec.window, spec.keep, n))
+        else:
+            cut = n - spec.window
+
+            def last(x, cut=cut, keep=spec.keep):
+                return kvcache.concat([x[..., :keep, :], x[..., cut + keep:, :]])
+
+            out.append(LayerState(SLIDING, last(k), last(v), n, spec.window, spec.keep,
+                                  spec.window))
+    return out

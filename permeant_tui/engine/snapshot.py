@@ -38,7 +38,7 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from . import kvcache
+from . import kvcache, kvlayers
 from .atomic import commit_file, fsync_dir, temp_path
 from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
@@ -423,7 +423,7 @@ def _layout(path: Path, identity: ModelIdentity, metas: list[dict], groups: list
         if fmt == FORMAT_V1:  # full K/V of every layer
             if any(ks[0].shape[2] != n for ks, _ in groups):
                 raise kvcache.CacheLayoutError("tensor shapes do not match the token count")
-            return kvcache.states_from_specs(specs, [ks[0] for ks, _ in groups],
+            return kvlayers.states_from_specs(specs, [ks[0] for ks, _ in groups],
                                              [vs[0] for _, vs in groups])
         states = []
         for i, (m, (ks, vs), spec) in enumerate(zip(metas, groups, specs, strict=True)):
@@ -461,7 +461,7 @@ def attach(model, states: list) -> list:
     """Build mlx-lm caches holding the given layer states (checked against the model), or
     (K, V) pairs holding every token, [1, kv_heads, n, head_dim] per layer."""
     if states and isinstance(states[0], tuple):
-        states = kvcache.states_from_full(model, [k for k, _ in states], [v for _, v in states])
+        states = kvlayers.states_from_full(model, [k for k, _ in states], [v for _, v in states])
     cache = kvcache.cache_from_layer_states(model, states, getattr(states, "bases", None))
     clean, blocks = getattr(states, "persisted", (0, None))
     if blocks is not None:
@@ -478,7 +478,6 @@ def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype:
     layer keeps what mlx-lm would hold after that many tokens."""
     import mlx.core as mx
 
-    from . import kvlayers
 
     target = getattr(mx, kv_dtype)
 
@@ -491,5 +490,5 @@ def attach_payload(model, keys: list, values: list, source_dtype: str, kv_dtype:
     ks, vs = [arr(k) for k in keys], [arr(v) for v in values]
     if n is not None:
         return kvlayers.cache_from_layers(model, ks, vs, n)
-    states = kvcache.states_from_full(model, ks, vs)
+    states = kvlayers.states_from_full(model, ks, vs)
     return kvcache.cache_from_layer_states(model, states)
