@@ -150,6 +150,9 @@ def test_type_stream_export_quit(tmp_path):
     try:
         session.wait_for(lambda s: "ready ─" in s and "Message Technical" in s, 180,
                          "the panes to be ready")
+        # a new workspace on the embedded model says what it is (a toast over the right panes)
+        session.wait_for(lambda s: "Demonstration model" in s, 30, "the first-start note")
+        session.wait_for(lambda s: "Demonstration model" not in s, 60, "the note to go")
         switch_panes_and_edit(session)
         question = "Name three uses of a cache."
         session.type(question)
