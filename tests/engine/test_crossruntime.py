@@ -184,11 +184,11 @@ def test_gemma_capture_attach_and_import_past_the_window(gemma_captured, capsys)
     assert usxf("attach", f, "--runtime", "llamacpp", "--gguf", "gemma3-270m", "--workspace",
                 ws, "--continue", "4", "--threads", "1") == 0
     out = capsys.readouterr().out
-    assert "16/16 of the exporter's probe tokens reproduced" in out, out
+    assert f"{PROBE_N}/{PROBE_N} of the exporter's probe tokens reproduced" in out, out
     # and in MLX: imported (window layers rebuilt as rotating caches) and continued from it
     r = run("import", f, "--workspace", ws, "--model", "gemma3-270m", "--check-fidelity")
     assert "imported" in r.stdout
-    assert "fidelity: exact 16/16" in r.stdout or "fidelity: diverged at" in r.stdout
+    assert f"fidelity: exact {PROBE_N}/{PROBE_N}" in r.stdout or "fidelity: diverged at" in r.stdout
     chat = run("chat", "captured", "And the fix?", "--workspace", ws, "--model", "gemma3-270m",
                "--json", "--max-tokens", "2")
     res = json.loads(chat.stdout)
