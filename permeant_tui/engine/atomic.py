@@ -4,7 +4,7 @@
 and fsyncs the folder: a crash leaves the old file or the new one, never half of one.
 `write_private` does the same with mode 0600 from the first byte (keys, TLS material).
 Temp files are named `.<name>.<pid>.tmp` so a later writer can tell a dead process's leftovers
-(`remove_stale_temps`) from a live one's.
+(`remove_dead_temps`) from a live one's.
 """
 
 from __future__ import annotations

@@ -29,6 +29,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import stat
 import struct
 import time
@@ -39,7 +40,7 @@ import numpy as np
 import xxhash
 
 from . import kvcache, kvlayers
-from .atomic import commit_file, fsync_dir, temp_path
+from .atomic import commit_file, fsync_dir, remove_dead_temps, temp_path
 from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
@@ -221,20 +222,8 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
 def remove_stale_temps(path: Path) -> list[Path]:
     """Delete temp files a process killed mid-write left beside `path` (never renamed, so never
     a snapshot; each can be as large as one). Files of a live process are left alone."""
-    import psutil
-
-    removed = []
-    prefix = f".{path.name}."
-    for p in path.parent.glob(f"{prefix}*.safetensors"):
-        pid = p.name[len(prefix):].split(".", 1)[0]
-        if not pid.isdigit() or (int(pid) != os.getpid() and psutil.pid_exists(int(pid))):
-            continue
-        try:
-            p.unlink()
-            removed.append(p)
-        except OSError:
-            pass
-    return removed
+    return remove_dead_temps(path.parent,
+                             re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.safetensors"))
 
 
 def read_header(path: Path) -> dict:
