@@ -20,6 +20,12 @@ TIMEOUT = 600
 COUNT = "Count from 1 to 300, separated by commas."
 
 
+def _sigint_default() -> None:
+    """A terminal's ctrl+c: a test run started in the background (`make test &`) inherits an
+    ignored SIGINT, which Python then leaves ignored in the child."""
+    signal.signal(signal.SIGINT, signal.SIG_DFL)
+
+
 def env_for(home: Path) -> dict:
     return dict(os.environ, PERMEANT_HOME=str(home), HF_HUB_OFFLINE="1")
 
@@ -66,7 +72,7 @@ def test_reply_streams_and_ctrl_c_cancels_saves_and_exits_130(tmp_path):
     p = subprocess.Popen([sys.executable, "-m", "permeant_tui.cli", "chat", "technical", COUNT,
                           "--max-tokens", "400", "--temp", "0", "-v"],
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE, env=env_for(home),
-                         stdin=subprocess.DEVNULL)
+                         stdin=subprocess.DEVNULL, preexec_fn=_sigint_default)
     try:
         got = b""
         while len(got) < 20:  # part of the reply arrives while the turn is still running
