@@ -58,6 +58,8 @@ class FakeModel:
     context_limit: int = CONTEXT_LIMIT
     model: object = None
     tokenizer: object = None
+    chat_format: str = "gguf template"
+    is_base_model: bool = False
 
 
 class FakeLayer:

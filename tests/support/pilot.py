@@ -68,13 +68,15 @@ def write_workspace(folder: Path, agent_views: list[AgentView]) -> None:
     """A workspace holding these agents and transcripts (as an earlier session leaves it)."""
     specs = [AgentSpec(v.agent_id, v.role, v.title, v.system) for v in agent_views]
     save_settings(folder, WorkspaceSettings(agents=specs))
-    for v in agent_views:
+    # each agent's turns carry a time (the first agent the most recent), so the
+    # engine's least-recently-used order does not hang on file times written in one instant
+    for k, v in enumerate(agent_views):
         if v.turns:
             d = folder / "agents" / v.agent_id
             d.mkdir(parents=True, exist_ok=True)
             (d / "transcript.jsonl").write_text("".join(
-                json.dumps(Turn(t.user, t.reply, (), 0.0, t.stats).to_json()) + "\n"
-                for t in v.turns))
+                json.dumps(Turn(t.user, t.reply, (), 1.7e9 - 60.0 * k + i, t.stats).to_json())
+                + "\n" for i, t in enumerate(v.turns)))
 
 
 @dataclass
