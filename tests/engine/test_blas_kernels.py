@@ -19,16 +19,18 @@ from permeant_tui.engine import runtime
 runtime.prepare()
 core, sgemv = runtime.kernel_labels()
 import mlx.core as mx
-from mlx_lm.generate import generate_step
+from mlx_lm.generate import generate_step, generation_stream
 from permeant_tui.engine.models import load_model
 lm = load_model(None)
 ids = lm.tokenizer.encode("The payment API returns 502 errors under load; the retry logic")
 out = {"sgemv": sgemv, "core": core}
 for on in (True, False, True):
+    mx.synchronize(generation_stream)
     runtime.set_sgemv(on)
     before = runtime._shim.permeant_sgemv_routed()
     gen = generate_step(mx.array(ids), lm.model, max_tokens=24)
     toks = [int(t) for t, _ in gen]
+    mx.synchronize(generation_stream)  # work left on generate_step's own stream
     out["on" if on else "off"] = toks
     out["routed_" + ("on" if on else "off")] = runtime._shim.permeant_sgemv_routed() - before
 print(json.dumps(out))
