@@ -135,10 +135,14 @@ def rename(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     print(f"renamed '{args.old}' to '{view.agent_id}'")
-    if args.old in TEAM:
-        print(f"note: asking the team (ctrl+t) uses the agent named '{args.old}'",
-              file=sys.stderr)
+    _team_note(args.old, "uses the agent")
     return 0
+
+
+def _team_note(name: str, verb: str) -> None:
+    """A team member renamed or removed: ctrl+t looks agents up by these names."""
+    if name in TEAM:
+        print(f"note: asking the team (ctrl+t) {verb} named '{name}'", file=sys.stderr)
 
 
 def _confirmed(question: str) -> bool:
@@ -164,7 +168,5 @@ def remove(args: argparse.Namespace) -> int:
     finally:
         engine.shutdown()
     print(f"removed agent '{args.name}'; archived in {archive}")
-    if args.name in TEAM:
-        print(f"note: asking the team (ctrl+t) needs an agent named '{args.name}'",
-              file=sys.stderr)
+    _team_note(args.name, "needs an agent")
     return 0
