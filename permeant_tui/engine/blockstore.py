@@ -92,13 +92,15 @@ class BlockStore:
 
     def __init__(self, folder: Path):
         self.folder = Path(folder)
+        self._prefix = os.path.join(str(self.folder), "")
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}{SUFFIX}"
 
     def has(self, name: str) -> bool:
+        # a plain string path: a save asks this of every block of the agent (64 at 4k tokens)
         try:
-            return stat.S_ISREG(os.stat(self.path(name)).st_mode)
+            return stat.S_ISREG(os.stat(self._prefix + name + SUFFIX).st_mode)
         except OSError:
             return False
 
