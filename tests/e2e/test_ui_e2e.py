@@ -2,7 +2,8 @@
 
 Switch panes with F2..F4 and write a two-line message (ctrl+j) as a terminal sends them (no
 stray characters typed), open and close the help (F1), then type a message, watch the reply
-stream, export with ctrl+e, quit with ctrl+q; then the workspace folder holds the transcript,
+stream, continue it (ctrl+l), regenerate it (F5), change the agent's temperature (F8), export
+with ctrl+e, quit with ctrl+q; then the workspace folder holds the transcript,
 the KV snapshot and the .usxf export, and the process exited with 0. tmux is required
 (`apt-get install tmux`; `make test` installs it).
 """
@@ -141,6 +142,53 @@ def short_replies(workspace: Path, max_tokens: int) -> None:
         settings.write_text(json.dumps(data, indent=2))
 
 
+def turn_runs(session: Tmux, what: str) -> str:
+    """Wait for the Technical pane to generate, then to be done; -> the pane's column."""
+    session.wait_for(lambda s: "generating ─" in technical_column(s), 120, f"{what} to start",
+                     every=0.1)
+    return technical_column(session.wait_for(lambda s: "done ─" in technical_column(s), 300,
+                                              f"{what} to finish"))
+
+
+def transcript_turns(workspace: Path) -> list[dict]:
+    path = workspace / "agents" / "technical" / "transcript.jsonl"
+    return [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+
+
+def continue_regenerate_settings(session: Tmux, workspace: Path, question: str,
+                                 first: str) -> None:
+    """ctrl+l extends the reply (48 tokens: it stopped on the length limit), F5 samples it again
+    in place (greedy here: the same first tokens), F8 changes the agent's temperature and the
+    workspace file says so. The transcript keeps one turn: each redo appends a line that replaces
+    the reply before it."""
+    session.keys("C-l")
+    longer = reply_text(turn_runs(session, "the continuation"), question)
+    assert len(longer) > len(first), (first, longer)
+    session.keys("F5")
+    again = reply_text(turn_runs(session, "the regeneration"), question)
+    assert again.split()[:3] == first.split()[:3], (first, again)
+    session.keys("F8")
+    session.wait_for(lambda s: "Generation settings: Technical" in s, 30, "the settings dialog")
+    # a person reads the dialog first: keys sent in the instant it first paints can arrive
+    # before its field has the focus (seen in tmux under load; Pilot never shows it)
+    time.sleep(1.5)
+    session.type("0.7")  # the temperature field has the focus, its text selected: replaced
+    session.keys("Enter")
+    session.wait_for(lambda s: "Generation settings" not in s, 30, "the dialog to close")
+    deadline = time.monotonic() + 30
+    spec: dict = {}
+    while time.monotonic() < deadline:
+        data = json.loads((workspace / "workspace.json").read_text())
+        spec = next((a for a in data.get("agents", []) if a.get("id") == "technical"), {})
+        if spec.get("temp") == 0.7:
+            break
+        time.sleep(0.2)
+    assert spec.get("temp") == 0.7, spec
+    lines = transcript_turns(workspace)  # append-only: later lines replace the reply before
+    assert [bool(r.get("replaces")) for r in lines] == [False, True, True], lines
+    assert {r["user"] for r in lines} == {question}, lines
+
+
 def test_type_stream_export_quit(tmp_path):
     workspace = tmp_path / "ws"
     exit_file = tmp_path / "exit-code"
@@ -167,6 +215,7 @@ def test_type_stream_export_quit(tmp_path):
         final = reply_text(done, question)
         assert "tok/s" in final, done  # the turn's footnote
         assert len(final) > len(partial), (partial, final)
+        continue_regenerate_settings(session, workspace, question, final)
 
         session.keys("C-e")
         session.wait_for(lambda s: "Exported Technical" in s, 180, "the export notification")
