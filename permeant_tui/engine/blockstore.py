@@ -13,7 +13,8 @@ round differently) are two blocks, so a restore always returns the exact bytes t
 A block file: a 64-byte header (magic, header size, B, payload bytes, chain hash, content hash,
 8 zero bytes), then the payload: for each stream (a full layer's K parts then its V parts, layers
 in order), for each KV head, the B rows of that head ([B, head_dim] in the KV dtype), C order.
-Rows are read with preadv straight into the caller's arrays and hashed there: no extra copy.
+Restore reads rows with preadv straight into MLX's own buffers (engine/blockload.py) and
+hashes them there: no extra copy.
 
 Writes: a temp file `.<name>.<pid>.tmp` beside the block, fsynced and renamed; the caller fsyncs
 the folder (`sync`) once before it commits the manifest that names the new blocks.
@@ -32,14 +33,13 @@ import numpy as np
 import xxhash
 
 from .atomic import fsync_dir, remove_dead_temps
-from .errors import SnapshotCorrupt
 
 MAGIC = b"PKVBLK3\0"
-_HEAD = struct.Struct("<8sIIQ16s16s8x")
-HEADER_SIZE = _HEAD.size  # 64
+BLOCK_HEADER = struct.Struct("<8sIIQ16s16s8x")
+HEADER_SIZE = BLOCK_HEADER.size  # 64
 SUFFIX = ".kvb"
 _BLOCKS_DOMAIN = b"usxf.blocks.v1\x00"  # docs/USXF.md 4: the same chain as a USXF manifest's
-_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}")
+BLOCK_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}")
 _TEMP = re.compile(r"\..+\.(\d+)\.tmp")
 try:
     _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
@@ -116,7 +116,7 @@ class BlockStore:
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
             try:
-                bufs = [_HEAD.pack(MAGIC, HEADER_SIZE, block_tokens, payload, chain, content), *rows]
+                bufs = [BLOCK_HEADER.pack(MAGIC, HEADER_SIZE, block_tokens, payload, chain, content), *rows]
                 want = HEADER_SIZE + payload
                 done = 0
                 for group in _chunks(bufs):
@@ -157,53 +157,6 @@ class BlockStore:
     def sync(self) -> None:
         fsync_dir(self.folder)
 
-    # ---- reading ---------------------------------------------------------------------------
-    def read_into(self, name: str, block_tokens: int, rows: list) -> None:
-        """Read block `name` into `rows` (writable C-contiguous arrays, the payload in order)
-        and verify it: a regular file of exactly the expected size, a header that names this
-        block, the payload's xxh3-128 equal to the content hash in its name. Else
-        SnapshotCorrupt naming the block file (check "block")."""
-        path = self.path(name)
-        if not _NAME.fullmatch(name):
-            raise SnapshotCorrupt(str(path), "block", "not a block name")
-        payload = sum(int(r.nbytes) for r in rows)
-        try:
-            fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
-        except FileNotFoundError:
-            raise SnapshotCorrupt(str(path), "block", "missing (deleted, or the store was "
-                                  "copied without it)") from None
-        except OSError as exc:
-            raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") \
-                from None
-        try:
-            st = os.fstat(fd)
-            if not stat.S_ISREG(st.st_mode):
-                raise SnapshotCorrupt(str(path), "block", "not a regular file")
-            if st.st_size != HEADER_SIZE + payload:
-                raise SnapshotCorrupt(str(path), "block", f"{st.st_size} bytes, a block of "
-                                      f"{block_tokens} tokens is {HEADER_SIZE + payload}: "
-                                      f"truncated or not this model's")
-            head = os.pread(fd, HEADER_SIZE, 0)
-            magic, hsize, tokens, plen, chain, content = _HEAD.unpack(head)
-            if (magic, hsize, tokens, plen) != (MAGIC, HEADER_SIZE, block_tokens, payload) or \
-                    block_name(chain, content) != name:
-                raise SnapshotCorrupt(str(path), "block", "header does not describe this block")
-            pos = HEADER_SIZE
-            for group in _chunks(rows):
-                got = os.preadv(fd, group, pos) if hasattr(os, "preadv") else \
-                    _pread_each(fd, group, pos)
-                if got != sum(int(r.nbytes) for r in group):
-                    raise SnapshotCorrupt(str(path), "block", "short read: truncated")
-                pos += got
-        except OSError as exc:
-            raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") \
-                from None
-        finally:
-            os.close(fd)
-        if content_hash(rows) != content:
-            raise SnapshotCorrupt(str(path), "block", "bytes do not match the block's checksum "
-                                  "(bit rot or a partial write)")
-
     def size(self, name: str) -> int:
         try:
             return os.stat(self.path(name)).st_size
@@ -214,7 +167,7 @@ class BlockStore:
     def names(self) -> set[str]:
         try:
             return {p.name[:-len(SUFFIX)] for p in self.folder.iterdir()
-                    if p.name.endswith(SUFFIX) and _NAME.fullmatch(p.name[:-len(SUFFIX)])}
+                    if p.name.endswith(SUFFIX) and BLOCK_NAME.fullmatch(p.name[:-len(SUFFIX)])}
         except OSError:
             return set()
 
@@ -246,16 +199,4 @@ def _write_all(fd: int, bufs: list) -> int:
             views.pop(0)
         if views and n:
             views[0] = views[0][n:]
-    return done
-
-
-def _pread_each(fd: int, bufs: list, pos: int) -> int:
-    done = 0
-    for b in bufs:
-        mv = memoryview(b).cast("B")
-        data = os.pread(fd, len(mv), pos + done)
-        mv[:len(data)] = data
-        done += len(data)
-        if len(data) < len(mv):
-            break
     return done

@@ -39,9 +39,9 @@ from pathlib import Path
 import numpy as np
 import xxhash
 
-from . import kvcache, kvlayers
+from . import blockload, kvcache, kvlayers
 from .atomic import commit_file, fsync_dir, remove_dead_temps, temp_path
-from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes
+from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes, content_hash
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 
@@ -350,12 +350,13 @@ def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None) 
 def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, names: list[str],
               block_tokens: int, n: int, room: int) -> tuple[list, list]:
     """Format 3: every full layer's K/V [1, kv_heads, capacity, head_dim], its first positions
-    read from the blocks (verified, straight into the arrays), then the manifest's tail.
+    read from the blocks straight into the arrays (engine/blockload.py), then the manifest's
+    tail; every block verified against its content hash.
     -> (per layer (K parts, V parts) of n positions, per layer (K, V) buffers or None)."""
     import mlx.core as mx
 
     cut = len(names) * block_tokens
-    allocs, which = [], []
+    streams, which, bf16 = [], [], []
     for i, (m, (ks, vs)) in enumerate(zip(metas, groups, strict=True)):
         if m.get("kind") == kvcache.SLIDING or not m.get("length"):
             continue
@@ -363,27 +364,37 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
             if t.ndim != 4 or int(t.shape[0]) != 1 or int(t.shape[2]) != n - cut:
                 raise SnapshotCorrupt(str(path), "layout", f"layer {i}: a tail of shape "
                                       f"{tuple(t.shape)}, expected positions {cut}..{n}")
-            storage = mx.uint16 if t.dtype == mx.bfloat16 else t.dtype
+            tail = _np(t)
             cap = -(-(n + room) // ROOM_STEP) * ROOM_STEP
-            allocs.append(mx.zeros((1, int(t.shape[1]), cap, int(t.shape[3])), storage))
+            streams.append(blockload.Stream(int(t.shape[1]), cap, int(t.shape[3]), tail.dtype,
+                                            tail))
+            bf16.append(t.dtype == mx.bfloat16)
         which.append(i)
-    mx.eval(allocs)
+    payload = sum(st.heads * block_tokens * st.row * st.dtype.itemsize for st in streams)
+    fds = blockload.open_blocks(store, names, block_tokens, payload)
+    try:
+        reader = blockload.StreamFile(streams, fds, [str(store.path(x)) for x in names],
+                                      block_tokens, cut, n)
+        loaded = mx.load(reader, format="safetensors")
+        allocs = [loaded[f"s{k}"] for k in range(len(streams))]
+        mx.eval(allocs)
+    finally:
+        blockload.close_all(fds)
+    if reader.error is not None:
+        raise reader.error
     views = [np.array(a, copy=False) for a in allocs]
-    tails = [t for i in which for t in groups[i][0] + groups[i][1]]
-    for v, t in zip(views, tails, strict=True):
-        if not v.flags.writeable or not v.flags.c_contiguous:
-            raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
-        v[:, :, cut:n, :] = _np(t)
     for j, name in enumerate(names):
-        store.read_into(name, block_tokens, block_rows(views, j, block_tokens))
+        if content_hash(block_rows(views, j, block_tokens)) != bytes.fromhex(name[33:]):
+            raise SnapshotCorrupt(str(store.path(name)), "block", "bytes do not match the "
+                                  "block's checksum (bit rot or a partial write)")
     out, bases = list(groups), [None] * len(groups)
     pos = 0
     for i in which:
         ks, vs = groups[i]
         full = []
-        for t in ks + vs:
+        for _ in ks + vs:
             a = allocs[pos]
-            full.append(a.view(mx.bfloat16) if t.dtype == mx.bfloat16 else a)
+            full.append(a.view(mx.bfloat16) if bf16[pos] else a)
             pos += 1
         fk, fv = tuple(full[:len(ks)]), tuple(full[len(ks):])
         out[i] = (tuple(a[..., :n, :] for a in fk), tuple(a[..., :n, :] for a in fv))

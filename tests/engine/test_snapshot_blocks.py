@@ -430,3 +430,49 @@ def test_restore_equals_live_and_rebuild(tmp_path, tok, arch):
     rebuild = built(lm, ids)
     np.testing.assert_allclose(logits(lm, cache), logits(lm, rebuild.cache), atol=1e-4)
     assert greedy(lm, cache, 198) == greedy(lm, rebuild.cache, 198)
+
+
+# ---- the reader that fills MLX's own buffers (engine/blockload.py) ----------------------------
+@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
+def test_every_kv_dtype_restores_byte_for_byte(tmp_path, tiny_model, tok, dtype):
+    """Blocks and tail land in buffers mx.load allocates (never zero-filled first): every
+    position equals the live cache's, in each KV dtype, bfloat16 included (numpy has none)."""
+    import dataclasses
+
+    ids = tok.encode(TEXT)[: 3 * B + 17]
+    agent = built(tiny_model, ids)
+    for c in agent.cache:
+        c.keys, c.values = c.keys.astype(getattr(mx, dtype)), c.values.astype(getattr(mx, dtype))
+    identity = dataclasses.replace(tiny_model.identity, kv_dtype=dtype)
+    path = tmp_path / "agents/a/kv.safetensors"
+    write_snapshot(path, agent.cache, ids, identity, "a")
+    states, got_ids, _ = read_snapshot(path, identity, ids)
+    cache = attach(tiny_model.model, states)
+    assert got_ids == ids
+    for live, back in zip(agent.cache, cache, strict=True):
+        assert back.keys.dtype == getattr(mx, dtype) and back.offset == len(ids)
+        for a, b in ((live.keys, back.keys), (live.values, back.values)):
+            n = len(ids)
+            assert mx.array_equal(a[..., :n, :], b[..., :n, :]).item()
+            assert int(b.shape[2]) > n  # room for the next turn, allocated at restore
+            assert not mx.any(b[..., n:, :]).item()  # the room is zeroed, not left as it was
+
+
+def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch):
+    """A block that passes the size check and then loses bytes before it is read (another
+    process truncating it) is a short read: SnapshotCorrupt, never garbage in the cache."""
+    from permeant_tui.engine import blockload
+
+    path, ids, _, _ = saved
+    store = BlockStore(path.parents[2] / "kv-blocks")
+    names = blocks_of(path)
+    real_open = blockload.open_blocks
+
+    def open_then_truncate(*args, **kw):
+        fds = real_open(*args, **kw)
+        os.truncate(store.path(names[2]), blockstore.HEADER_SIZE + 10)
+        return fds
+
+    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
+    exc = refused(tiny_model, path, ids, "block")
+    assert exc.path == str(store.path(names[2])) and "short read" in exc.detail

@@ -1,0 +1,181 @@
+"""Restore's reader: every full layer's K/V buffers filled straight from the block files into
+memory MLX allocates for them, with no zero fill and no copy.
+
+MLX has no "empty" array, and `mx.zeros` writes every page of a 190 MB restore from user space
+(first-touch page faults: most of a restore's time on a VM, issue 17). `mx.load` reading a
+file object allocates each tensor and calls the object's `readinto` with that tensor's own
+buffer. `StreamFile` is such an object: a safetensors file that exists only in memory, whose
+header names one tensor [1, heads, capacity, row] per stream, and whose `readinto` fills each
+tensor with `preadv` from the blocks (the kernel touches the pages as it copies), then the
+manifest's tail, then zeros for the free room. The caller verifies every block's checksum over
+the filled arrays afterwards (blockstore.content_hash), exactly as before.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import os
+import stat
+
+import numpy as np
+
+from .blockstore import BLOCK_HEADER, BLOCK_NAME, HEADER_SIZE, MAGIC, BlockStore, block_name
+from .errors import SnapshotCorrupt
+
+# safetensors dtype names of the numpy dtypes a K/V stream is stored in
+_ST_DTYPE = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint32": "U32",
+             "int8": "I8", "uint8": "U8"}
+
+
+class Stream:
+    """One stream's tensor: its shape [1, heads, capacity, row], numpy dtype (bfloat16 as
+    uint16), the manifest's tail rows [1, heads, n - cut, row] as numpy."""
+
+    def __init__(self, heads: int, capacity: int, row: int, dtype: np.dtype, tail: np.ndarray):
+        self.heads, self.capacity, self.row = heads, capacity, row
+        self.dtype, self.tail = np.dtype(dtype), tail
+
+    @property
+    def nbytes(self) -> int:
+        return self.heads * self.capacity * self.row * self.dtype.itemsize
+
+
+def open_blocks(store: BlockStore, names: list[str], block_tokens: int, payload: int) -> list[int]:
+    """Open and check every block file (a regular file of the right size whose header names it)
+    -> file descriptors; SnapshotCorrupt naming the first bad block (check "block")."""
+    fds: list[int] = []
+    try:
+        for name in names:
+            fds.append(_open_block(store, name, block_tokens, payload))
+    except BaseException:
+        close_all(fds)
+        raise
+    return fds
+
+
+def _open_block(store: BlockStore, name: str, block_tokens: int, payload: int) -> int:
+    path = store.path(name)
+    if not BLOCK_NAME.fullmatch(name):
+        raise SnapshotCorrupt(str(path), "block", "not a block name")
+    try:
+        fd = os.open(path, os.O_RDONLY | os.O_NONBLOCK)
+    except FileNotFoundError:
+        raise SnapshotCorrupt(str(path), "block", "missing (deleted, or the store was copied "
+                              "without it)") from None
+    except OSError as exc:
+        raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") from None
+    try:
+        st = os.fstat(fd)
+        if not stat.S_ISREG(st.st_mode):
+            raise SnapshotCorrupt(str(path), "block", "not a regular file")
+        if st.st_size != HEADER_SIZE + payload:
+            raise SnapshotCorrupt(str(path), "block", f"{st.st_size} bytes, a block of "
+                                  f"{block_tokens} tokens is {HEADER_SIZE + payload}: "
+                                  "truncated or not this model's")
+        magic, hsize, tokens, plen, chain, content = BLOCK_HEADER.unpack(os.pread(fd, HEADER_SIZE, 0))
+        if (magic, hsize, tokens, plen) != (MAGIC, HEADER_SIZE, block_tokens, payload) or \
+                block_name(chain, content) != name:
+            raise SnapshotCorrupt(str(path), "block", "header does not describe this block")
+    except OSError as exc:
+        os.close(fd)
+        raise SnapshotCorrupt(str(path), "block", f"unreadable: {exc.strerror or exc}") from None
+    except BaseException:
+        os.close(fd)
+        raise
+    return fd
+
+
+def close_all(fds: list[int]) -> None:
+    for fd in fds:
+        os.close(fd)
+
+
+class StreamFile(io.RawIOBase):
+    """The in-memory safetensors file `mx.load` reads (see the module's docstring)."""
+
+    def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
+                 block_tokens: int, cut: int, n: int):
+        self.streams, self.fds, self.paths = streams, fds, paths
+        self.block_tokens, self.cut, self.n = block_tokens, cut, n
+        header, offsets, pos = {}, [], 0
+        for i, s in enumerate(streams):
+            header[f"s{i}"] = {"dtype": _ST_DTYPE[s.dtype.name],
+                               "shape": [1, s.heads, s.capacity, s.row],
+                               "data_offsets": [pos, pos + s.nbytes]}
+            offsets.append(pos)
+            pos += s.nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
+        raw += b" " * (-len(raw) % 8)
+        self._head = len(raw).to_bytes(8, "little") + raw
+        self._starts = {len(self._head) + off: i for i, off in enumerate(offsets)}
+        # each stream's byte offset inside a block's payload (streams in order, heads, B rows)
+        self._in_block, at = [], HEADER_SIZE
+        for s in streams:
+            self._in_block.append(at)
+            at += s.heads * block_tokens * s.row * s.dtype.itemsize
+        self._size = len(self._head) + pos
+        self._pos = 0
+        self.error: SnapshotCorrupt | None = None
+
+    def readable(self) -> bool:
+        return True
+
+    def seekable(self) -> bool:
+        return True
+
+    def seek(self, offset: int, whence: int = 0) -> int:
+        base = {0: 0, 1: self._pos, 2: self._size}[whence]
+        self._pos = base + offset
+        return self._pos
+
+    def tell(self) -> int:
+        return self._pos
+
+    def readinto(self, buf) -> int:  # type: ignore[override]
+        mv = memoryview(buf).cast("B")
+        if self._pos < len(self._head):
+            part = self._head[self._pos:self._pos + len(mv)]
+            mv[:len(part)] = part
+            self._pos += len(part)
+            return len(part)
+        i = self._starts.get(self._pos)
+        if i is None or len(mv) != self.streams[i].nbytes:
+            raise OSError(f"unexpected read of {len(mv)} bytes at {self._pos}")
+        try:
+            self._fill(i, mv)
+        except SnapshotCorrupt as exc:  # reported by the caller after mx.eval (MLX rewraps)
+            self.error = self.error or exc
+        self._pos += len(mv)
+        return len(mv)
+
+    def _fill(self, i: int, mv: memoryview) -> None:
+        s, b = self.streams[i], self.block_tokens
+        rows = np.frombuffer(mv, dtype=np.uint8).reshape(s.heads, s.capacity, -1)
+        want = s.heads * b * rows.shape[2]
+        for j, fd in enumerate(self.fds):
+            parts: list = [rows[h, j * b:(j + 1) * b] for h in range(s.heads)]
+            try:
+                got = os.preadv(fd, parts, self._in_block[i]) if hasattr(os, "preadv") else \
+                    _pread_each(fd, parts, self._in_block[i])
+            except OSError as exc:
+                raise SnapshotCorrupt(self.paths[j], "block",
+                                      f"unreadable: {exc.strerror or exc}") from None
+            if got != want:
+                raise SnapshotCorrupt(self.paths[j], "block", "short read: truncated")
+        if self.n > self.cut:
+            rows[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
+                s.heads, self.n - self.cut, -1)
+        rows[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
+
+
+def _pread_each(fd: int, bufs: list, pos: int) -> int:
+    done = 0
+    for b in bufs:
+        mv = memoryview(b).cast("B")
+        data = os.pread(fd, len(mv), pos + done)
+        mv[:len(data)] = data
+        done += len(data)
+        if len(data) < len(mv):
+            break
+    return done
