@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kvcache
+from . import kvcache, lookup
 from .agent import Agent, Turn
 from .errors import ContextExhausted, NothingToDo, TurnCancelled
 from .events import Event, PrefillProgress, Tokens, TurnResult
@@ -41,6 +41,7 @@ class TurnParams:
     top_p: float = 1.0
     seed: int | None = None
     repetition_penalty: float | None = None  # mlx_lm's multiplicative penalty; None/1.0: off
+    lookup: bool = False  # prompt-lookup drafts (engine/lookup.py): the coordinator restates
 
 
 def common_prefix(a: list[int], b: list[int]) -> int:
@@ -148,12 +149,17 @@ class _Decode:
         self.generated: list[int] = []
         self.finish = "length"
         self.t_first: float | None = None
+        self.drafted = self.accepted = 0  # prompt-lookup draft tokens proposed and kept
 
     def _on_prefill(self, done: int, total: int) -> None:
         if self.cancel.is_set():
             raise TurnCancelled("cancelled during prefill")
         if 0 < done < total:
             self.emit(PrefillProgress(self.agent.agent_id, self.turn_id, done, total))
+
+    def _on_draft(self, proposed: int, kept: int) -> None:
+        self.drafted += proposed
+        self.accepted += kept
 
     def run(self, feed: list[int], prefix: tuple[int, ...] = ()) -> None:
         import mlx.core as mx
@@ -170,10 +176,17 @@ class _Decode:
         _ = detok.last_segment  # already shown
         agent_id, generated = self.agent.agent_id, self.generated
         pending_text, pending_ids, last_emit = "", [], time.perf_counter()
-        gen = generate_step(mx.array(feed), self.model, max_tokens=p.max_tokens,
-                            sampler=sampler_for(p), logits_processors=processors_for(p),
-                            prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
-                            prompt_progress_callback=self._on_prefill)
+        if p.lookup and lookup.enabled() and kvcache.always_trimmable(self.agent.cache):
+            gen = lookup.lookup_generate_step(
+                feed, self.model, context=list(self.agent.cache_ids), max_tokens=p.max_tokens,
+                sampler=sampler_for(p), logits_processors=processors_for(p),
+                prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
+                prompt_progress_callback=self._on_prefill, on_draft=self._on_draft)
+        else:
+            gen = generate_step(mx.array(feed), self.model, max_tokens=p.max_tokens,
+                                sampler=sampler_for(p), logits_processors=processors_for(p),
+                                prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
+                                prompt_progress_callback=self._on_prefill)
         try:
             for token, _ in gen:
                 if self.t_first is None:

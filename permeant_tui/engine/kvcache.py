@@ -426,6 +426,13 @@ def copy_cache(cache: list) -> list:
 
 
 # ---- rewinding ----------------------------------------------------------------------------------
+def always_trimmable(cache: list | None) -> bool:
+    """True when every layer can drop its last tokens whatever it holds (no sliding layer):
+    what drafting tokens and dropping the rejected ones needs (engine/lookup.py)."""
+    c = _cls()
+    return bool(cache) and all(type(x) is not c.RotatingKVCache for x in cache or [])
+
+
 def can_rewind(cache: list, n: int) -> bool:
     """True when the last n tokens can be dropped by trimming (mlx-lm's can_trim_prompt_cache: a
     rotating layer that holds its whole window cannot be trimmed at all)."""

@@ -457,10 +457,11 @@ def agent_params(settings: WorkspaceSettings, agent_id: str) -> TurnParams:
     turn greedy and unpenalised (the test suite sets it; `--temp` passes explicit params)."""
     spec = settings.agent(agent_id)
     max_tokens = (spec.max_tokens if spec else None) or settings.max_tokens
+    restates = spec is not None and spec.role == "coordinator"  # drafts from its context
     if spec is None or os.environ.get("PERMEANT_GREEDY") == "1":
-        return TurnParams(max_tokens=max_tokens)
+        return TurnParams(max_tokens=max_tokens, lookup=restates)
     return TurnParams(max_tokens=max_tokens, temp=spec.temp, top_p=spec.top_p,
-                      repetition_penalty=spec.repetition_penalty)
+                      repetition_penalty=spec.repetition_penalty, lookup=restates)
 
 
 if TYPE_CHECKING:
