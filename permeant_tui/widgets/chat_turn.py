@@ -81,6 +81,7 @@ class ChatTurn(Vertical):
         self._reply_view = Markdown(reply, classes="reply")
         self._live_view = Static("", classes="live", markup=False)
         self._live_view.display = False
+        self._live_lines = 0  # lines of plain text the live view was last laid out with
         self._note = note
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
@@ -134,10 +135,19 @@ class ChatTurn(Vertical):
         self._show_tail(self._reply[end:self._shown])
 
     def _show_tail(self, tail: str) -> None:
-        """The plain text below the Markdown (a blank line apart when the Markdown has text)."""
-        self._live_view.update(Content(tail))
-        self._live_view.display = bool(tail)
-        self._live_view.set_class(bool(self._reply[:self._in_markdown].strip()), "-below")
+        """The plain text below the Markdown (a blank line apart when the Markdown has text).
+
+        The screen is laid out again only when the text takes another number of lines: a
+        layout visits every widget of every pane, a repaint only this one."""
+        view = self._live_view
+        content = Content(tail)
+        width = view.content_region.width
+        lines = len(content.wrap(width)) if tail and width > 0 else 0
+        relayout = not width or lines != self._live_lines or view.display != bool(tail)
+        self._live_lines = lines
+        view.update(content, layout=relayout)
+        view.display = bool(tail)
+        view.set_class(bool(self._reply[:self._in_markdown].strip()), "-below")
 
     def _stop_timers(self) -> None:
         for timer in (self._flush_timer, self._markdown_timer):

@@ -14,6 +14,7 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     views,
     wait_until,
 )
+from textual.content import Content
 from textual.widgets import Markdown
 from textual.widgets.markdown import MarkdownBlock
 
@@ -102,7 +103,10 @@ async def test_streaming_shows_plain_text_and_renders_markdown_once(monkeypatch)
         # No Markdown was parsed per chunk; each chunk was shown (a flush passed after each),
         # as plain text.
         assert appends == [] and updates == []
-        assert str(turn._live_view.render()) == REPLY
+        live = turn._live_view
+        assert str(live.render()) == REPLY
+        # laid out only when its text took a new line, yet always as tall as its text
+        assert live.size.height == len(Content(REPLY).wrap(live.content_region.width)) > 1
         finish(engine)
         await wait_until(pilot, lambda: turn.has_class("-done"))
         await pilot.pause()
