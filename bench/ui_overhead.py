@@ -6,7 +6,8 @@ headless engine, on the same loaded model, in the same run (target: under 5% slo
 Each measurement is one greedy turn of a fresh agent (same prompt, so the same tokens), the
 headless and UI runs interleaved so machine load drifts equally on both. The UI run is the real
 `PermeantApp` run headless (`App.run_test`): the message goes through the pane's input, tokens
-stream into the Markdown widget and the gauges timer samples stats, as in a terminal.
+stream into the reply (plain text, then Markdown) and the gauges timer samples stats, as in a
+terminal.
 """
 
 from __future__ import annotations

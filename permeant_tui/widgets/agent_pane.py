@@ -30,7 +30,11 @@ from .chat_turn import ChatTurn
 from .gauges import AgentGauges
 from .message_input import MessageInput
 
-RECENT_TURNS = 20
+RECENT_TURNS = 20  # turns a "load more" adds
+# Turns mounted at start: each is a Markdown of several widgets, and three panes of twenty made
+# the first paint take seconds. Older ones are mounted when the person scrolls to the top of
+# the conversation, presses the button above it or the load-more key (they are on disk).
+FIRST_PAINT_TURNS = 4
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
 # The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
 # loads ("loading") or after it failed to load ("unavailable").
@@ -129,7 +133,7 @@ class AgentPane(Vertical):
     state: reactive[str] = reactive("loading")
     detail: reactive[str] = reactive("")
 
-    def __init__(self, view: AgentView, *, recent: int = RECENT_TURNS) -> None:
+    def __init__(self, view: AgentView, *, recent: int = FIRST_PAINT_TURNS) -> None:
         super().__init__(id=f"pane-{view.agent_id}")
         self.agent_id = view.agent_id
         # The title comes from a file (settings, an imported USXF): one line, never markup.
@@ -170,6 +174,7 @@ class AgentPane(Vertical):
 
     def on_mount(self) -> None:
         self._conversation.anchor()
+        self.watch(self._conversation, "scroll_y", self._scrolled, init=False)
         self._sync_load_more()
         self._show_state()
 
@@ -246,16 +251,31 @@ class AgentPane(Vertical):
         if self.first_index > 0:
             self.post_message(self.LoadMore(self.agent_id, self.first_index))
 
+    def _scrolled(self, scroll_y: float) -> None:
+        """Scrolled to the top of a conversation with earlier turns: load them."""
+        if scroll_y <= 0 and self._conversation.max_scroll_y > 0:
+            self.request_more()
+
     async def prepend_history(self, turns: Sequence[TurnView], first_index: int) -> None:
-        """Show older turns above the ones already shown."""
+        """Show older turns above the ones already shown; scrolled to the top, what was in
+        view stays there (the top is not reached again at once, loading more and more)."""
+        if turns and first_index + len(turns) != self.first_index:
+            return  # asked twice (a scroll and a key): these turns are shown already
         self.first_index = max(first_index, 0) if turns else 0
-        if turns:
-            await self._conversation.mount_all(
-                [ChatTurn(turn.user, turn.reply, index=index, note=history_note(turn.stats))
-                 for index, turn in enumerate(turns, self.first_index)],
-                after="#load-more",
-            )
         self._sync_load_more()
+        if not turns:
+            return
+        conversation = self._conversation
+        height = conversation.virtual_size.height
+        at_top = conversation.scroll_y <= 0 and conversation.max_scroll_y > 0
+        await conversation.mount_all(
+            [ChatTurn(turn.user, turn.reply, index=index, note=history_note(turn.stats))
+             for index, turn in enumerate(turns, self.first_index)],
+            after="#load-more",
+        )
+        if at_top:
+            self.call_after_refresh(lambda: conversation.scroll_to(
+                y=conversation.virtual_size.height - height, animate=False, immediate=True))
 
     def _load_more_label(self) -> str:
         return f"▲ load earlier turns ({self.first_index} more)"

@@ -1,9 +1,13 @@
-"""One exchange in an agent pane: the user's message, then the reply streamed as Markdown.
+"""One exchange in an agent pane: the user's message, then the reply, rendered as Markdown.
 
-Tokens are written through `Markdown.get_stream` (as Toad does), at most every FLUSH_SECONDS,
-and the stream coalesces fragments when they arrive faster than the widget renders; the whole
-message is never re-parsed per batch. When the turn ends the stream is stopped and, only if the engine's final reply differs
-from what was streamed, the document is replaced once with `Markdown.update` (as oterm does).
+While a reply streams, Markdown is the expensive part: each write re-parses the last block and
+mounts its widgets again, and the screen is laid out anew. So the growing text goes, at most
+every FLUSH_SECONDS, into a plain-text `Static` (its `Content` re-wrapped, nothing parsed or
+mounted), and the Markdown takes the finished blocks (text up to a blank line) only every
+MARKDOWN_SECONDS, through `Markdown.get_stream` (as Toad does); the plain text holds only what
+came after them. When the turn ends the stream is stopped and the Markdown is rendered once
+from the whole reply with `Markdown.update` (as oterm does), so a finished turn shows exactly
+what the same turn loaded from disk shows.
 """
 
 from __future__ import annotations
@@ -17,9 +21,12 @@ from textual.widgets.markdown import MarkdownStream
 
 from ..conversation import team_question
 
-# Token batches are written to the Markdown at most this often: each write re-lays the screen
-# out, and a person cannot read faster than ten updates a second anyway.
+# The plain text of a streaming reply is redrawn at most this often: each redraw lays the
+# screen out again, and a person cannot read faster than ten updates a second anyway.
 FLUSH_SECONDS = 0.1
+# Finished blocks move from the plain text to the Markdown at most this often (0: only when
+# the turn ends).
+MARKDOWN_SECONDS = 1.5
 # A coordinator's brief quotes both colleagues' answers, which are already on screen.
 USER_PREVIEW_CHARS = 400
 
@@ -36,6 +43,13 @@ def user_content(user: str) -> Content:
     if question is not None:
         return Content.assemble(("Team brief: ", "bold"), preview(question))
     return Content(preview(user) or "…")
+
+
+def finished_blocks_end(text: str, start: int) -> int:
+    """Where the Markdown blocks of `text` that are surely finished end: after its last blank
+    line past `start` (`start` when there is none)."""
+    cut = text.rfind("\n\n", start)
+    return cut + 2 if cut >= start else start
 
 
 class ChatTurn(Vertical):
@@ -56,11 +70,18 @@ class ChatTurn(Vertical):
         self.index = index  # in the agent's transcript; None until the turn is done
         self._user = user
         self._reply = reply
+        # What the Markdown was last rendered from, whole (None once the stream wrote to it).
+        self._rendered: str | None = reply
+        self._in_markdown = len(reply)  # self._reply[:_in_markdown] is in the Markdown
+        self._shown = len(reply)  # self._reply[:_shown] is on screen (Markdown + plain text)
         self._stream: MarkdownStream | None = None
-        self._unwritten = ""
         self._flush_timer: Timer | None = None
+        self._markdown_timer: Timer | None = None
         self._user_view = Static(user_content(user), classes="user")
         self._reply_view = Markdown(reply, classes="reply")
+        self._live_view = Static("", classes="live", markup=False)
+        self._live_view.display = False
+        self._live_lines = 0  # lines of plain text the live view was last laid out with
         self._note = note
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
@@ -69,6 +90,7 @@ class ChatTurn(Vertical):
     def compose(self) -> ComposeResult:
         yield self._user_view
         yield self._reply_view
+        yield self._live_view
         yield self._note_view
 
     @property
@@ -85,19 +107,53 @@ class ChatTurn(Vertical):
         if not text:
             return
         self._reply += text
-        self._unwritten += text
         if self._flush_timer is None:
             self._flush_timer = self.set_timer(FLUSH_SECONDS, self._flush)
+        if self._markdown_timer is None and MARKDOWN_SECONDS > 0:
+            self._markdown_timer = self.set_timer(MARKDOWN_SECONDS, self._flush_markdown)
 
-    async def _flush(self) -> None:
+    def _flush(self) -> None:
+        """Show the text not yet in the Markdown as plain text."""
         self._flush_timer = None
-        text, self._unwritten = self._unwritten, ""
-        if not text:
+        if self._shown == len(self._reply):
             return
+        self._shown = len(self._reply)
         self.remove_class("-pending")
+        self._show_tail(self._reply[self._in_markdown:])
+
+    async def _flush_markdown(self) -> None:
+        """Move the finished blocks of the shown text from the plain text to the Markdown."""
+        self._markdown_timer = None
+        end = finished_blocks_end(self._reply[:self._shown], self._in_markdown)
+        if end == self._in_markdown:
+            return
         if self._stream is None:
             self._stream = Markdown.get_stream(self._reply_view)
-        await self._stream.write(text)
+        self._rendered = None
+        await self._stream.write(self._reply[self._in_markdown:end])
+        self._in_markdown = end
+        self._show_tail(self._reply[end:self._shown])
+
+    def _show_tail(self, tail: str) -> None:
+        """The plain text below the Markdown (a blank line apart when the Markdown has text).
+
+        The screen is laid out again only when the text takes another number of lines: a
+        layout visits every widget of every pane, a repaint only this one."""
+        view = self._live_view
+        content = Content(tail)
+        width = view.content_region.width
+        lines = len(content.wrap(width)) if tail and width > 0 else 0
+        relayout = not width or lines != self._live_lines or view.display != bool(tail)
+        self._live_lines = lines
+        view.update(content, layout=relayout)
+        view.display = bool(tail)
+        view.set_class(bool(self._reply[:self._in_markdown].strip()), "-below")
+
+    def _stop_timers(self) -> None:
+        for timer in (self._flush_timer, self._markdown_timer):
+            if timer is not None:
+                timer.stop()
+        self._flush_timer = self._markdown_timer = None
 
     async def reopen(self, *, clear: bool) -> None:
         """Stream into this finished turn again: a continue appends to its reply, a regenerate
@@ -110,7 +166,8 @@ class ChatTurn(Vertical):
         self._note_view.update("continuing…" if not clear else "regenerating…")
         self._note_view.display = True
         if clear:
-            self._reply = ""
+            self._reply = self._rendered = ""
+            self._in_markdown = self._shown = 0
             await self._reply_view.update("")
 
     async def restore(self, why: str) -> None:
@@ -120,14 +177,11 @@ class ChatTurn(Vertical):
             return
         reply, note = self._before
         self._before = None
-        self._unwritten = ""
         await self.finish(reply, f"{note} · {why}" if note else why, state="done")
 
     async def finish(self, reply: str | None = None, note: str = "", state: str = "done") -> None:
-        """Stop streaming; show the final reply (one update at most) and the footnote."""
-        if self._flush_timer is not None:
-            self._flush_timer.stop()
-        await self._flush()
+        """Stop streaming; render the final reply as Markdown (once) and show the footnote."""
+        self._stop_timers()
         if self._stream is not None:
             await self._stream.stop()
             self._stream = None
@@ -135,8 +189,12 @@ class ChatTurn(Vertical):
         self.add_class(f"-{state}")
         self._before = None
         self._note = note
-        if reply is not None and reply != self._reply:
+        if reply is not None:
             self._reply = reply
-            await self._reply_view.update(reply)
+        self._in_markdown = self._shown = len(self._reply)
+        if self._reply != self._rendered:
+            self._rendered = self._reply
+            await self._reply_view.update(self._reply)
+        self._show_tail("")
         self._note_view.update(note)
         self._note_view.display = bool(note)

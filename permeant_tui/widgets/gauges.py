@@ -25,6 +25,14 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
+def show_figure(label: Label, text: str) -> None:
+    """A gauge's new figure. Figures change with every streamed batch; the screen is laid out
+    again (every widget of every pane) only when the figure's width changes, else repainted."""
+    old = str(label.content)
+    if text != old:
+        label.update(text, layout=len(text) != len(old))
+
+
 class AgentGauges(Vertical):
     """Three lines: context bar, tok/s sparkline, and cache size / residency / TTFT."""
 
@@ -60,16 +68,15 @@ class AgentGauges(Vertical):
         limit = max(stats.context_limit, 1)
         self._context_bar.update(total=limit, progress=min(stats.tokens, limit))
         self._context_bar.set_class(stats.tokens >= 0.9 * limit, "-nearly-full")
-        self._context_label.update(
-            f"{stats.tokens:,}/{stats.context_limit:,}" if stats.context_limit else f"{stats.tokens:,}"
-        )
+        show_figure(self._context_label, f"{stats.tokens:,}/{stats.context_limit:,}"
+                    if stats.context_limit else f"{stats.tokens:,}")
         history, last_tok_s, ttft_ms = self._fresh_speed(stats)
         self._show_speed(history)
-        self._speed_label.update(f"{last_tok_s:.1f}" if last_tok_s else "–")
+        show_figure(self._speed_label, f"{last_tok_s:.1f}" if last_tok_s else "–")
         where = "resident" if stats.resident else "on disk"
         size = format_bytes(stats.bytes) if stats.bytes else "empty cache"
         ttft = f" · TTFT {ttft_ms:,.0f} ms" if ttft_ms else ""
-        self._cache_label.update(f"{size} · {where}{ttft}")
+        show_figure(self._cache_label, f"{size} · {where}{ttft}")
 
     def clear(self) -> None:
         """Show an empty agent (after a reset) until the engine reports new figures."""

@@ -203,7 +203,10 @@ async def test_up_in_an_empty_box_recalls_the_last_message_to_edit_and_resend():
 
 
 async def test_page_keys_scroll_the_conversation_while_the_box_has_focus():
-    engine = ScriptedEngine(views(20))
+    long_reply = "\n\n".join(f"Paragraph {k}." for k in range(12))  # 4 turns: pages of them
+    engine = ScriptedEngine([AgentView(v.agent_id, v.role, v.title, v.system,
+                                       tuple(TurnView(t.user, long_reply) for t in v.turns))
+                             for v in views(20)])
     app = PermeantApp(engine, preferences=NO_PREFS)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
@@ -268,7 +271,7 @@ async def test_search_jumps_to_a_turn_loading_earlier_turns_first():
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
         business = pane(app, "business")
-        assert business.first_index == 5
+        assert business.first_index == 21
         await pilot.press("ctrl+f")
         await pilot.pause()
         await type_text(pilot, "Business question 3")
@@ -277,7 +280,7 @@ async def test_search_jumps_to_a_turn_loading_earlier_turns_first():
         await wait_until(pilot, lambda: bool(business.query(".-found")))
         assert app.workspace.active_agent == "business"
         assert app.focused is business.input
-        assert engine.calls.load_more == [("business", 5, 2)]
+        assert engine.calls.load_more == [("business", 21, 18)]
         found = business.query_one(".-found", ChatTurn)
         assert found.index == 3
         assert "Business question 3" in str(found.query_one(".user").content)

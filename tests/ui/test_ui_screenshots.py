@@ -51,7 +51,7 @@ def settled(engine: ScriptedEngine, then=None):
         if then is not None:
             await then(pilot)
             await settle(pilot, engine)
-        await asyncio.sleep(0.3)  # token text is written to the Markdown every 0.1 s
+        await asyncio.sleep(0.3)  # streamed text is shown every 0.1 s
         await pilot.pause()
 
     return run_before

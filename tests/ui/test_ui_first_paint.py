@@ -1,0 +1,82 @@
+"""The first paint mounts only the last FIRST_PAINT_TURNS turns of each pane (a resumed
+workspace of long conversations painted in seconds); earlier turns are mounted when the person
+scrolls to the top, and none is lost or shown twice."""
+
+from __future__ import annotations
+
+from support.pilot import (  # noqa: F401 (the fixtures are autouse)
+    ScriptedEngine,
+    close_engines,
+    no_cursor_blink,
+    settle,
+    wait_until,
+)
+from textual.widgets import Button
+
+from permeant_tui.app import PermeantApp
+from permeant_tui.engine.agent import DEFAULT_AGENTS
+from permeant_tui.engine.api import AgentView, TurnView
+from permeant_tui.widgets.agent_pane import FIRST_PAINT_TURNS, RECENT_TURNS, AgentPane
+from permeant_tui.widgets.chat_turn import ChatTurn
+
+SIZE = (160, 40)
+TURNS = 30
+
+
+def long_views() -> list[AgentView]:
+    """Three agents with TURNS turns each, every reply taller than a pane."""
+    reply = "\n\n".join(f"Paragraph {k} of the answer." for k in range(8))
+    return [AgentView(agent_id, agent_id, title, "system",
+                      tuple(TurnView(f"{title} question {i}", reply) for i in range(TURNS)))
+            for agent_id, _, title, _ in DEFAULT_AGENTS]
+
+
+def shown(pane: AgentPane) -> list[int | None]:
+    return [turn.index for turn in pane.query(ChatTurn)]
+
+
+async def test_scrolling_to_the_top_mounts_earlier_turns():
+    engine = ScriptedEngine(long_views())
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        for pane in app.workspace.panes:
+            assert shown(pane) == list(range(TURNS - FIRST_PAINT_TURNS, TURNS))
+        technical = app.workspace.panes[0]
+        conversation = technical._conversation
+        assert conversation.scroll_y == conversation.max_scroll_y > 0  # at the newest reply
+        top = technical.query(ChatTurn).first()
+        offset = top.virtual_region.y  # below the load-more button: where it shows at the top
+
+        conversation.scroll_home(animate=False, immediate=True)  # the person scrolls up
+        first = TURNS - FIRST_PAINT_TURNS - RECENT_TURNS
+        await wait_until(pilot, lambda: shown(technical) == list(range(first, TURNS)))
+        await pilot.pause()
+        # What was at the top stays in view: the new turns are above it, not loaded again.
+        await wait_until(pilot, lambda: conversation.scroll_y > 0)
+        assert top.virtual_region.y - conversation.scroll_y == offset
+        assert engine.calls.load_more == [("technical", TURNS - FIRST_PAINT_TURNS,
+                                           RECENT_TURNS)]
+
+        conversation.scroll_home(animate=False, immediate=True)
+        await wait_until(pilot, lambda: shown(technical) == list(range(TURNS)))
+        assert not technical.query_one("#load-more", Button).display
+        users = [str(turn.query_one(".user").content) for turn in technical.query(ChatTurn)]
+        assert users == [f"Technical question {i}" for i in range(TURNS)]
+        # The other panes were not touched.
+        for pane in app.workspace.panes[1:]:
+            assert len(shown(pane)) == FIRST_PAINT_TURNS
+
+
+async def test_a_repeated_request_does_not_show_turns_twice():
+    engine = ScriptedEngine(long_views())
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        technical = app.workspace.panes[0]
+        technical.request_more()  # the key, and a scroll to the top, before either is served
+        technical.request_more()
+        first = TURNS - FIRST_PAINT_TURNS - RECENT_TURNS
+        await wait_until(pilot, lambda: len(engine.calls.load_more) == 2)
+        await pilot.pause()
+        assert shown(technical) == list(range(first, TURNS))
