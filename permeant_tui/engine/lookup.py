@@ -12,7 +12,13 @@ plain decoding's (up to the float rounding of a wider matrix product), and sampl
 same distribution (not the same draws for a seed).
 
 Only for caches that can always be trimmed (full and quantized layers; a sliding-window layer
-that holds its whole window cannot drop tokens). `PERMEANT_LOOKUP=0` turns it off.
+that holds its whole window cannot drop tokens).
+
+Off unless `PERMEANT_LOOKUP=1`: on the CPU device a pass over k + 1 tokens costs 1.7x (k = 1) to
+2.5x (k = 8) a one-token step, whose one-row products go through sgemv (engine/blas.py), so the
+coordinator's replies came out at x0.92-0.95 of plain decoding with half the drafts kept
+(bench/lookup.py). On Metal, where one step is bound by reading the weights, a wider pass costs
+little more; not measured here (no Mac).
 """
 
 from __future__ import annotations
@@ -20,18 +26,20 @@ from __future__ import annotations
 import os
 from collections.abc import Callable, Iterator
 
-NGRAM = 3
-DRAFT = 8
+NGRAM = 4
+MIN_MATCH = int(os.environ.get("PERMEANT_LOOKUP_MIN", "3"))  # a shorter match drafts noise
+DRAFT = 8  # the most tokens one pass verifies; the length adapts to what is kept
 
 
 def enabled() -> bool:
-    return os.environ.get("PERMEANT_LOOKUP", "1") != "0"
+    return os.environ.get("PERMEANT_LOOKUP") == "1"
 
 
-def find_draft(ids: list[int], ngram: int = NGRAM, k: int = DRAFT) -> list[int]:
+def find_draft(ids: list[int], ngram: int = NGRAM, k: int = DRAFT, least: int = MIN_MATCH
+               ) -> list[int]:
     """Up to k tokens that followed the most recent earlier occurrence of the last n tokens of
-    `ids` (n from `ngram` down to 2); [] when there is none."""
-    for n in range(min(ngram, len(ids) - 1), 1, -1):
+    `ids` (n from `ngram` down to `least`); [] when there is none."""
+    for n in range(min(ngram, len(ids) - 1), least - 1, -1):
         tail = ids[-n:]
         for start in range(len(ids) - n - 1, -1, -1):
             if ids[start:start + n] == tail:
@@ -67,9 +75,9 @@ def lookup_generate_step(prompt: list[int], model, *, context: list[int], max_to
     history = list(prompt[:done])  # what the logits processors see, as in generate_step
     seen = list(context) + list(prompt)
     feed = list(prompt[done:])
-    produced = 0
+    produced, k = 0, DRAFT // 2
     while produced < max_tokens:
-        draft = find_draft(seen) if produced > 0 else []
+        draft = find_draft(seen, k=k) if produced > 0 else []
         draft = draft[:max(0, max_tokens - produced - 1)]
         logits = model(mx.array([feed + draft]), cache=prompt_cache)[0, len(feed) - 1:]
         history.extend(feed)
@@ -89,8 +97,12 @@ def lookup_generate_step(prompt: list[int], model, *, context: list[int], max_to
                 kept += 1
                 continue
             break
-        if on_draft is not None and draft:
-            on_draft(len(draft), kept)
+        if draft:
+            # on CPU a pass over k + 1 tokens costs more than one step: draft long only while
+            # drafts are kept
+            k = min(DRAFT, k * 2) if kept == len(draft) else max(1, kept or k // 2)
+            if on_draft is not None:
+                on_draft(len(draft), kept)
         extra = len(draft) - kept
         if extra:
             kvcache.rewind(prompt_cache, extra)

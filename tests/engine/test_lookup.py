@@ -25,10 +25,24 @@ BRIEF = ("Technical said: the payment API returns 502 under load because the ret
          "Restate both points: the payment API returns 502 under load because")
 
 
+@pytest.fixture(autouse=True)
+def lookup_on(monkeypatch):
+    monkeypatch.setenv("PERMEANT_LOOKUP", "1")  # off by default (see engine/lookup.py)
+
+
+def test_lookup_is_off_unless_asked(monkeypatch, real_model):
+    monkeypatch.delenv("PERMEANT_LOOKUP")
+    monkeypatch.setattr(lookup, "lookup_generate_step",
+                        lambda *a, **k: pytest.fail("drafted without PERMEANT_LOOKUP=1"))
+    r = turn(real_model, agent_for(real_model), BRIEF, use_lookup=True, max_tokens=4)
+    assert len(r.generated_ids) == 4
+
+
 def test_find_draft_takes_what_followed_the_latest_match():
     ids = [1, 2, 3, 9, 9, 1, 2, 3, 7, 8, 5, 1, 2, 3]
     assert lookup.find_draft(ids, 3, 2) == [7, 8]  # the most recent earlier "1 2 3"
-    assert lookup.find_draft([4, 5, 6, 4, 5], 3, 8) == [6, 4, 5]  # falls back to 2 tokens
+    assert lookup.find_draft([4, 5, 6, 4, 5], 3, 8, least=2) == [6, 4, 5]  # falls back to 2
+    assert lookup.find_draft([4, 5, 6, 4, 5], 3, 8) == []  # a 2-token match is not enough
     assert lookup.find_draft([1, 2, 3, 4], 3, 8) == []
     assert lookup.find_draft([7], 3, 8) == []
 
