@@ -35,6 +35,9 @@ RECENT_TURNS = 20  # turns a "load more" adds
 # the first paint take seconds. Older ones are mounted when the person scrolls to the top of
 # the conversation, presses the button above it or the load-more key (they are on disk).
 FIRST_PAINT_TURNS = 4
+# The live gauges follow the stream at most this often (a token can arrive every few ms on a
+# Mac; each show repaints the pane's gauges). The stats timer refreshes them too.
+LIVE_GAUGE_SECONDS = 0.25
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
 # The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
 # loads ("loading") or after it failed to load ("unavailable").
@@ -147,6 +150,7 @@ class AgentPane(Vertical):
         self._turns: dict[int, ChatTurn] = {}
         self._redo: set[int] = set()  # turn ids that continue or regenerate a shown turn
         self._live: LiveFigures | None = None  # the turn streaming now, for live gauges
+        self._live_shown = 0.0  # when the live gauges were last shown (monotonic s)
         self._stats: AgentStats | None = None  # the engine's last figures for this agent
         self._prefill_total = 0
         self.last_finish = ""  # why the last reply of this session stopped ("length": continue)
@@ -328,8 +332,11 @@ class AgentPane(Vertical):
         if self._live is not None:
             if self._prefill_total:
                 self._live.prefilled = self._prefill_total
-            self._live.generated(n_ids, time.monotonic())
-            self._show_live()
+            now = time.monotonic()
+            self._live.generated(n_ids, now)
+            if now - self._live_shown >= LIVE_GAUGE_SECONDS:
+                self._live_shown = now
+                self._show_live()
         turn = await self._turn(turn_id)
         await turn.append(text)
 
