@@ -3,12 +3,13 @@ memory MLX allocates for them, with no zero fill and no copy.
 
 MLX has no "empty" array, and `mx.zeros` writes every page of a 190 MB restore from user space
 (first-touch page faults: most of a restore's time on a VM, issue 17). `mx.load` reading a
-file object allocates each tensor and calls the object's `readinto` with that tensor's own
-buffer. `StreamFile` is such an object: a safetensors file that exists only in memory, whose
-header names one tensor [1, heads, capacity, row] per stream, and whose `readinto` fills each
-tensor with `preadv` from the blocks (the kernel touches the pages as it copies), then the
-manifest's tail, then zeros for the free room. The caller verifies every block's checksum over
-the filled arrays afterwards (blockstore.content_hash), exactly as before.
+file object allocates the tensor and calls the object's `readinto` with the tensor's own
+buffer. `_TensorFile` is such an object: a one-tensor safetensors file that exists only in
+memory, [1, heads, capacity, row] for one stream, whose `readinto` fills the buffer with `preadv`
+from the blocks (the kernel touches the pages as it copies), then the manifest's tail, then
+zeros for the free room. One `mx.load` per stream, in order (MLX reads a file's tensors in hash
+order), so each block's hash is updated as its rows arrive. Each block's content hash is computed as its rows
+arrive (still in the CPU's cache); the caller compares it with the block's name, as before.
 """
 
 from __future__ import annotations
@@ -19,6 +20,7 @@ import os
 import stat
 
 import numpy as np
+import xxhash
 
 from .blockstore import BLOCK_HEADER, BLOCK_NAME, HEADER_SIZE, MAGIC, BlockStore, block_name
 from .errors import SnapshotCorrupt
@@ -91,32 +93,16 @@ def close_all(fds: list[int]) -> None:
         os.close(fd)
 
 
-class StreamFile(io.RawIOBase):
-    """The in-memory safetensors file `mx.load` reads (see the module's docstring)."""
+class _TensorFile(io.RawIOBase):
+    """A one-tensor safetensors file that exists only in memory: `mx.load` reads its header,
+    then hands `readinto` the tensor's own freshly allocated buffer, which `fill` writes."""
 
-    def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
-                 block_tokens: int, cut: int, n: int):
-        self.streams, self.fds, self.paths = streams, fds, paths
-        self.block_tokens, self.cut, self.n = block_tokens, cut, n
-        header, offsets, pos = {}, [], 0
-        for i, s in enumerate(streams):
-            header[f"s{i}"] = {"dtype": _ST_DTYPE[s.dtype.name],
-                               "shape": [1, s.heads, s.capacity, s.row],
-                               "data_offsets": [pos, pos + s.nbytes]}
-            offsets.append(pos)
-            pos += s.nbytes
-        raw = json.dumps(header, separators=(",", ":")).encode()
+    def __init__(self, dtype: str, shape: list[int], nbytes: int, fill) -> None:
+        raw = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}},
+                         separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._head = len(raw).to_bytes(8, "little") + raw
-        self._starts = {len(self._head) + off: i for i, off in enumerate(offsets)}
-        # each stream's byte offset inside a block's payload (streams in order, heads, B rows)
-        self._in_block, at = [], HEADER_SIZE
-        for s in streams:
-            self._in_block.append(at)
-            at += s.heads * block_tokens * s.row * s.dtype.itemsize
-        self._size = len(self._head) + pos
-        self._pos = 0
-        self.error: SnapshotCorrupt | None = None
+        self._size, self._pos, self._fill = len(self._head) + nbytes, 0, fill
 
     def readable(self) -> bool:
         return True
@@ -125,8 +111,7 @@ class StreamFile(io.RawIOBase):
         return True
 
     def seek(self, offset: int, whence: int = 0) -> int:
-        base = {0: 0, 1: self._pos, 2: self._size}[whence]
-        self._pos = base + offset
+        self._pos = {0: 0, 1: self._pos, 2: self._size}[whence] + offset
         return self._pos
 
     def tell(self) -> int:
@@ -139,15 +124,53 @@ class StreamFile(io.RawIOBase):
             mv[:len(part)] = part
             self._pos += len(part)
             return len(part)
-        i = self._starts.get(self._pos)
-        if i is None or len(mv) != self.streams[i].nbytes:
+        if self._pos != len(self._head) or self._pos + len(mv) != self._size:
             raise OSError(f"unexpected read of {len(mv)} bytes at {self._pos}")
-        try:
-            self._fill(i, mv)
-        except SnapshotCorrupt as exc:  # reported by the caller after mx.eval (MLX rewraps)
-            self.error = self.error or exc
+        self._fill(mv)
         self._pos += len(mv)
         return len(mv)
+
+
+class StreamReader:
+    """Loads the streams one by one, in order (see the module's docstring), hashing each block
+    as its rows arrive."""
+
+    def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
+                 block_tokens: int, cut: int, n: int):
+        self.streams, self.fds, self.paths = streams, fds, paths
+        self.block_tokens, self.cut, self.n = block_tokens, cut, n
+        # each stream's byte offset inside a block's payload (streams in order, heads, B rows)
+        self._in_block, at = [], HEADER_SIZE
+        for s in streams:
+            self._in_block.append(at)
+            at += s.heads * block_tokens * s.row * s.dtype.itemsize
+        self.error: SnapshotCorrupt | None = None
+        # A block's payload is stream after stream: read in that order, each block's xxh3-128
+        # is updated while its rows are still in the CPU's cache.
+        self._hashers = [xxhash.xxh3_128() for _ in fds]
+
+    def load(self) -> list:
+        """-> one MLX array [1, heads, capacity, row] per stream; then check `error`."""
+        import mlx.core as mx
+
+        out = []
+        for i, s in enumerate(self.streams):
+            f = _TensorFile(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes,
+                            lambda mv, i=i: self._fill_checked(i, mv))
+            loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
+            a = loaded["t"]
+            mx.eval(a)  # now, in this order
+            out.append(a)
+        return out
+
+    def digests(self) -> list[bytes]:
+        return [h.digest() for h in self._hashers]
+
+    def _fill_checked(self, i: int, mv: memoryview) -> None:
+        try:
+            self._fill(i, mv)
+        except SnapshotCorrupt as exc:  # reported by the caller (MLX would rewrap it)
+            self.error = self.error or exc
 
     def _fill(self, i: int, mv: memoryview) -> None:
         s, b = self.streams[i], self.block_tokens
@@ -163,6 +186,8 @@ class StreamFile(io.RawIOBase):
                                       f"unreadable: {exc.strerror or exc}") from None
             if got != want:
                 raise SnapshotCorrupt(self.paths[j], "block", "short read: truncated")
+            for part in parts:
+                self._hashers[j].update(part)
         if self.n > self.cut:
             rows[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
                 s.heads, self.n - self.cut, -1)

@@ -41,7 +41,7 @@ import xxhash
 
 from . import blockload, kvcache, kvlayers
 from .atomic import commit_file, fsync_dir, remove_dead_temps, temp_path
-from .blockstore import HEADER_SIZE, BlockStore, block_rows, chain_hashes, content_hash
+from .blockstore import HEADER_SIZE, BlockStore, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 
@@ -373,18 +373,15 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
     payload = sum(st.heads * block_tokens * st.row * st.dtype.itemsize for st in streams)
     fds = blockload.open_blocks(store, names, block_tokens, payload)
     try:
-        reader = blockload.StreamFile(streams, fds, [str(store.path(x)) for x in names],
-                                      block_tokens, cut, n)
-        loaded = mx.load(reader, format="safetensors")
-        allocs = [loaded[f"s{k}"] for k in range(len(streams))]
-        mx.eval(allocs)
+        reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names],
+                                        block_tokens, cut, n)
+        allocs = reader.load()
     finally:
         blockload.close_all(fds)
     if reader.error is not None:
         raise reader.error
-    views = [np.array(a, copy=False) for a in allocs]
-    for j, name in enumerate(names):
-        if content_hash(block_rows(views, j, block_tokens)) != bytes.fromhex(name[33:]):
+    for name, digest in zip(names, reader.digests(), strict=True):
+        if digest != bytes.fromhex(name[33:]):
             raise SnapshotCorrupt(str(store.path(name)), "block", "bytes do not match the "
                                   "block's checksum (bit rot or a partial write)")
     out, bases = list(groups), [None] * len(groups)
