@@ -1,5 +1,5 @@
 """`permeant doctor`: MLX version and device, BLAS (its core type, the sgemv shim), the AMX probe's build decision, the model's
-dtype and a quick speed figure."""
+dtype, the attention path and a quick speed figure."""
 
 from __future__ import annotations
 
@@ -45,6 +45,9 @@ def doctor(args: argparse.Namespace) -> int:
           f"kv dtype {lm.identity.kv_dtype}")
     print(f"identity   {lm.identity.fingerprint}")
     print(f"chat       {lm.chat_format}")
+    from ..engine import cpu_attention
+
+    print(f"attention  {cpu_attention.label()}")
     for note in lm.notes:  # e.g. GGUF types MLX lacks, re-quantized for Metal (lossy)
         print(f"note       {note}")
     print("load ms    " + ", ".join(f"{k} {v:.0f}" for k, v in lm.timings_ms.items()))
