@@ -45,9 +45,6 @@ def doctor(args: argparse.Namespace) -> int:
           f"kv dtype {lm.identity.kv_dtype}")
     print(f"identity   {lm.identity.fingerprint}")
     print(f"chat       {lm.chat_format}")
-    from ..engine import cpu_attention
-
-    print(f"attention  {cpu_attention.label()}")
     for note in lm.notes:  # e.g. GGUF types MLX lacks, re-quantized for Metal (lossy)
         print(f"note       {note}")
     print("load ms    " + ", ".join(f"{k} {v:.0f}" for k, v in lm.timings_ms.items()))
@@ -55,4 +52,7 @@ def doctor(args: argparse.Namespace) -> int:
         reporter.stage("measuring prefill and decode speed")
         pf, dec = quick_speed(lm)
     print(f"speed      prefill {pf:.0f} tok/s (256 tokens), decode {dec:.1f} tok/s (32 tokens)")
+    from ..engine import cpu_attention
+
+    print(f"attention  {cpu_attention.label()}")
     return 0

@@ -30,6 +30,29 @@ _original: Any = None  # mlx_lm.models.base.scaled_dot_product_attention as mlx-
 _state = "off: not installed (no model loaded yet)"
 _enabled = True  # switched by benchmarks and tests (set_enabled), without uninstalling
 counts = {"numpy": 0, "mlx": 0}  # calls routed each way since install (tests, benchmarks)
+_blas_threads: str | None = None  # what _one_blas_thread did, once
+
+
+def _one_blas_thread() -> str:
+    """numpy's wheels carry their own OpenBLAS (scipy-openblas), beside the system one MLX
+    uses: two thread pools whose idle workers spin. With both at two threads on two cores, a
+    17-token forward at 2,048 took 3.4 s against 0.45 s with numpy's at one thread (MLX's own:
+    0.7 s). So numpy's OpenBLAS gets one thread, once; MLX's is left alone."""
+    import ctypes
+    import glob
+
+    import numpy as np
+
+    libs = os.path.join(os.path.dirname(os.path.dirname(np.__file__)), "numpy.libs")
+    for path in sorted(glob.glob(os.path.join(libs, "*openblas*"))):
+        lib = ctypes.CDLL(path)
+        for name in ("scipy_openblas_set_num_threads64_", "scipy_openblas_set_num_threads",
+                     "openblas_set_num_threads64_", "openblas_set_num_threads"):
+            fn = getattr(lib, name, None)
+            if fn is not None:
+                fn(1)
+                return f"numpy's OpenBLAS at one thread ({os.path.basename(path)})"
+    return "numpy's BLAS left as it is (no bundled OpenBLAS found)"
 
 
 def attention(queries, keys, values, scale: float, mask) -> Any:
@@ -37,9 +60,12 @@ def attention(queries, keys, values, scale: float, mask) -> Any:
     queries' dtype. q: (B, H, L, D); k, v: (B, H_kv, S, D) with H a multiple of H_kv (GQA);
     mask: None, "causal" (the last L of S keys: queries are the newest tokens) or an mx.array
     (boolean: True attends; else added to the scores) broadcastable to (B, H, L, S)."""
+    global _blas_threads
     import mlx.core as mx
     import numpy as np
 
+    if _blas_threads is None:
+        _blas_threads = _one_blas_thread()
     dtype = queries.dtype
     if dtype != mx.float32:
         queries, keys, values = (a.astype(mx.float32) for a in (queries, keys, values))
@@ -154,4 +180,4 @@ def installed() -> bool:
 
 def label() -> str:
     """For `permeant doctor`."""
-    return _state
+    return _state if _blas_threads is None else f"{_state}; {_blas_threads}"
