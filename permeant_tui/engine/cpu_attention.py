@@ -20,9 +20,10 @@ import os
 import sys
 from typing import Any
 
-# Fewer queries than this stay on MLX: the numpy path evaluates the graph up to the layer and
-# copies q, k and v out, a fixed cost a one- or two-token step does not win back
-# (bench/prefill_attention.py).
+# Fewer queries than this stay on MLX. A decode step (one query) is left to MLX as designed;
+# from two queries on, the numpy path (its graph evaluation and copies of q, k, v included) was
+# x1.3-2.6 faster than mx.fast's for one SmolLM2 layer at 128 to 3,072 keys (a one-off
+# measurement, load 3; bench/prefill_attention.py measures whole forwards of 17+ tokens).
 MIN_QUERIES = 2
 ENV = "PERMEANT_CPU_ATTENTION"
 
