@@ -1,5 +1,5 @@
 """`permeant doctor`: MLX version and device, BLAS (its core type, the sgemv shim), the AMX probe's build decision, the model's
-dtype and a quick speed figure."""
+dtype, the attention path and a quick speed figure."""
 
 from __future__ import annotations
 
@@ -52,4 +52,7 @@ def doctor(args: argparse.Namespace) -> int:
         reporter.stage("measuring prefill and decode speed")
         pf, dec = quick_speed(lm)
     print(f"speed      prefill {pf:.0f} tok/s (256 tokens), decode {dec:.1f} tok/s (32 tokens)")
+    from ..engine import cpu_attention
+
+    print(f"attention  {cpu_attention.label()}")
     return 0

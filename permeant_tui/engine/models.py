@@ -194,7 +194,16 @@ def load_model(spec: str | None = None, *, weights_mode: str | None = None,
                          model)
     timings["identity"] = (time.perf_counter() - t) * 1000
     timings["total"] = (time.perf_counter() - t0) * 1000
+    _route_attention()
     return LoadedModel(model, tok, identity, str(path), mode, limit, timings, notes)
+
+
+def _route_attention() -> None:
+    """Prefill attention through numpy on the CPU device (engine/cpu_attention.py), once the
+    model's mlx-lm module is imported: that is the module whose name it replaces."""
+    from . import cpu_attention
+
+    cpu_attention.install()
 
 
 def _load_gguf(path: Path, mode, digest_cache, report, timings, notes, cache_weights=False):
@@ -267,6 +276,7 @@ def random_llama(tokenizer, seed: int = 0, layers: int = 2) -> LoadedModel:
     }
     model = llama.Model(llama.ModelArgs.from_dict(args))
     mx.eval(model.parameters())
+    _route_attention()
     identity = _identity(f"tiny-random-{seed}", "llama", args, f"random-seed-{seed}-{layers}",
                          tokenizer, kvcache.kv_dtype(model), 2048, model)
     return LoadedModel(model, tokenizer, identity, "<tiny>", "float32", 2048, {})
