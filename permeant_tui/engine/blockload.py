@@ -5,10 +5,10 @@ MLX has no "empty" array, and `mx.zeros` writes every page of a 190 MB restore f
 (first-touch page faults: most of a restore's time on a VM, issue 17). `mx.load` reading a
 file object allocates the tensor and calls the object's `readinto` with the tensor's own
 buffer. `_TensorFile` is such an object: a one-tensor safetensors file that exists only in
-memory, [1, heads, capacity, row] for one stream, whose `readinto` fills the buffer with `preadv`
-from the blocks (the kernel touches the pages as it copies), then the manifest's tail, then
-zeros for the free room. One `mx.load` per stream, in order (MLX reads a file's tensors in hash
-order), so each block's hash is updated as its rows arrive. Each block's content hash is computed as its rows
+memory, [1, heads, capacity, row] for one stream, whose `readinto` leaves the buffer untouched.
+Then each block is read once with one `preadv` scattering its rows into every stream's buffer
+(the kernel touches the pages as it copies) and hashed while it is in the CPU's cache; then the
+manifest's tail and zeros for the free room. Each block's content hash is computed as its rows
 arrive (still in the CPU's cache); the caller compares it with the block's name, as before.
 """
 
@@ -22,7 +22,15 @@ import stat
 import numpy as np
 import xxhash
 
-from .blockstore import BLOCK_HEADER, BLOCK_NAME, HEADER_SIZE, MAGIC, BlockStore, block_name
+from .blockstore import (
+    BLOCK_HEADER,
+    BLOCK_NAME,
+    HEADER_SIZE,
+    IOV_MAX,
+    MAGIC,
+    BlockStore,
+    block_name,
+)
 from .errors import SnapshotCorrupt
 
 # safetensors dtype names of the numpy dtypes a K/V stream is stored in
@@ -132,66 +140,64 @@ class _TensorFile(io.RawIOBase):
 
 
 class StreamReader:
-    """Loads the streams one by one, in order (see the module's docstring), hashing each block
-    as its rows arrive."""
+    """Allocates every stream's buffer untouched, then reads each block once, scattered
+    straight into the buffers (one preadv per block), and hashes it at once."""
 
     def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
                  block_tokens: int, cut: int, n: int):
         self.streams, self.fds, self.paths = streams, fds, paths
         self.block_tokens, self.cut, self.n = block_tokens, cut, n
-        # each stream's byte offset inside a block's payload (streams in order, heads, B rows)
-        self._in_block, at = [], HEADER_SIZE
-        for s in streams:
-            self._in_block.append(at)
-            at += s.heads * block_tokens * s.row * s.dtype.itemsize
-        self.error: SnapshotCorrupt | None = None
-        # A block's payload is stream after stream: read in that order, each block's xxh3-128
-        # is updated while its rows are still in the CPU's cache.
-        self._hashers = [xxhash.xxh3_128() for _ in fds]
+        self.digests: list[bytes] = []
 
     def load(self) -> list:
-        """-> one MLX array [1, heads, capacity, row] per stream; then check `error`."""
+        """-> one MLX array [1, heads, capacity, row] per stream, filled; `digests` holds each
+        block's content hash (the caller compares them with the names). SnapshotCorrupt on a
+        read that fails or comes short."""
         import mlx.core as mx
 
         out = []
-        for i, s in enumerate(self.streams):
+        for s in self.streams:
             f = _TensorFile(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes,
-                            lambda mv, i=i: self._fill_checked(i, mv))
+                            lambda mv: None)  # left untouched: the reads below fault it in
             loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
-            a = loaded["t"]
-            mx.eval(a)  # now, in this order
-            out.append(a)
+            out.append(loaded["t"])
+        mx.eval(out)
+        rows = [np.array(a, copy=False).view(np.uint8).reshape(s.heads, s.capacity, -1)
+                for a, s in zip(out, self.streams, strict=True)]
+        if not all(r.flags.writeable and r.base is not None for r in rows):
+            raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
+        b = self.block_tokens
+        for j, fd in enumerate(self.fds):
+            parts: list = [r[h, j * b:(j + 1) * b] for r in rows for h in range(r.shape[0])]
+            self._read(j, fd, parts)
+            h = xxhash.xxh3_128()
+            for part in parts:
+                h.update(part)
+            self.digests.append(h.digest())
+        for r, s in zip(rows, self.streams, strict=True):
+            if self.n > self.cut:
+                r[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
+                    s.heads, self.n - self.cut, -1)
+            r[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
         return out
 
-    def digests(self) -> list[bytes]:
-        return [h.digest() for h in self._hashers]
-
-    def _fill_checked(self, i: int, mv: memoryview) -> None:
+    def _read(self, j: int, fd: int, parts: list) -> None:
+        want = sum(int(p.nbytes) for p in parts)
+        got, pos = 0, HEADER_SIZE
         try:
-            self._fill(i, mv)
-        except SnapshotCorrupt as exc:  # reported by the caller (MLX would rewrap it)
-            self.error = self.error or exc
-
-    def _fill(self, i: int, mv: memoryview) -> None:
-        s, b = self.streams[i], self.block_tokens
-        rows = np.frombuffer(mv, dtype=np.uint8).reshape(s.heads, s.capacity, -1)
-        want = s.heads * b * rows.shape[2]
-        for j, fd in enumerate(self.fds):
-            parts: list = [rows[h, j * b:(j + 1) * b] for h in range(s.heads)]
-            try:
-                got = os.preadv(fd, parts, self._in_block[i]) if hasattr(os, "preadv") else \
-                    _pread_each(fd, parts, self._in_block[i])
-            except OSError as exc:
-                raise SnapshotCorrupt(self.paths[j], "block",
-                                      f"unreadable: {exc.strerror or exc}") from None
-            if got != want:
-                raise SnapshotCorrupt(self.paths[j], "block", "short read: truncated")
-            for part in parts:
-                self._hashers[j].update(part)
-        if self.n > self.cut:
-            rows[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
-                s.heads, self.n - self.cut, -1)
-        rows[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
+            for i in range(0, len(parts), IOV_MAX):
+                group = parts[i:i + IOV_MAX]
+                n = os.preadv(fd, group, pos) if hasattr(os, "preadv") else \
+                    _pread_each(fd, group, pos)
+                got += n
+                pos += n
+                if n != sum(int(p.nbytes) for p in group):
+                    break
+        except OSError as exc:
+            raise SnapshotCorrupt(self.paths[j], "block",
+                                  f"unreadable: {exc.strerror or exc}") from None
+        if got != want:
+            raise SnapshotCorrupt(self.paths[j], "block", "short read: truncated")
 
 
 def _pread_each(fd: int, bufs: list, pos: int) -> int:

@@ -42,9 +42,9 @@ _BLOCKS_DOMAIN = b"usxf.blocks.v1\x00"  # docs/USXF.md 4: the same chain as a US
 BLOCK_NAME = re.compile(r"[0-9a-f]{32}-[0-9a-f]{32}")
 _TEMP = re.compile(r"\..+\.(\d+)\.tmp")
 try:
-    _IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
+    IOV_MAX = max(16, min(1024, os.sysconf("SC_IOV_MAX")))
 except (AttributeError, OSError, ValueError):
-    _IOV_MAX = 512
+    IOV_MAX = 512
 
 
 def chain_hashes(ids: Sequence[int] | np.ndarray, fingerprint: str, block_tokens: int) -> list[bytes]:
@@ -81,7 +81,7 @@ def block_rows(streams: list, j: int, block_tokens: int) -> list:
     return [np.ascontiguousarray(s[0, h, a:b]) for s in streams for h in range(s.shape[1])]
 
 
-def _chunks(bufs: list, n: int = _IOV_MAX):
+def _chunks(bufs: list, n: int = IOV_MAX):
     for i in range(0, len(bufs), n):
         yield bufs[i:i + n]
 

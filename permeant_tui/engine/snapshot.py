@@ -375,12 +375,10 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
     try:
         reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names],
                                         block_tokens, cut, n)
-        allocs = reader.load()
+        allocs = reader.load()  # SnapshotCorrupt naming the block on a failed or short read
     finally:
         blockload.close_all(fds)
-    if reader.error is not None:
-        raise reader.error
-    for name, digest in zip(names, reader.digests(), strict=True):
+    for name, digest in zip(names, reader.digests, strict=True):
         if digest != bytes.fromhex(name[33:]):
             raise SnapshotCorrupt(str(store.path(name)), "block", "bytes do not match the "
                                   "block's checksum (bit rot or a partial write)")
