@@ -21,6 +21,8 @@ import statistics
 import time
 from pathlib import Path
 
+import xxhash
+
 
 def load() -> str:
     return " ".join(f"{x:.2f}" for x in os.getloadavg())
@@ -321,11 +323,19 @@ def run(lm, live_cache, ids: list[int], reprefill_ms: float, folder: Path, repea
     la = load()
     r_ms, p_ms = paired(restore, lambda: reader.read(files), repeats)
     r2_ms, f_ms = paired(restore, lambda: fresh_read(files, size), repeats)
+
+    def read_and_hash():
+        got = reader.read(files)
+        xxhash.xxh3_128_digest(reader.view[:got])
+
+    r3_ms, h_ms = paired(restore, read_and_hash, repeats)
     out(f"\nRestore at {len(ids)} tokens (B = {BLOCK_TOKENS}, {len(files)} files, "
         f"{size / 1e6:.1f} MB), load avg {la}: restore {r_ms:.1f} ms, plain read of the same "
         f"bytes into a reused buffer {p_ms:.1f} ms (**{r_ms / p_ms:.2f}x**); paired again with a "
         f"plain read into new memory: restore {r2_ms:.1f} ms, read {f_ms:.1f} ms "
-        f"(**{r2_ms / f_ms:.2f}x**); re-prefill {reprefill_ms:.0f} ms "
+        f"(**{r2_ms / f_ms:.2f}x**); paired with a plain read plus one xxh3-128 pass over the "
+        f"bytes (what verifying costs at least): restore {r3_ms:.1f} ms, read + hash "
+        f"{h_ms:.1f} ms (**{r3_ms / h_ms:.2f}x**); re-prefill {reprefill_ms:.0f} ms "
         f"(**{reprefill_ms / r_ms:.0f}x** the restore)")
     return {"turns": turns, "conversation": conv, "sizes": sizes, "restore_ms": r_ms,
-            "read_ms": p_ms, "fresh_read_ms": f_ms, "reprefill_ms": reprefill_ms}
+            "read_ms": p_ms, "fresh_read_ms": f_ms, "read_hash_ms": h_ms, "reprefill_ms": reprefill_ms}
