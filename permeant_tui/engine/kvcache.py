@@ -427,10 +427,8 @@ def copy_cache(cache: list) -> list:
 
 # ---- rewinding ----------------------------------------------------------------------------------
 def always_trimmable(cache: list | None) -> bool:
-    """True when every layer can drop its last tokens whatever it holds (no sliding layer):
-    what drafting tokens and dropping the rejected ones needs (engine/lookup.py)."""
-    c = _cls()
-    return bool(cache) and all(type(x) is not c.RotatingKVCache for x in cache or [])
+    """No sliding layer: every layer can drop its last tokens (what engine/lookup.py needs)."""
+    return bool(cache) and all(type(x) is not _cls().RotatingKVCache for x in cache or [])
 
 
 def can_rewind(cache: list, n: int) -> bool:
