@@ -88,6 +88,17 @@ os._exit(0)  # measured; nothing to save
 ORDER = ("interpreter", "cli imports", "ui imports", "first paint", "model ready", "agents ready")
 
 
+def workspace_folder(keep: str | None, tokens: int, prefix: str) -> Path:
+    """`keep` (built there once and reused) or a new temporary folder, holding a workspace of
+    three `tokens`-token agents."""
+    folder = Path(keep or tempfile.mkdtemp(prefix=prefix))
+    if not (folder / "workspace.json").exists():
+        print(f"building a workspace of three {tokens}-token agents in {folder} ...", flush=True)
+        folder.mkdir(parents=True, exist_ok=True)
+        build_workspace(folder, tokens)
+    return folder
+
+
 def build_workspace(folder: Path, n: int) -> None:
     """Three agents sharing one n-token conversation (bench/resume.py's builder)."""
     from resume import build_workspace as build
@@ -131,12 +142,7 @@ def main() -> int:
                     help="interleave starts with PERMEANT_LAZY_TRANSFORMERS=0 (mlx-lm imported "
                          "whole, transformers included) and print both")
     args = ap.parse_args()
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="permeant-bench-cold-"))
-    if not (folder / "workspace.json").exists():
-        print(f"building a workspace of three {args.tokens}-token agents in {folder} ...",
-              flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        build_workspace(folder, args.tokens)
+    folder = workspace_folder(args.keep, args.tokens, "permeant-bench-cold-")
     one_start(folder)  # the first start after building may rewrite caches; not counted
     kinds = {"deferred transformers": {}}
     if args.compare_eager_imports:

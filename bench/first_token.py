@@ -81,14 +81,9 @@ def main() -> int:
     ap.add_argument("--keep", help="workspace folder to build once and reuse")
     ap.add_argument("--runs", type=int, default=3, help="resumes of each kind, interleaved")
     args = ap.parse_args()
-    folder = Path(args.keep or tempfile.mkdtemp(prefix="permeant-bench-ttft-"))
-    if not (folder / "workspace.json").exists():
-        from cold_start import build_workspace
+    from cold_start import workspace_folder
 
-        print(f"building a workspace with {args.tokens}-token agents in {folder} ...",
-              flush=True)
-        folder.mkdir(parents=True, exist_ok=True)
-        build_workspace(folder, args.tokens)
+    folder = workspace_folder(args.keep, args.tokens, "permeant-bench-ttft-")
     start(folder, "resume", True)  # page cache warm for every measured start
     runs: dict[str, list[dict]] = {"resume, no warm-up": [], "resume, warm-up at load": []}
     for _ in range(args.runs):
