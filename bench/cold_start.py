@@ -143,6 +143,10 @@ def main() -> int:
                          "whole, transformers included) and print both")
     args = ap.parse_args()
     folder = workspace_folder(args.keep, args.tokens, "permeant-bench-cold-")
+    # As `make run` does: with PYTHONDONTWRITEBYTECODE set, an editable install would compile
+    # the package at every start.
+    subprocess.run([sys.executable, "-m", "compileall", "-q", str(ROOT / "permeant_tui")],
+                   check=True)
     one_start(folder)  # the first start after building may rewrite caches; not counted
     kinds = {"deferred transformers": {}}
     if args.compare_eager_imports:

@@ -18,8 +18,8 @@ import io
 import json
 import os
 import stat
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
 from .blockstore import (
@@ -33,6 +33,9 @@ from .blockstore import (
 )
 from .errors import SnapshotCorrupt
 
+if TYPE_CHECKING:
+    import numpy as np
+
 # safetensors dtype names of the numpy dtypes a K/V stream is stored in
 _ST_DTYPE = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint32": "U32",
              "int8": "I8", "uint8": "U8"}
@@ -44,6 +47,8 @@ class Stream:
 
     def __init__(self, heads: int, capacity: int, row: int, dtype: np.dtype, tail: np.ndarray):
         self.heads, self.capacity, self.row = heads, capacity, row
+        import numpy as np
+
         self.dtype, self.tail = np.dtype(dtype), tail
 
     @property
@@ -162,6 +167,8 @@ class StreamReader:
             loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
             out.append(loaded["t"])
         mx.eval(out)
+        import numpy as np
+
         rows = [np.array(a, copy=False).view(np.uint8).reshape(s.heads, s.capacity, -1)
                 for a, s in zip(out, self.streams, strict=True)]
         if not all(r.flags.writeable and r.base is not None for r in rows):

@@ -28,11 +28,14 @@ import stat
 import struct
 from collections.abc import Iterable, Sequence
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
 from .atomic import fsync_dir, remove_dead_temps
+
+if TYPE_CHECKING:
+    import numpy as np
 
 MAGIC = b"PKVBLK3\0"
 BLOCK_HEADER = struct.Struct("<8sIIQ16s16s8x")
@@ -50,6 +53,8 @@ except (AttributeError, OSError, ValueError):
 def chain_hashes(ids: Sequence[int] | np.ndarray, fingerprint: str, block_tokens: int) -> list[bytes]:
     """USXF's chain h[i] = xxh3_128(h[i-1] || ids of block i as uint32 LE), for the full blocks
     only (a partial last block is never a block file: it lives in the manifest's tail)."""
+    import numpy as np
+
     raw = np.asarray(ids, dtype="<u4").tobytes()
     parent = xxhash.xxh3_128_digest(_BLOCKS_DOMAIN + fingerprint.encode("ascii")
                                     + struct.pack("<I", block_tokens))
@@ -77,6 +82,8 @@ def block_rows(streams: list, j: int, block_tokens: int) -> list:
     stream, for each KV head, its [B, dim] rows (views, no copy, when the rows are contiguous in
     the stream; a cache can hold a transposed view, e.g. after one whole-buffer update, and
     its rows are then copied)."""
+    import numpy as np
+
     a, b = j * block_tokens, (j + 1) * block_tokens
     return [np.ascontiguousarray(s[0, h, a:b]) for s in streams for h in range(s.shape[1])]
 

@@ -23,10 +23,12 @@ at the turn boundary or rebuild by prefill. Recurrent state (ArraysCache) is ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-
-import numpy as np
+from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError, PermeantError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 FULL, SLIDING, QUANTIZED = "full", "sliding", "quantized"
 KINDS = (FULL, SLIDING, QUANTIZED)
@@ -296,6 +298,7 @@ def kv_arrays(cache: list, n: int) -> tuple[list[np.ndarray], list[np.ndarray], 
     the dtype (bfloat16 arrives as its uint16 bits). Raises WindowExceeded naming the first
     sliding layer that no longer holds all n tokens."""
     import mlx.core as mx
+    import numpy as np
 
     keys, values, dtype = [], [], ""
     for i, st in enumerate(layer_states(cache)):

@@ -12,10 +12,13 @@ the ring it came from.
 
 from __future__ import annotations
 
-import numpy as np
+from typing import TYPE_CHECKING
 
 from . import kvcache
 from .kvcache import FULL, QUANTIZED, SLIDING, CacheLayoutError, LayerSpec, LayerState
+
+if TYPE_CHECKING:
+    import numpy as np
 
 
 def stored_lengths(specs: list[LayerSpec], n: int) -> list[int]:
@@ -24,6 +27,7 @@ def stored_lengths(specs: list[LayerSpec], n: int) -> list[int]:
 
 def _numpy(a) -> tuple[np.ndarray, str]:
     import mlx.core as mx
+    import numpy as np
 
     dtype = str(a.dtype).removeprefix("mlx.core.")
     if a.dtype == mx.bfloat16:

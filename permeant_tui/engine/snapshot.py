@@ -35,8 +35,8 @@ import struct
 import time
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import numpy as np
 import xxhash
 
 from . import blockload, kvcache, kvlayers
@@ -44,6 +44,9 @@ from .atomic import commit_file, fsync_dir, remove_dead_temps, temp_path
 from .blockstore import HEADER_SIZE, BlockStore, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
+
+if TYPE_CHECKING:
+    pass
 
 __all__ = ["fsync_dir", "read_snapshot", "write_snapshot", "attach", "attach_payload"]
 
@@ -65,12 +68,16 @@ _MAX_HEADER = 16 << 20
 
 
 def ids_digest(ids: list[int]) -> str:
+    import numpy as np
+
     return xxhash.xxh3_128_hexdigest(np.asarray(ids, dtype=np.int32).tobytes())
 
 
 def _tensor_checksum(arrays: list, layer_meta: str = "") -> str:
     """xxh3-128 over the per-layer meta (format 2; "" for format 1; format 3 adds the block
     list) and the tensor bytes."""
+    import numpy as np
+
     h = xxhash.xxh3_128()
     h.update(layer_meta.encode())
     for a in arrays:
@@ -89,6 +96,7 @@ def _covered(layer_meta: str, blocks: str, block_tokens: str) -> str:
 def _np(a):
     """An MLX array as numpy without a copy where possible (bfloat16 viewed as uint16)."""
     import mlx.core as mx
+    import numpy as np
 
     if isinstance(a, np.ndarray):
         return a
@@ -179,6 +187,8 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
     cut = (n // block_tokens) * block_tokens
     states = kvcache.layer_states(cache, n)
     named, metas, ordered, streams = _split(states, identity, cut)
+    import numpy as np
+
     arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
     mx.eval(list(arrays.values()) + streams)
     names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens)
@@ -315,7 +325,7 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
     if _tensor_checksum(ordered, covered) != meta.get("checksum"):
         raise SnapshotCorrupt(str(path), "checksum", "tensor bytes do not match the recorded "
                               "checksum (bit rot or a partial write)")
-    ids = _np(ids_arr).astype(np.int64).tolist()
+    ids = _np(ids_arr).astype("int64").tolist()
     # str compare: a damaged count ("4x") must fail this check, not raise ValueError
     if ids_digest(ids) != meta.get("tokens_digest") or str(len(ids)) != meta.get("tokens"):
         raise SnapshotCorrupt(str(path), "tokens", "token ids do not match their digest")

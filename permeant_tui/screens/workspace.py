@@ -71,6 +71,12 @@ class WorkspaceScreen(Screen):
         self.set_reactive(WorkspaceScreen.active_agent, views[0].agent_id if views else "")
 
     def compose(self) -> ComposeResult:
+        # The breakpoint class and the footer's size for the size the screen opens at: set on
+        # the first Resize instead, each restyles every widget once more before the first paint.
+        width = self.app.size.width
+        self.set_class(width >= WIDE, "-wide")
+        self.set_class(width < WIDE, "-narrow")
+        self._footer.compact = width < WIDE
         yield self._status
         with Horizontal(id="panes"):
             for pane in self._panes.values():

@@ -1,6 +1,6 @@
 """The first paint mounts only the last FIRST_PAINT_TURNS turns of each pane (a resumed
-workspace of long conversations painted in seconds); earlier turns are mounted when the person
-scrolls to the top, and none is lost or shown twice."""
+workspace of long conversations painted in seconds), the first frame only the newest; earlier
+turns are mounted when the person scrolls to the top, and none is lost or shown twice."""
 
 from __future__ import annotations
 
@@ -11,12 +11,17 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     settle,
     wait_until,
 )
-from textual.widgets import Button
+from textual.widgets import Button, ProgressBar
 
 from permeant_tui.app import PermeantApp
 from permeant_tui.engine.agent import DEFAULT_AGENTS
 from permeant_tui.engine.api import AgentView, TurnView
-from permeant_tui.widgets.agent_pane import FIRST_PAINT_TURNS, RECENT_TURNS, AgentPane
+from permeant_tui.widgets.agent_pane import (
+    FIRST_FRAME_TURNS,
+    FIRST_PAINT_TURNS,
+    RECENT_TURNS,
+    AgentPane,
+)
 from permeant_tui.widgets.chat_turn import ChatTurn
 
 SIZE = (160, 40)
@@ -80,3 +85,49 @@ async def test_a_repeated_request_does_not_show_turns_twice():
         await wait_until(pilot, lambda: len(engine.calls.load_more) == 2)
         await pilot.pause()
         assert shown(technical) == list(range(first, TURNS))
+
+
+async def test_the_first_frame_holds_the_newest_turn_and_the_others_follow(monkeypatch):
+    """Each pane composes only its newest turn (the first frame a person sees); the other
+    initial turns are mounted above it right after, in order, and the view stays at the end."""
+    composed: dict[str, list[int | None]] = {}
+    on_mount = AgentPane.on_mount
+
+    def record(self: AgentPane) -> None:
+        composed[self.agent_id] = shown(self)
+        on_mount(self)
+
+    monkeypatch.setattr(AgentPane, "on_mount", record)
+    engine = ScriptedEngine(long_views())
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        newest = list(range(TURNS - FIRST_FRAME_TURNS, TURNS))
+        assert composed == {agent_id: newest for agent_id, *_ in DEFAULT_AGENTS}
+        for pane in app.workspace.panes:
+            await wait_until(pilot, lambda p=pane: len(shown(p)) == FIRST_PAINT_TURNS)
+            assert shown(pane) == list(range(TURNS - FIRST_PAINT_TURNS, TURNS))
+            assert pane.first_index == TURNS - FIRST_PAINT_TURNS
+        conversation = app.workspace.panes[0]._conversation
+        await pilot.pause()
+        assert conversation.scroll_y == conversation.max_scroll_y > 0  # the newest reply
+
+
+async def test_the_export_bar_is_mounted_on_the_first_export():
+    engine = ScriptedEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        technical = app.workspace.panes[0]
+        assert not technical.query("#export-progress")  # nothing hidden in the first frame
+        technical.export_progress(0.25)
+        await pilot.pause()
+        bar = technical.query_one("#export-progress", ProgressBar)
+        assert technical.has_class("-exporting") and bar.display and bar.percentage == 0.25
+        technical.export_progress(None)
+        technical.export_progress(0.5)  # a second export reuses it
+        await pilot.pause()
+        assert len(technical.query("#export-progress")) == 1 and bar.percentage == 0.5
+        technical.export_progress(None)
+        await pilot.pause()
+        assert not technical.has_class("-exporting")
