@@ -10,6 +10,7 @@ it hosts (the app loads it: Textual does not read a default screen's CSS_PATH).
 
 from __future__ import annotations
 
+import sys
 from collections.abc import Sequence
 
 from textual.app import ComposeResult
@@ -18,15 +19,17 @@ from textual.containers import Horizontal
 from textual.events import Click, DescendantFocus, Resize
 from textual.reactive import reactive
 from textual.screen import Screen
-from textual.widgets import Footer
+from textual.widgets import Footer, Input
 
 from ..engine.api import AgentView
 from ..engine.events import EngineStats
 from ..widgets.agent_pane import AgentPane
+from ..widgets.message_input import MessageInput
 from ..widgets.status_bar import StatusBar
 from ..widgets.team_prompt import TeamPrompt
 
 WIDE = 100
+GIL_SWITCH_SECONDS = 0.001  # sys.setswitchinterval while the workspace is up (see on_mount)
 TEAM = "team"
 PANES = Binding.Group("Pane")
 
@@ -68,6 +71,9 @@ class WorkspaceScreen(Screen):
         self._status = StatusBar(workspace_label)
         self._team = TeamPrompt()
         self._footer = Footer()
+        # Each input's cursor_blink while replies stream (empty when none does).
+        self._blinks: dict[MessageInput | Input, bool] = {}
+        self._switch_interval = sys.getswitchinterval()  # restored on unmount
         self.set_reactive(WorkspaceScreen.active_agent, views[0].agent_id if views else "")
 
     def compose(self) -> ComposeResult:
@@ -88,6 +94,15 @@ class WorkspaceScreen(Screen):
     def on_mount(self) -> None:
         if self.panes:
             self.panes[0].input.focus()
+        # The engine's thread decodes in Python between MLX calls and waits for the GIL each
+        # time this (UI) thread has it: it gets it back within 1 ms of asking, not Python's 5.
+        # Measured (bench/ui_overhead.py): UI cost on decode 12.8% at 5 ms, 4.5-5.6% at 1 ms,
+        # 9.0% at 0.5 ms (switching then costs more than it saves).
+        self._switch_interval = sys.getswitchinterval()
+        sys.setswitchinterval(GIL_SWITCH_SECONDS)
+
+    def on_unmount(self) -> None:
+        sys.setswitchinterval(self._switch_interval)
 
     def on_resize(self, event: Resize) -> None:
         self._footer.compact = event.size.width < WIDE
@@ -141,6 +156,23 @@ class WorkspaceScreen(Screen):
     def watch_active_agent(self, agent_id: str) -> None:
         for pane in self.panes:
             pane.set_class(pane.agent_id == agent_id, "-active")
+
+    def on_agent_pane_streaming(self, event: AgentPane.Streaming) -> None:
+        """No cursor blinks while a reply streams: each blink repaints the screen (twice a
+        second, as often as the text and the gauges), and the decode shares the CPU with it."""
+        streaming = any(pane.streaming for pane in self._panes.values())
+        if streaming == bool(self._blinks):
+            return
+        inputs: list[MessageInput | Input] = [pane.input for pane in self._panes.values()]
+        inputs.append(self._team.input)
+        if streaming:
+            self._blinks = {widget: widget.cursor_blink for widget in inputs}
+            for widget in inputs:
+                widget.cursor_blink = False
+        else:
+            for widget, blink in self._blinks.items():
+                widget.cursor_blink = blink
+            self._blinks = {}
 
     def on_descendant_focus(self, event: DescendantFocus) -> None:
         for node in event.widget.ancestors_with_self:

@@ -23,10 +23,13 @@ from ..conversation import team_question
 
 # The plain text of a streaming reply is redrawn at most this often: each redraw lays the
 # screen out again, and a person cannot read faster than ten updates a second anyway.
-FLUSH_SECONDS = 0.1
+FLUSH_SECONDS = 0.2
 # Finished blocks move from the plain text to the Markdown at most this often (0: only when
 # the turn ends).
 MARKDOWN_SECONDS = 1.5
+# The plain text's box grows this many lines at a time: a box that changes height lays the
+# screen out again (every widget of every pane), a box with room left only repaints.
+LIVE_LINES_STEP = 4
 # A coordinator's brief quotes both colleagues' answers, which are already on screen.
 USER_PREVIEW_CHARS = 400
 
@@ -81,7 +84,7 @@ class ChatTurn(Vertical):
         self._reply_view = Markdown(reply, classes="reply")
         self._live_view = Static("", classes="live", markup=False)
         self._live_view.display = False
-        self._live_lines = 0  # lines of plain text the live view was last laid out with
+        self._live_lines = 0  # the height the live view was last laid out with
         self._note = note
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
@@ -137,14 +140,18 @@ class ChatTurn(Vertical):
     def _show_tail(self, tail: str) -> None:
         """The plain text below the Markdown (a blank line apart when the Markdown has text).
 
-        The screen is laid out again only when the text takes another number of lines: a
-        layout visits every widget of every pane, a repaint only this one."""
+        The screen is laid out again only when the text needs more room than its box has (it
+        grows LIVE_LINES_STEP lines at a time): a layout visits every widget of every pane, a
+        repaint only this one."""
         view = self._live_view
         content = Content(tail)
         width = view.content_region.width
         lines = len(content.wrap(width)) if tail and width > 0 else 0
-        relayout = not width or lines != self._live_lines or view.display != bool(tail)
-        self._live_lines = lines
+        room = -(-lines // LIVE_LINES_STEP) * LIVE_LINES_STEP
+        relayout = not width or room != self._live_lines or view.display != bool(tail)
+        self._live_lines = room
+        if relayout:
+            view.styles.height = room if room else None  # None: as tall as its text
         view.update(content, layout=relayout)
         view.display = bool(tail)
         view.set_class(bool(self._reply[:self._in_markdown].strip()), "-below")

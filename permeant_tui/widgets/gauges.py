@@ -25,10 +25,15 @@ def format_bytes(n: int) -> str:
     return f"{n} B"
 
 
-def show_figure(label: Label, text: str) -> None:
-    """A gauge's new figure. Figures change with every streamed batch; the screen is laid out
-    again (every widget of every pane) only when the figure's width changes, else repainted."""
+def show_figure(label: Label, text: str, *, left: bool = False) -> None:
+    """A gauge's new figure. Figures change with every streamed batch, and a label that changes
+    width lays the whole screen out again (every widget of every pane: 16 ms here, where a
+    repaint of the label is under 1). So a figure is padded to the width its label has already
+    (numbers to the right, `left` text to the left): the label only ever grows, and is laid
+    out again only then."""
     old = str(label.content)
+    if len(text) < len(old):
+        text = text.ljust(len(old)) if left else text.rjust(len(old))
     if text != old:
         label.update(text, layout=len(text) != len(old))
 
@@ -76,7 +81,7 @@ class AgentGauges(Vertical):
         where = "resident" if stats.resident else "on disk"
         size = format_bytes(stats.bytes) if stats.bytes else "empty cache"
         ttft = f" · TTFT {ttft_ms:,.0f} ms" if ttft_ms else ""
-        show_figure(self._cache_label, f"{size} · {where}{ttft}")
+        show_figure(self._cache_label, f"{size} · {where}{ttft}", left=True)
 
     def clear(self) -> None:
         """Show an empty agent (after a reset) until the engine reports new figures."""

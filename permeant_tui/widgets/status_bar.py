@@ -7,6 +7,8 @@ metadata, a path): literal (markup=False) and printable.
 
 from __future__ import annotations
 
+import time
+
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.content import Content
@@ -15,7 +17,9 @@ from textual.widgets import Label, ProgressBar
 
 from ..engine.events import EngineStats
 from ..engine.text import printable
-from .gauges import format_bytes
+from .gauges import format_bytes, show_figure
+
+MEMORY_SECONDS = 2.0
 
 
 class StatusBar(Horizontal):
@@ -33,6 +37,7 @@ class StatusBar(Horizontal):
         self._memory_label.tooltip = "process resident memory · MLX memory active/peak"
         self._path_label = Label(printable(workspace), id="workspace", markup=False)
         self._base_tag = ""  # "base model · Gemma turns" once a base model is ready
+        self._memory_shown = -MEMORY_SECONDS  # when the memory figure was last shown
 
     def compose(self) -> ComposeResult:
         yield self._model_label
@@ -67,9 +72,14 @@ class StatusBar(Horizontal):
     def show(self, stats: EngineStats) -> None:
         if stats.ready and self.phase != "ready":
             self.ready(stats.model, stats.device, stats.blas, stats.weights_dtype, 0)
-        active = format_bytes(stats.mlx_active_bytes).removesuffix(" MB")
-        _set(self._memory_label,
-             f"RSS {format_bytes(stats.rss_bytes)} · MLX {active}/{format_bytes(stats.mlx_peak_bytes)}")
+        # Memory moves with every sample, and each repaint of the screen costs ~6 ms while
+        # replies stream: it is shown every MEMORY_SECONDS, not at every sample.
+        now = time.monotonic()
+        if now - self._memory_shown >= MEMORY_SECONDS:
+            self._memory_shown = now
+            active = format_bytes(stats.mlx_active_bytes).removesuffix(" MB")
+            show_figure(self._memory_label, f"RSS {format_bytes(stats.rss_bytes)} · MLX "
+                        f"{active}/{format_bytes(stats.mlx_peak_bytes)}", left=True)
         if stats.workspace and not self._workspace:
             _set(self._path_label, stats.workspace)
 

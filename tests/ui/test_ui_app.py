@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import subprocess
 import sys
+from dataclasses import replace
 
 from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     DIGEST,
@@ -33,6 +34,7 @@ from permeant_tui.engine.events import (
     TurnStarted,
 )
 from permeant_tui.screens.confirm import ConfirmScreen
+from permeant_tui.widgets import status_bar
 from permeant_tui.widgets.agent_pane import FIRST_PAINT_TURNS, AgentPane
 from permeant_tui.widgets.chat_turn import ChatTurn
 
@@ -351,6 +353,30 @@ async def test_gauges_show_engine_stats():
         assert str(business.query_one("#speed-value", Label).content) == "21.5"
         memory = str(app.workspace.status.query_one("#memory", Label).content)
         assert memory == "RSS 412 MB · MLX 96.0/180 MB"
+
+
+async def test_memory_is_shown_every_few_seconds_not_at_every_sample(monkeypatch):
+    """The memory figure moves with every stats sample; each change repaints the screen while
+    replies stream, so it is shown at most every MEMORY_SECONDS (grown, never shrunk)."""
+    engine = ScriptedEngine()
+    app = PermeantApp(engine, "/tmp/ws")
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        status = app.workspace.status
+        label = status.query_one("#memory", Label)
+        shown = str(label.content)
+        stats = replace(engine.stats(), rss_bytes=2 << 30)
+        status.show(stats)  # within MEMORY_SECONDS of the last: not shown yet
+        await pilot.pause()
+        assert str(label.content) == shown
+        monkeypatch.setattr(status_bar, "MEMORY_SECONDS", 0.0)
+        status.show(stats)
+        await pilot.pause()
+        assert str(label.content) == "RSS 2.00 GB · MLX 96.0/180 MB"
+        status.show(replace(stats, rss_bytes=500 << 20))
+        await pilot.pause()
+        assert str(label.content).rstrip() == "RSS 500 MB · MLX 96.0/180 MB"
+        assert len(str(label.content)) == len("RSS 2.00 GB · MLX 96.0/180 MB")
 
 
 async def test_reset_asks_first():

@@ -3,6 +3,8 @@ Tokens events, not only when the turn ends; the engine's own figures take over a
 
 from __future__ import annotations
 
+import sys
+
 from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     ScriptedEngine,
     close_engines,
@@ -12,8 +14,9 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
 )
 
 from permeant_tui.app import PermeantApp
-from permeant_tui.engine.events import Tokens, TurnQueued, TurnStarted
-from permeant_tui.widgets.agent_pane import LiveFigures
+from permeant_tui.engine.events import Tokens, TurnCancelled, TurnQueued, TurnStarted
+from permeant_tui.screens.workspace import GIL_SWITCH_SECONDS
+from permeant_tui.widgets.agent_pane import LIVE_GAUGE_SECONDS, LiveFigures
 from permeant_tui.widgets.gauges import AgentGauges
 
 SIZE = (160, 40)
@@ -37,6 +40,7 @@ async def test_context_and_speed_update_while_the_reply_streams():
         engine.emit(Tokens("technical", 41, "We", (101,)))
         await settle(pilot, engine)
         assert gauge_text(app, "technical", "context-count").startswith("2,061/"), before
+        await pilot.pause(LIVE_GAUGE_SECONDS)  # they follow the stream at this cadence
         engine.emit(Tokens("technical", 41, " keep it", (102, 103, 104, 105)))
         await settle(pilot, engine)
         assert gauge_text(app, "technical", "context-count").startswith("2,065/")
@@ -47,6 +51,32 @@ async def test_context_and_speed_update_while_the_reply_streams():
         assert gauge_text(app, "technical", "context-count").startswith("2,065/")
 
 
+async def test_no_cursor_blinks_while_a_reply_streams():
+    """Each blink repaints the screen; while any agent streams every input holds a steady
+    cursor, and gets its own setting back when the last reply ends."""
+    engine = ScriptedEngine(views(1))
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        screen = app.workspace
+        inputs = [pane.input for pane in screen.panes] + [screen.team_prompt.input]
+        for widget in inputs[:2]:
+            widget.cursor_blink = True  # the fixture turned them all off; two are on here
+        blinks = [widget.cursor_blink for widget in inputs]
+        for agent_id, turn_id in (("technical", 41), ("business", 42)):
+            engine.emit(TurnQueued(agent_id, turn_id, "question"))
+            engine.emit(TurnStarted(agent_id, turn_id, "snapshot", 10, 2, "question"))
+        engine.emit(Tokens("technical", 41, "We", (101,)))
+        await settle(pilot, engine)
+        assert not any(widget.cursor_blink for widget in inputs)
+        engine.emit(TurnCancelled("technical", 41))
+        await settle(pilot, engine)
+        assert not any(widget.cursor_blink for widget in inputs)  # business still streams
+        engine.emit(TurnCancelled("business", 42))
+        await settle(pilot, engine)
+        assert [widget.cursor_blink for widget in inputs] == blinks
+
+
 def test_live_figures():
     live = LiveFigures(100)
     live.prefilled = 20
@@ -55,3 +85,16 @@ def test_live_figures():
     assert (live.tokens_out, live.tok_s) == (1, 0.0)  # one token says nothing about speed
     live.generated(10, 11.0)
     assert live.tok_s == 10.0 and live.cached + live.prefilled + live.tokens_out == 131
+
+
+async def test_the_workspace_hands_the_gil_back_within_a_millisecond():
+    """The decode thread waits for the GIL each time the UI has it: while the workspace is up
+    the switch interval is GIL_SWITCH_SECONDS, and the process's own comes back after."""
+    before = sys.getswitchinterval()
+    assert before != GIL_SWITCH_SECONDS
+    engine = ScriptedEngine(views(1))
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        assert sys.getswitchinterval() == GIL_SWITCH_SECONDS
+    assert sys.getswitchinterval() == before

@@ -105,8 +105,12 @@ async def test_streaming_shows_plain_text_and_renders_markdown_once(monkeypatch)
         assert appends == [] and updates == []
         live = turn._live_view
         assert str(live.render()) == REPLY
-        # laid out only when its text took a new line, yet always as tall as its text
-        assert live.size.height == len(Content(REPLY).wrap(live.content_region.width)) > 1
+        # laid out only when its text outgrew its box, which grows LIVE_LINES_STEP lines at a
+        # time: always room for every line, never a whole step of blank ones
+        lines = len(Content(REPLY).wrap(live.content_region.width))
+        step = chat_turn.LIVE_LINES_STEP
+        assert lines > 1 and live.size.height % step == 0
+        assert lines <= live.size.height < lines + step
         finish(engine)
         await wait_until(pilot, lambda: turn.has_class("-done"))
         await pilot.pause()
