@@ -18,6 +18,7 @@ import io
 import json
 import os
 import stat
+from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 import xxhash
@@ -144,9 +145,18 @@ class _TensorFile(io.RawIOBase):
         return len(mv)
 
 
+def _digest(parts: list) -> bytes:
+    """A block's content hash: xxh3-128 over its rows, in order."""
+    h = xxhash.xxh3_128()
+    for part in parts:
+        h.update(part)
+    return h.digest()
+
+
 class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
-    straight into the buffers (one preadv per block), and hashes it at once."""
+    straight into the buffers (one preadv per block), and hashes it while the next one is
+    read."""
 
     def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
                  block_tokens: int, cut: int, n: int):
@@ -174,13 +184,15 @@ class StreamReader:
         if not all(r.flags.writeable and r.base is not None for r in rows):
             raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
         b = self.block_tokens
-        for j, fd in enumerate(self.fds):
-            parts: list = [r[h, j * b:(j + 1) * b] for r in rows for h in range(r.shape[0])]
-            self._read(j, fd, parts)
-            h = xxhash.xxh3_128()
-            for part in parts:
-                h.update(part)
-            self.digests.append(h.digest())
+        # Block j is hashed in a second thread while block j + 1 is read: the read waits in
+        # preadv (the GIL released), so the two overlap on a second core.
+        with ThreadPoolExecutor(1, thread_name_prefix="permeant-hash") as hasher:
+            hashed = []
+            for j, fd in enumerate(self.fds):
+                parts: list = [r[h, j * b:(j + 1) * b] for r in rows for h in range(r.shape[0])]
+                self._read(j, fd, parts)
+                hashed.append(hasher.submit(_digest, parts))
+            self.digests = [future.result() for future in hashed]
         for r, s in zip(rows, self.streams, strict=True):
             if self.n > self.cut:
                 r[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
