@@ -1,0 +1,145 @@
+"""Restore of one 4,096-token agent (format permeant-kv/3, SmolLM2's float32 KV): how the new
+buffers are faulted in, and the block hashes overlapped with the reads, against plain reads of
+the same bytes, all in one run, interleaved.
+
+    .venv/bin/python bench/restore_populate.py [--tokens 4096] [--repeats 9]
+
+- restore            what the product does: buffers populated in one madvise call
+                     (MADV_POPULATE_WRITE, Linux), block j hashed while j + 1 is read
+- faulting reads     the same, with the pages faulted in one by one inside the reads (before)
+- inline hashes      populated, but each block hashed before the next is read (before)
+- read               a plain read of the same files into one reused, faulted-in buffer
+- read + hash        that read plus one xxh3-128 pass over the bytes (what verifying costs at
+                     least)
+- fresh read         the same files read into new memory (page faults included)
+
+Medians of --repeats; the order alternates each round so the machine's load drifts equally.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import sys
+import tempfile
+import time
+from concurrent.futures import Future
+from pathlib import Path
+
+sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
+sys.path.insert(0, os.path.dirname(__file__))
+
+
+class InlineExecutor:
+    """A ThreadPoolExecutor stand-in that runs each task at once (hash, then read the next)."""
+
+    def __init__(self, *args, **kwargs) -> None:
+        pass
+
+    def __enter__(self) -> InlineExecutor:
+        return self
+
+    def __exit__(self, *exc) -> bool:
+        return False
+
+    def submit(self, fn, *args) -> Future:
+        future: Future = Future()
+        future.set_result(fn(*args))
+        return future
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--tokens", type=int, default=4096)
+    ap.add_argument("--repeats", type=int, default=9)
+    args = ap.parse_args()
+
+    from permeant_tui.engine import runtime
+
+    runtime.prepare()
+    import xxhash
+    from resume import conversation
+    from resume_incremental import PlainReader, fresh, fresh_read, restore_fn, snapshot_files
+
+    from permeant_tui.engine import blockload
+    from permeant_tui.engine.agent import DEFAULT_AGENTS, Agent
+    from permeant_tui.engine.generation import prefill
+    from permeant_tui.engine.models import load_model
+    from permeant_tui.engine.snapshot import write_snapshot
+
+    lm = load_model(None)
+    agent = conversation(lm.tokenizer, DEFAULT_AGENTS[0][3], args.tokens)
+    ids = agent.expected_ids(lm.tokenizer)
+    live = Agent("bench", "technical", "Bench", agent.system)
+    prefill(lm.model, live, ids)
+    folder = Path(tempfile.mkdtemp(prefix="permeant-bench-populate-"))
+    path = folder / "agents" / "a" / "kv.safetensors"
+    path.parent.mkdir(parents=True)
+    fresh(path, live.cache)
+    write_snapshot(path, live.cache, ids, lm.identity, "a")
+    files = snapshot_files(path)
+    size = sum(p.stat().st_size for p in files)
+    reader = PlainReader(size)
+    restore = restore_fn(lm, path, ids)
+    populate, executor = blockload.populate, blockload.ThreadPoolExecutor
+
+    def product() -> None:
+        restore()
+
+    def faulting_reads() -> None:
+        blockload.populate = lambda address, nbytes: False
+        try:
+            restore()
+        finally:
+            blockload.populate = populate
+
+    def inline_hashes() -> None:
+        blockload.ThreadPoolExecutor = InlineExecutor  # type: ignore[assignment,misc]
+        try:
+            restore()
+        finally:
+            blockload.ThreadPoolExecutor = executor  # type: ignore[misc]
+
+    def read() -> None:
+        reader.read(files)
+
+    def read_hash() -> None:
+        got = reader.read(files)
+        xxhash.xxh3_128_digest(reader.view[:got])
+
+    def new_memory_read() -> None:
+        fresh_read(files, size)
+
+    kinds = {"restore": product, "faulting reads": faulting_reads,
+             "inline hashes": inline_hashes, "read": read, "read + hash": read_hash,
+             "fresh read": new_memory_read}
+    for fn in kinds.values():
+        fn()  # first calls: imports, caches
+    times: dict[str, list[float]] = {k: [] for k in kinds}
+    loads = []
+    for i in range(args.repeats):
+        order = list(kinds.items())
+        for name, fn in (order if i % 2 == 0 else reversed(order)):
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1000)
+        loads.append(os.getloadavg()[0])
+    med = {k: statistics.median(v) for k, v in times.items()}
+    print(f"restore of a {len(ids):,}-token agent: {len(files)} files, {size / 1e6:.1f} MB; "
+          f"median of {args.repeats}, load average {min(loads):.1f}-{max(loads):.1f} "
+          f"({os.cpu_count()} cores)")
+    print(f"{'':16}{'ms':>8}  {'x restore':>9}  runs")
+    for name, ms in med.items():
+        runs = ", ".join(f"{x:.0f}" for x in times[name])
+        print(f"{name:16}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
+    print(f"restore / read {med['restore'] / med['read']:.2f}x; restore / (read + hash) "
+          f"{med['restore'] / med['read + hash']:.2f}x; restore / fresh read "
+          f"{med['restore'] / med['fresh read']:.2f}x; before (faulting reads, inline hashes) "
+          f"/ now: x{med['faulting reads'] / med['restore']:.2f} and "
+          f"x{med['inline hashes'] / med['restore']:.2f}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
