@@ -25,8 +25,6 @@ import sys
 from concurrent.futures import ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
-import xxhash
-
 from .blockstore import (
     BLOCK_HEADER,
     BLOCK_NAME,
@@ -35,6 +33,7 @@ from .blockstore import (
     MAGIC,
     BlockStore,
     block_name,
+    content_hash,
 )
 from .errors import SnapshotCorrupt
 
@@ -176,14 +175,6 @@ def _libc():
     return libc
 
 
-def _digest(parts: list) -> bytes:
-    """A block's content hash: xxh3-128 over its rows, in order."""
-    h = xxhash.xxh3_128()
-    for part in parts:
-        h.update(part)
-    return h.digest()
-
-
 class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
     straight into the buffers (one preadv per block), and hashes it while the next one is
@@ -224,7 +215,7 @@ class StreamReader:
             for j, fd in enumerate(self.fds):
                 parts: list = [r[h, j * b:(j + 1) * b] for r in rows for h in range(r.shape[0])]
                 self._read(j, fd, parts)
-                hashed.append(hasher.submit(_digest, parts))
+                hashed.append(hasher.submit(content_hash, parts))
             self.digests = [future.result() for future in hashed]
         for r, s in zip(rows, self.streams, strict=True):
             if self.n > self.cut:

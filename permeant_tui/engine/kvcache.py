@@ -23,12 +23,8 @@ at the turn boundary or rebuild by prefill. Recurrent state (ArraysCache) is ref
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING
 
 from .errors import ModelLoadError, PermeantError
-
-if TYPE_CHECKING:
-    import numpy as np
 
 FULL, SLIDING, QUANTIZED = "full", "sliding", "quantized"
 KINDS = (FULL, SLIDING, QUANTIZED)
@@ -293,7 +289,7 @@ def _prefix(st: LayerState, n: int, i: int) -> LayerState:
                       st.group_size, st.bits)
 
 
-def kv_arrays(cache: list, n: int) -> tuple[list[np.ndarray], list[np.ndarray], str]:
+def kv_arrays(cache: list, n: int) -> tuple[list, list, str]:
     """Copies of the K/V of the first n tokens of every layer, shaped (kv_heads, n, head_dim), and
     the dtype (bfloat16 arrives as its uint16 bits). Raises WindowExceeded naming the first
     sliding layer that no longer holds all n tokens."""
