@@ -331,6 +331,9 @@ async def test_one_turn_sparkline_is_one_bar_and_a_reset_clears_the_gauges():
         with_stats(engine, "technical", tokens=120, bytes=1 << 20, last_tok_s=30.0,
                    tok_s_history=(20.0, 30.0), last_ttft_ms=80.0)
         await wait_until(pilot, lambda: str(gauges.query_one("#speed-value").content) == "30.0")
+        # the figure is painted at once; the sparkline's new width needs the next layout (a
+        # frame later under load: CI once asserted in between and saw width 0)
+        await wait_until(pilot, lambda: sparkline.size.width > 0)
         assert sparkline.data == [30.0] and sparkline.size.width == 1
 
 

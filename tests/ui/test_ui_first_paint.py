@@ -109,8 +109,8 @@ async def test_the_first_frame_holds_the_newest_turn_and_the_others_follow(monke
             assert shown(pane) == list(range(TURNS - FIRST_PAINT_TURNS, TURNS))
             assert pane.first_index == TURNS - FIRST_PAINT_TURNS
         conversation = app.workspace.panes[0]._conversation
-        await pilot.pause()
-        assert conversation.scroll_y == conversation.max_scroll_y > 0  # the newest reply
+        # at the newest reply once the mounts above it are laid out
+        await wait_until(pilot, lambda: conversation.scroll_y == conversation.max_scroll_y > 0)
 
 
 async def test_the_export_bar_is_mounted_on_the_first_export():
