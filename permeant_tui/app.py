@@ -85,8 +85,7 @@ class EngineEvent(Message):
 
 class PermeantApp(App[None]):
     TITLE = "Permeant"
-    # What is app-wide, then the workspace screen's stylesheet (beside it, as every screen's
-    # is): Textual reads the CSS_PATH of pushed screens only, not the default screen's.
+    # App-wide, then the workspace screen's (Textual reads only pushed screens' CSS_PATH).
     CSS_PATH = ["styles/app.tcss", "screens/workspace.tcss"]
     COMMANDS = App.COMMANDS | {WorkspaceCommands}
     STATS_INTERVAL = 0.5
@@ -160,12 +159,14 @@ class PermeantApp(App[None]):
 
     def _sample_stats(self) -> None:
         stats = self._call(self.engine.stats, quiet=True)
-        if stats is not None:
+        if stats is not None and self.screen_stack:  # the timer can fire while the app closes
             self.workspace.show_stats(stats)
 
     # engine events -> widgets
 
     async def on_engine_event(self, message: EngineEvent) -> None:
+        if not self.screen_stack:  # closing: the screens are gone, the engine still speaks
+            return
         try:
             await self._route(message.event)
             if isinstance(message.event, STATE_EVENTS):
