@@ -482,3 +482,15 @@ async def test_failed_migration_is_explained():
         errors = [(t, text) for t, text, s in notes(app) if s == "error"]
         assert errors[0][0] == "Migration of Business failed"
         assert "fingerprint mismatch" in errors[0][1] and "unchanged" in errors[0][1]
+
+
+async def test_a_stats_sample_or_event_after_the_screens_close_is_ignored():
+    """The stats timer and the engine can still call in while the app closes its screens (CI
+    once saw an IndexError from a timer firing there): nothing reaches the gone workspace."""
+    engine = ScriptedEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+    assert not app.screen_stack
+    app._sample_stats()
+    await app.on_engine_event(EngineEvent(Tokens("technical", 1, "late", (1,))))
