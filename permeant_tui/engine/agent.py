@@ -63,6 +63,7 @@ class Agent:
     cache: list | None = None
     cache_ids: list[int] = field(default_factory=list)
     dirty: bool = False
+    draft: bool = False  # the cache also holds ids of a message being typed (engine/drafts.py)
     source: str = "new"  # where the current KV state came from: new|memory|snapshot|prefill|usxf
     attach_used: bool = False  # a turn has run since the state was attached
     last_used: float = field(default_factory=time.time)
@@ -117,6 +118,7 @@ class Agent:
         return cache_nbytes(self.cache)
 
     def release(self) -> None:
-        self.attach_used = False
-        self.tokens_on_disk = len(self.cache_ids)
+        if not self.draft:  # a draft's ids are not in the snapshot
+            self.tokens_on_disk = len(self.cache_ids)
+        self.attach_used = self.draft = False
         self.cache, self.cache_ids = None, []

@@ -134,6 +134,10 @@ class EngineAPI(Protocol):
                       params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
         """Queue one turn; returns its turn id and a Future of its TurnResult."""
 
+    def prepare(self, agent_id: str, text: str) -> Future[int]:
+        """Prefill the message being typed, so Enter finds it cached; returns at once a Future
+        of the tokens prefilled (0: not now, nothing new)."""
+
     def continue_reply(self, agent_id: str, max_tokens: int | None = None,
                        params: TurnParams | None = None) -> tuple[int, Future[TurnResult]]:
         """Extend the agent's last reply (one cut by the length limit) from its KV cache, without

@@ -132,6 +132,7 @@ def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
     rest = expected[keep:]
     if rest:
         prefill(model, agent, rest)
+    agent.draft = False  # a typed draft's ids are gone (engine/drafts.py)
     return len(rest)
 
 
@@ -305,6 +306,7 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     t_end = time.perf_counter()
     generated = dec.generated
     agent.cache_ids = prompt + generated
+    agent.draft = False  # a typed draft became this prompt, or was trimmed (engine/drafts.py)
     _settle(model, agent, len(agent.cache_ids))
     reply = dec.reply(generated)
     ttft, decode_s, tok_s = _figures(agent, dec, t0, t_end)

@@ -40,7 +40,7 @@ from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
 from .runner import ModelRunner
 from .settings import save_settings
-from .states import AgentStates, Outcome
+from .states import BUSY, AgentStates, Outcome
 from .workspace import Workspace
 
 if TYPE_CHECKING:
@@ -62,7 +62,8 @@ def snapshot_warning(agent_id: str, exc: BaseException) -> str:
 
 @dataclass
 class Job:
-    kind: str  # load | turn | save | reset | export | import | replay | call | settings | stop
+    kind: str  # load | turn | prepare | save | reset | export | import | replay | call | settings
+    # | stop
     agent_id: str | None = None
     payload: dict = field(default_factory=dict)
     future: Future = field(default_factory=Future)
@@ -78,6 +79,8 @@ class JobQueue:
     def __init__(self) -> None:
         self._jobs: deque[Job] = deque()
         self._cv = threading.Condition()
+        # Set when any job but a draft's arrives: a draft being prefilled stops for it.
+        self.interrupt = threading.Event()
 
     def put(self, job: Job) -> None:
         self.put_all([job])
@@ -85,7 +88,14 @@ class JobQueue:
     def put_all(self, jobs: list[Job]) -> None:
         with self._cv:
             self._jobs.extend(jobs)
+            if any(j.kind != "prepare" for j in jobs):
+                self.interrupt.set()
             self._cv.notify()
+
+    def waiting(self) -> bool:
+        """A job other than a draft's is queued."""
+        with self._cv:
+            return any(j.kind != "prepare" for j in self._jobs)
 
     def get(self) -> Job:
         with self._cv:
@@ -141,8 +151,12 @@ class Worker:
 
     def __init__(self, ws: Workspace, runner: ModelRunner, states: AgentStates,
                  lock: threading.Lock, emit: Callable[[Event], None], *, eager: bool,
-                 rebuild: bool, autosave: bool, batch: bool = True) -> None:
+                 rebuild: bool, autosave: bool, batch: bool = True,
+                 jobs: JobQueue | None = None) -> None:
         self.ws, self.runner, self.states, self.lock, self.emit = ws, runner, states, lock, emit
+        self.jobs = jobs or JobQueue()
+        # agent id -> (the newest text typed, its pending prepare job); under `lock`
+        self.drafts: dict[str, tuple[str, Job]] = {}
         self.eager, self.rebuild, self.autosave, self.batch = eager, rebuild, autosave, batch
         self.loaded: LoadedModel | None = None
         self.load_error: str | None = None
@@ -151,13 +165,48 @@ class Worker:
         self.timings: dict[str, float] = {}
         self._first_turn = True  # the first turn's timing_ms reports the model load
         self._handlers: dict[str, Callable[[Job], None]] = {
-            "load": self.load, "turn": self.turn, "save": self.save, "reset": self.reset,
+            "load": self.load, "turn": self.turn, "prepare": self.prepare, "save": self.save,
+            "reset": self.reset,
             "export": self.export, "import": self.import_usxf, "replay": self.replay_fidelity,
             "call": self.call, "settings": self.agent_settings,
         }
 
     def handle(self, job: Job) -> None:
+        self.drop_drafts({job.agent_id} if job.kind == "prepare" else set())
         self._handlers[job.kind](job)
+
+    # ---- drafts: prefill as you type (engine/drafts.py) ---------------------------------------
+    def prepare(self, job: Job) -> None:
+        """Prefill the newest text typed for the agent into its cache, as far as it is stable;
+        only while the agent is idle and no other job waits (a job that arrives meanwhile stops
+        it between chunks). The future gets the tokens prefilled (0: nothing done)."""
+        agent_id = job.agent_id or ""
+        with self.lock:
+            pending = self.drafts.pop(agent_id, None)
+            busy = agent_id not in self.ws.agents or self.states[agent_id] in BUSY
+        self.jobs.interrupt.clear()
+        if pending is None or busy or self.loaded is None or self.jobs.waiting():
+            job.future.set_result(0)
+            return
+        try:
+            agent = self.ws.agent(agent_id)
+            self.restore(agent)
+            job.future.set_result(self.runner.prepare(agent, pending[0], self.jobs.interrupt))
+        except BaseException as exc:  # noqa: BLE001 - a draft is a guess: Enter reports errors
+            job.future.set_exception(exc)
+
+    def drop_drafts(self, keep: set[str | None] | None = None) -> None:
+        """Take every typed draft out of its agent's cache but those of `keep` (the agents whose
+        new turn or draft is next): nothing saves, exports or evicts a draft."""
+        for agent in list(self.ws.agents.values()):
+            if agent.draft and agent.agent_id not in (keep or ()):
+                try:
+                    self.runner.drop_draft(agent)
+                except BaseException as exc:  # noqa: BLE001 - the transcript rebuilds it
+                    agent.cache, agent.cache_ids, agent.draft = None, [], False
+                    self.emit(Notice("warning", f"{agent.agent_id}: a typed draft could not be "
+                                     f"taken out of the cache ({exc}); it will be rebuilt",
+                                     agent.agent_id))
 
     # ---- model and residency ---------------------------------------------------------------
     def need_model(self) -> LoadedModel:
@@ -250,6 +299,7 @@ class Worker:
     def turns(self, jobs: list[Job]) -> None:
         """Turn jobs of distinct agents. Two or more whose agents are resident together are
         prefilled one by one and decoded in one batch (engine/batch.py); any other runs alone."""
+        self.drop_drafts({j.agent_id for j in jobs if _groupable(j)})
         begun = [b for b in map(self._begin, jobs) if b is not None]
         batch = [b for b in begun if b.agent.resident] if len(begun) > 1 else []
         if len(batch) > 1:
@@ -355,6 +405,7 @@ class Worker:
         if self.loaded is None:
             job.future.set_result(())
             return
+        self.drop_drafts()  # the final save at shutdown comes here without `handle`
         saved, ms, failed = [], 0.0, []
         for agent in list(self.ws.agents.values()):
             try:

@@ -55,6 +55,13 @@ class ModelRunner(Protocol):
         """One turn; appends the Turn to agent.turns only when it completes. `kind`:
         "continue" extends the last reply, "regenerate" replaces it (`text` is then unused)."""
 
+    def prepare(self, agent: Agent, text: str, cancel: threading.Event) -> int:
+        """Prefill the message being typed into the resident agent's cache, as far as it is
+        stable (engine/drafts.py): tokens prefilled. `cancel` stops it between chunks."""
+
+    def drop_draft(self, agent: Agent) -> None:
+        """Take a typed draft back out of the agent's cache (it holds its transcript again)."""
+
     def max_batch(self) -> int:
         """How many agents' turns `run_turns` decodes together (1: no batching)."""
 
@@ -141,6 +148,19 @@ class MlxRunner:
         if kind == "regenerate":
             return generation.regenerate(lm.model, lm.tokenizer, agent, params, **kw)
         return generation.run_turn(lm.model, lm.tokenizer, agent, text, params, **kw)
+
+    def prepare(self, agent: Agent, text: str, cancel: threading.Event) -> int:
+        from .drafts import prepare
+
+        lm = self._model()
+        return prepare(lm.model, lm.tokenizer, agent, text, context_limit=lm.context_limit,
+                       cancel=cancel)
+
+    def drop_draft(self, agent: Agent) -> None:
+        from .drafts import drop
+
+        lm = self._model()
+        drop(lm.model, lm.tokenizer, agent)
 
     def max_batch(self) -> int:
         from .batch import MAX_BATCH, batchable

@@ -89,10 +89,10 @@ class Engine:
         self._sink = on_event
         self._lock = threading.Lock()  # guards the turn bookkeeping and the agent states
         self._states = AgentStates(ws.agents)
+        self._jobs = JobQueue()
         self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
                               eager=eager_restore, rebuild=rebuild, autosave=autosave,
-                              batch=batch)
-        self._jobs = JobQueue()
+                              batch=batch, jobs=self._jobs)
         self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
         self._running: list[Job] = []  # the turn jobs in flight (several when batched)
         self._turn_seq = 0
@@ -168,6 +168,18 @@ class Engine:
         if put:
             self._put(job)
         return job
+
+    def prepare(self, agent_id: str, text: str) -> Future[int]:
+        """The message box's text so far: the worker prefills its stable part into the agent's
+        cache while it is idle, so Enter finds it cached (engine/drafts.py). Returns at once a
+        Future of the tokens prefilled; only the newest text of an agent counts (one pending
+        draft job per agent takes it), and any other job goes first."""
+        self._ws.agent(agent_id)
+        with self._lock:
+            pending = self._worker.drafts.get(agent_id)
+            job = pending[1] if pending else Job("prepare", agent_id)
+            self._worker.drafts[agent_id] = (text, job)
+        return job.future if pending else self._put(job)
 
     def turn_params(self, agent_id: str, max_tokens: int | None = None,
                     params: TurnParams | None = None) -> TurnParams:

@@ -288,6 +288,10 @@ class Workspace:
         """Write the agent's snapshot if it changed. Returns ms, or None when nothing to do."""
         if agent.cache is None or not agent.dirty:
             return None
+        if agent.draft:  # a message being typed is never saved (engine/drafts.py)
+            from .drafts import drop
+
+            drop(loaded.model, loaded.tokenizer, agent)
         # No re-render here: cache_ids equal the transcript's ids by construction (run_turn,
         # restore and cancel keep that invariant), and a snapshot whose ids do not match is
         # rejected when it is loaded, never attached.

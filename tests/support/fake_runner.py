@@ -132,6 +132,7 @@ class FakeRunner:
         self.restored: list[str] = []
         self.saved: list[str] = []
         self.exports: list[str] = []
+        self.drafts: list[tuple[str, str]] = []  # (agent id, text) of each draft prefilled
         # gates
         self._gate = threading.Semaphore(0)
         self._load_gate = threading.Event()
@@ -276,6 +277,14 @@ class FakeRunner:
             timing_ms={"ttft": 120.0}, decode_tok_s=18.9,
             finish_reason="length" if text.startswith("long") and kind != "continue" else "stop",
             kind=kind)
+
+    def prepare(self, agent: Agent, text: str, cancel) -> int:
+        """A draft of words: each whole word typed stands for one token."""
+        self.drafts.append((agent.agent_id, text))
+        return len(text.split()[:-1])
+
+    def drop_draft(self, agent: Agent) -> None:
+        agent.draft = False
 
     def max_batch(self) -> int:
         return self.batch
