@@ -273,6 +273,9 @@ class PermeantApp(App[None]):
     def on_agent_pane_submitted(self, message: AgentPane.Submitted) -> None:
         self._call(self.engine.submit, message.agent_id, message.text)
 
+    def on_agent_pane_drafted(self, message: AgentPane.Drafted) -> None:
+        self._call(self.engine.prepare, message.agent_id, message.text, quiet=True)
+
     def on_team_prompt_asked(self, message: TeamPrompt.Asked) -> None:
         self._team_questions.append(message.question)
         try:

@@ -1,10 +1,11 @@
 """One agent's pane: its conversation (streamed Markdown), its turn state, gauges and input.
 
-The pane never calls the engine. It posts what the person asked for (`Submitted`, `LoadMore`)
-and the app calls the engine; the app's event router calls the methods below as engine events
-arrive (they stream the text). The agent's state (queued, prefilling, generating, done, ...) is
-the engine's own, read from `AgentStats.state` on the app's stats timer, and shown as the border
-subtitle; events only add the prefill count ("prefilling 120/300").
+The pane never calls the engine. It posts what the person asked for (`Submitted`, `LoadMore`,
+`Drafted` when typing pauses) and the app calls the engine; the app's event router calls the
+methods below as engine events arrive (they stream the text). The agent's state (queued,
+prefilling, generating, done, ...) is the engine's own, read from `AgentStats.state` on the
+app's stats timer, and shown as the border subtitle; events only add the prefill count
+("prefilling 120/300").
 """
 
 from __future__ import annotations
@@ -134,6 +135,9 @@ class AgentPane(Vertical):
             self.agent_id = agent_id
             self.text = text
 
+    class Drafted(Submitted):
+        """Typing paused while the agent is idle: the text so far, for the engine to prefill."""
+
     class LoadMore(Message):
         """Older turns are wanted: transcript indices before `before`."""
 
@@ -229,6 +233,12 @@ class AgentPane(Vertical):
             self._message_input.clear()
             self._last_sent = text
             self.post_message(self.Submitted(self.agent_id, text))
+
+    @on(MessageInput.Paused)
+    def _paused(self, event: MessageInput.Paused) -> None:
+        event.stop()
+        if self._model == "ready" and not self.busy:
+            self.post_message(self.Drafted(self.agent_id, event.text))
 
     @on(MessageInput.Recall)
     def _recall(self, event: MessageInput.Recall) -> None:

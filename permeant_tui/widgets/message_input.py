@@ -12,16 +12,22 @@ backspace typed just before F3 (one read from the terminal) would edit the pane 
 and a priority Enter would send before the characters typed ahead of it reached the box. Here
 the box runs its own bindings (the keymap applied) as it receives each key.
 
-The widget never calls the engine; it posts `Send`, `Recall` and `Page` for its pane.
+Typing that pauses for PAUSE_SECONDS posts `Paused` with the text so far: the engine prefills
+it while the person finishes the message (engine/drafts.py), so Enter waits for less.
+
+The widget never calls the engine; it posts `Send`, `Recall`, `Page` and `Paused` for its pane.
 """
 
 from __future__ import annotations
 
-from textual import events
+from textual import events, on
 from textual.binding import Binding
 from textual.content import Content
 from textual.message import Message
+from textual.timer import Timer
 from textual.widgets import TextArea
+
+PAUSE_SECONDS = 0.4  # a pause in typing this long posts `Paused`
 
 
 class MessageInput(TextArea):
@@ -50,6 +56,13 @@ class MessageInput(TextArea):
     class Recall(Message):
         """Up in an empty box: the pane puts its last message back."""
 
+    class Paused(Message):
+        """Typing paused with text in the box: the text so far (for the engine to prefill)."""
+
+        def __init__(self, text: str) -> None:
+            super().__init__()
+            self.text = text
+
     class Page(Message):
         def __init__(self, direction: int) -> None:
             super().__init__()
@@ -58,6 +71,18 @@ class MessageInput(TextArea):
     def __init__(self, placeholder: str | Content = "", *, id: str | None = None) -> None:
         super().__init__(compact=True, soft_wrap=True, tab_behavior="focus",
                          highlight_cursor_line=False, placeholder=placeholder, id=id)
+        self._pause: Timer | None = None
+
+    @on(TextArea.Changed)
+    def _typed(self) -> None:
+        if self._pause is not None:
+            self._pause.stop()
+        self._pause = self.set_timer(PAUSE_SECONDS, self._paused) if self.text.strip() else None
+
+    def _paused(self) -> None:
+        self._pause = None
+        if self.text.strip():
+            self.post_message(self.Paused(self.text))
 
     async def _on_key(self, event: events.Key) -> None:
         binding = self._own_binding(event.key)

@@ -82,6 +82,7 @@ def write_workspace(folder: Path, agent_views: list[AgentView]) -> None:
 @dataclass
 class Calls:
     submits: list[tuple[str, str]] = field(default_factory=list)
+    drafts: list[tuple[str, str]] = field(default_factory=list)  # engine.prepare's (agent, text)
     asks: list[str] = field(default_factory=list)
     cancels: list[str] = field(default_factory=list)
     exports: list[str] = field(default_factory=list)
@@ -185,6 +186,10 @@ class ScriptedEngine:
                       params=None):
         self.calls.submits.append((agent_id, text))
         return self.engine.submit_future(agent_id, text, max_tokens, params)
+
+    def prepare(self, agent_id: str, text: str) -> Future:
+        self.calls.drafts.append((agent_id, text))
+        return self.engine.prepare(agent_id, text)
 
     def continue_reply(self, agent_id: str, max_tokens: int | None = None, params=None):
         self.calls.continues.append(agent_id)
