@@ -64,6 +64,8 @@ class Agent:
     cache_ids: list[int] = field(default_factory=list)
     dirty: bool = False
     draft: bool = False  # the cache also holds ids of a message being typed (engine/drafts.py)
+    # (tokens, logits after them) of a draft that holds a whole prompt (engine/drafts.py)
+    draft_logits: tuple | None = field(default=None, repr=False, compare=False)
     source: str = "new"  # where the current KV state came from: new|memory|snapshot|prefill|usxf
     attach_used: bool = False  # a turn has run since the state was attached
     last_used: float = field(default_factory=time.time)
@@ -121,4 +123,5 @@ class Agent:
         if not self.draft:  # a draft's ids are not in the snapshot
             self.tokens_on_disk = len(self.cache_ids)
         self.attach_used = self.draft = False
+        self.draft_logits = None
         self.cache, self.cache_ids = None, []

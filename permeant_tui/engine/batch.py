@@ -28,6 +28,7 @@ from .errors import ContextExhausted, TurnCancelled
 from .events import Event, PrefillProgress, Tokens, TurnResult
 from .generation import (
     BATCH_SECONDS,
+    REPETITION_CONTEXT,
     TurnParams,
     common_prefix,
     prefill,
@@ -224,9 +225,10 @@ def run_turns(model, tokenizer, turns: list[BatchTurn], *,
                           max_tokens=[turns[i].params.max_tokens for i in live],
                           caches=[original[i] for i in live], samplers=samplers,
                           logits_processors=[processors_for(turns[i].params) or [] for i in live],
-                          # what a penalty looks back over, as in a single turn: the new part of
-                          # the prompt (the last token is the batch's first input), then replies
-                          all_tokens=[turns[i].prompt[turns[i].cached:-1] for i in live])
+                          # what a penalty looks back over, as in a single turn: the prompt's
+                          # last tokens, cached or not (generation.processors_for; the last is
+                          # the batch's first input), then the replies
+                          all_tokens=[turns[i].prompt[:-1][-REPETITION_CONTEXT:] for i in live])
         by_uid = dict(zip(uids, live, strict=True))
         while by_uid:
             _, responses = gen.next()

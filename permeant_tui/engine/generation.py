@@ -132,7 +132,7 @@ def sync_to_transcript(model, tokenizer, agent: Agent) -> int:
     rest = expected[keep:]
     if rest:
         prefill(model, agent, rest)
-    agent.draft = False  # a typed draft's ids are gone (engine/drafts.py)
+    agent.draft, agent.draft_logits = False, None  # a typed draft is gone (engine/drafts.py)
     return len(rest)
 
 
@@ -151,6 +151,7 @@ class _Decode:
         self.finish = "length"
         self.t_first: float | None = None
         self.drafted = self.accepted = 0  # prompt-lookup draft tokens proposed and kept
+        self._unfed: int | None = None  # a first token sampled from kept logits, not yet fed
 
     def _on_prefill(self, done: int, total: int) -> None:
         if self.cancel.is_set():
@@ -162,7 +163,10 @@ class _Decode:
         self.drafted += proposed
         self.accepted += kept
 
-    def run(self, feed: list[int], prefix: tuple[int, ...] = ()) -> None:
+    def run(self, feed: list[int], prefix: tuple[int, ...] = (), first_logits=None) -> None:
+        """`first_logits`: the prompt is all in the cache (`feed` is empty) and these are the
+        logits after its last token (a typed draft kept them): the first token is sampled from
+        them at once, then mlx_lm's generate_step goes on from it."""
         import mlx.core as mx
         from mlx_lm.generate import generate_step
 
@@ -177,15 +181,18 @@ class _Decode:
         _ = detok.last_segment  # already shown
         agent_id, generated = self.agent.agent_id, self.generated
         pending_text, pending_ids, last_emit = "", [], time.perf_counter()
-        if p.lookup and lookup.enabled() and kvcache.always_trimmable(self.agent.cache):
+        procs = processors_for(p, self.agent.cache_ids)
+        if first_logits is not None:
+            gen = self._from_logits(first_logits, procs)
+        elif p.lookup and lookup.enabled() and kvcache.always_trimmable(self.agent.cache):
             gen = lookup.lookup_generate_step(
                 feed, self.model, context=list(self.agent.cache_ids), max_tokens=p.max_tokens,
-                sampler=sampler_for(p), logits_processors=processors_for(p),
+                sampler=sampler_for(p), logits_processors=procs,
                 prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
                 prompt_progress_callback=self._on_prefill, on_draft=self._on_draft)
         else:
             gen = generate_step(mx.array(feed), self.model, max_tokens=p.max_tokens,
-                                sampler=sampler_for(p), logits_processors=processors_for(p),
+                                sampler=sampler_for(p), logits_processors=procs,
                                 prompt_cache=self.agent.cache, prefill_step_size=PREFILL_CHUNK,
                                 prompt_progress_callback=self._on_prefill)
         try:
@@ -209,10 +216,35 @@ class _Decode:
                     raise TurnCancelled("cancelled")
         finally:
             gen.close()
+        if self._unfed is not None:  # the first token ended the reply before it was fed
+            self.model(mx.array([[self._unfed]]), cache=self.agent.cache)
+            kvcache.eval_cache(self.agent.cache)
+            self._unfed = None
         detok.finalize()
         pending_text += detok.last_segment
         if pending_text or pending_ids:
             self.emit(Tokens(agent_id, self.turn_id, pending_text, tuple(pending_ids)))
+
+    def _from_logits(self, logits, procs):
+        """What generate_step yields, its first forward pass already done: the first token
+        sampled from `logits` (processors and sampler as generate_step applies them), then
+        generate_step from that token (it feeds it into the cache first, as it does every token
+        it yields; `run` feeds it if the reply ends on it)."""
+        import mlx.core as mx
+        from mlx_lm.generate import generate_step
+
+        x = logits[None]
+        for proc in procs or ():
+            x = proc(mx.array([], dtype=mx.uint32), x)
+        logprobs = x - mx.logsumexp(x, keepdims=True)
+        first = int(sampler_for(self.params)(logprobs).item())
+        self._unfed = first
+        yield first, logprobs.squeeze(0)
+        self._unfed = None  # the next step of generate_step feeds it
+        yield from generate_step(mx.array([first]), self.model,
+                                 max_tokens=self.params.max_tokens - 1,
+                                 sampler=sampler_for(self.params), logits_processors=procs,
+                                 prompt_cache=self.agent.cache)
 
     def reply(self, ids: tuple[int, ...] | list[int]) -> str:
         # The reply keeps a leading space the streaming detokenizer trims for display:
@@ -227,14 +259,40 @@ def sampler_for(params: TurnParams):
     return make_sampler(temp=params.temp, top_p=params.top_p if params.temp > 0 else 0.0)
 
 
-def processors_for(params: TurnParams) -> list | None:
-    """mlx_lm's repetition penalty over the last REPETITION_CONTEXT tokens, when asked for."""
+def processors_for(params: TurnParams, context: list[int] | None = None) -> list | None:
+    """mlx_lm's repetition penalty over the last REPETITION_CONTEXT tokens, when asked for.
+
+    mlx_lm's `generate_step` hands a processor only the tokens fed in that call: the part of the
+    prompt that was not cached, then the reply. `context` (the ids in the cache before the feed)
+    is put in front, so the penalty looks at the conversation's last tokens however much of the
+    prompt was cached (a message prefilled while it was typed samples as one that was not)."""
     if not params.repetition_penalty or params.repetition_penalty == 1.0:
         return None
     from mlx_lm.sample_utils import make_logits_processors
 
-    return make_logits_processors(repetition_penalty=params.repetition_penalty,
-                                  repetition_context_size=REPETITION_CONTEXT)
+    procs = make_logits_processors(repetition_penalty=params.repetition_penalty,
+                                   repetition_context_size=REPETITION_CONTEXT)
+    before = list(context or [])[-REPETITION_CONTEXT:]
+    if not before:
+        return procs
+    import mlx.core as mx
+
+    def with_context(proc):
+        def run(tokens, logits):
+            return proc(mx.concatenate([mx.array(before, dtype=tokens.dtype), tokens]), logits)
+        return run
+
+    return [with_context(p) for p in procs]
+
+
+def take_draft_logits(agent: Agent, prompt: list[int]):
+    """The logits a typed draft kept after its last token (engine/drafts.py), when the cache
+    holds exactly `prompt`; else None. Taken once: they are gone afterwards either way."""
+    kept, agent.draft_logits = agent.draft_logits, None
+    if kept is None or not (kept[0] == len(prompt) == cache_offset(agent.cache)
+                            and agent.cache_ids == prompt):
+        return None
+    return kept[1]
 
 
 def _settle(model, agent: Agent, expected_len: int) -> None:
@@ -283,8 +341,9 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     prompt = agent.prompt_ids(tokenizer, text)
     if agent.cache is None:
         agent.cache, agent.cache_ids = new_cache(model), []
+    logits = take_draft_logits(agent, prompt)
     cached = common_prefix(agent.cache_ids, prompt)
-    if cached == len(prompt):  # the model needs at least one new token to produce logits
+    if cached == len(prompt) and logits is None:  # the model needs a new token for logits
         cached -= 1
     if len(prompt) + params.max_tokens > context_limit:
         raise ContextExhausted(cached, len(prompt) - cached, params.max_tokens, context_limit)
@@ -295,7 +354,7 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
         on_start(cached, len(todo))
     dec = _Decode(model, tokenizer, agent, params, turn_id=turn_id, emit=emit, cancel=cancel)
     try:
-        dec.run(todo)
+        dec.run(todo, first_logits=logits)
     except TurnCancelled as exc:
         # What the cache holds now: the prompt and the generated tokens fed so far.
         agent.cache_ids = (prompt[:cached] + todo + dec.generated)[:cache_offset(agent.cache)]

@@ -21,6 +21,7 @@ from permeant_tui.engine.generation import TurnParams, prefill, run_turn
 ARCHS = ("llama", "qwen3", "gemma3_text")
 HISTORY = "Our payment API returns 502 errors under load."
 NEXT = "Which service should we look at first, the gateway or the database?"
+SHORT = "Which service first?"  # (a whole prompt within the gemma3 model's 64-token window)
 GREEDY = TurnParams(max_tokens=8)
 
 
@@ -96,23 +97,83 @@ def test_a_dropped_draft_leaves_exactly_the_transcript(arch, tok):
     _, lm = tiny_model(arch, tok)
     a = with_history(lm)
     before = list(a.cache_ids)
-    assert drafts.prepare(lm.model, lm.tokenizer, a, NEXT, context_limit=4096) > 0
+    assert drafts.prepare(lm.model, lm.tokenizer, a, SHORT, context_limit=4096) > 0
     assert len(a.cache_ids) > len(before)
     drafts.drop(lm.model, lm.tokenizer, a)
     assert a.cache_ids == before
     at_rest(lm, a)
 
 
-def test_the_draft_stops_before_the_word_being_typed(tok):
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("params", [GREEDY, TurnParams(max_tokens=8, repetition_penalty=1.3),
+                                    TurnParams(max_tokens=8, temp=0.8, top_p=0.9, seed=7,
+                                               repetition_penalty=1.1)],
+                         ids=["greedy", "penalty", "sampled"])
+def test_enter_on_an_unchanged_draft_prefills_nothing_and_samples_the_same(arch, params, tok):
+    """The draft holds the whole prompt and the logits after it: the first token comes from
+    them, with the same sampler, penalty and seed as a turn that prefilled the message."""
+    _, lm = tiny_model(arch, tok)
+    plain = with_history(lm)
+    r_plain = run_turn(lm.model, lm.tokenizer, plain, SHORT, params, context_limit=4096,
+                       turn_id=2, emit=lambda e: None, cancel=threading.Event(), source="new")
+    a = with_history(lm)
+    drafts.prepare(lm.model, lm.tokenizer, a, SHORT + " ", context_limit=4096)
+    prompt = a.prompt_ids(lm.tokenizer, SHORT)
+    assert a.cache_ids == prompt and a.draft_logits is not None
+    r = run_turn(lm.model, lm.tokenizer, a, SHORT, params, context_limit=4096, turn_id=2,
+                 emit=lambda e: None, cancel=threading.Event(), source="new")
+    assert r.prefilled == 0 and r.cached == len(prompt)
+    assert r.generated_ids == r_plain.generated_ids
+    at_rest(lm, a)
+    assert a.draft_logits is None
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen3"])
+def test_the_repetition_penalty_sees_the_same_tokens_with_or_without_a_draft(arch, tok):
+    """mlx_lm hands a penalty only the tokens fed in its call; the engine puts the cached ones in
+    front, so a message the model would echo is penalised the same when the draft fed it."""
+    _, lm = tiny_model(arch, tok)
+    echo = with_history(lm).turns[-1].reply.strip()  # the words this model likes to say
+    penalty = TurnParams(max_tokens=8, repetition_penalty=3.0)
+
+    def reply(drafted: bool, params: TurnParams) -> tuple[int, ...]:
+        a = with_history(lm)
+        if drafted:
+            drafts.prepare(lm.model, lm.tokenizer, a, echo, context_limit=4096)
+        return run_turn(lm.model, lm.tokenizer, a, echo, params, context_limit=4096,
+                        turn_id=2, emit=lambda e: None, cancel=threading.Event(),
+                        source="new").generated_ids
+
+    assert reply(False, penalty) != reply(False, GREEDY)  # the penalty bites here
+    assert reply(True, penalty) == reply(False, penalty)
+
+
+@pytest.mark.parametrize("max_tokens", [1, 3])
+def test_a_reply_that_ends_on_its_first_token_leaves_it_in_the_cache(max_tokens, tok):
+    """The first token from kept logits is fed into the cache even when the reply ends on it
+    (EOS, or a one-token limit): ids and K/V agree at rest."""
     _, lm = tiny_model("llama", tok)
     a = with_history(lm)
-    ids = drafts.stable_ids(a, lm.tokenizer, "Which service sho")
-    full = a.prompt_ids(lm.tokenizer, "Which service should we look at")
-    assert full[:len(ids)] == ids  # a prefix of what will be sent
-    assert lm.tokenizer.decode(ids).endswith("Which service")
-    # a typed draft only ever grows the prompt as it is sent: "Which service" is kept
-    drafts.prepare(lm.model, lm.tokenizer, a, "Which service sho", context_limit=4096)
-    assert a.cache_ids == ids
+    drafts.prepare(lm.model, lm.tokenizer, a, SHORT, context_limit=4096)
+    n, logits = a.draft_logits
+    eos = lm.tokenizer.eos_token_id
+    a.draft_logits = (n, mx.where(mx.arange(logits.shape[0]) == eos, 1e4, logits))
+    r = run_turn(lm.model, lm.tokenizer, a, SHORT, TurnParams(max_tokens=max_tokens),
+                 context_limit=4096, turn_id=2, emit=lambda e: None, cancel=threading.Event(),
+                 source="new")
+    assert r.generated_ids == (eos,) and r.prefilled == 0
+    at_rest(lm, a)
+
+
+def test_kept_logits_are_used_only_for_the_prompt_they_follow(tok):
+    _, lm = tiny_model("llama", tok)
+    plain = with_history(lm)
+    r_plain = turn(lm, plain, SHORT + " Now")
+    a = with_history(lm)
+    drafts.prepare(lm.model, lm.tokenizer, a, SHORT, context_limit=4096)
+    r = turn(lm, a, SHORT + " Now")  # typed on after the pause
+    assert r.prefilled > 0 and r.generated_ids == r_plain.generated_ids
+    at_rest(lm, a)
 
 
 def test_no_draft_into_a_sliding_layer_it_would_fill(tok):
