@@ -11,11 +11,13 @@ through `generation.prefill`, which extends `cache_ids` chunk by chunk.
 
 A draft is made only where it can be dropped again by trimming (O(1)): never into a
 sliding-window layer it would fill (a rotating layer holding its whole window cannot be trimmed;
-see `trimmable_at`). Runs on the engine worker thread only.
+see `trimmable_at`). Runs on the engine worker thread only. `PERMEANT_DRAFTS=0` turns it off
+(the CPU it takes while the person types: about one forward pass of the message per pause).
 """
 
 from __future__ import annotations
 
+import os
 import threading
 
 from . import kvcache
@@ -24,6 +26,11 @@ from .errors import TurnCancelled
 from .generation import common_prefix, prefill, sync_to_transcript, trim_to
 
 DRAFT_CHUNK = 32  # tokens per forward pass: a new job waits at most one chunk
+ENV = "PERMEANT_DRAFTS"
+
+
+def enabled() -> bool:
+    return os.environ.get(ENV, "1") != "0"
 
 
 def trimmable_at(cache: list, n: int) -> bool:

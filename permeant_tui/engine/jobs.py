@@ -16,6 +16,7 @@ from typing import TYPE_CHECKING, Any
 from .agent import Agent
 from .api import WorkerContext
 from .batch import BatchTurn
+from .drafts import enabled as drafts_enabled
 from .errors import ModelLoadError, PermeantError, TurnCancelled
 from .events import (
     AgentReset,
@@ -185,7 +186,8 @@ class Worker:
             pending = self.drafts.pop(agent_id, None)
             busy = agent_id not in self.ws.agents or self.states[agent_id] in BUSY
         self.jobs.interrupt.clear()
-        if pending is None or busy or self.loaded is None or self.jobs.waiting():
+        if pending is None or busy or self.loaded is None or self.jobs.waiting() or \
+                not drafts_enabled():
             job.future.set_result(0)
             return
         try:

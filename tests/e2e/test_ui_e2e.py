@@ -11,6 +11,7 @@ the KV snapshot and the .usxf export, and the process exited with 0. tmux is req
 from __future__ import annotations
 
 import json
+import re
 import shutil
 import subprocess
 import sys
@@ -189,6 +190,27 @@ def continue_regenerate_settings(session: Tmux, workspace: Path, question: str,
     assert {r["user"] for r in lines} == {question}, lines
 
 
+def ctx_tokens(column: str) -> int:
+    """The Technical pane's context gauge: tokens in its cache."""
+    found = re.search(r"ctx\b.*?([\d,]+)/[\d,]+", column)
+    assert found, column
+    return int(found.group(1).replace(",", ""))
+
+
+def drafted_turn(session: Tmux, workspace: Path) -> None:
+    """A pause in typing prefills the message (the context gauge grows before Enter); Enter
+    then prefills nothing and the reply comes as usual."""
+    before = ctx_tokens(technical_column(session.screen()))
+    session.type("And which one first?")
+    session.wait_for(lambda s: ctx_tokens(technical_column(s)) > before, 60,
+                     "the typed message to be prefilled")
+    session.keys("Enter")
+    turn_runs(session, "the drafted turn")
+    last = transcript_turns(workspace)[-1]
+    assert last["user"] == "And which one first?", last
+    assert last["stats"]["prefilled"] == 0, last["stats"]
+
+
 def test_type_stream_export_quit(tmp_path):
     workspace = tmp_path / "ws"
     exit_file = tmp_path / "exit-code"
@@ -216,6 +238,7 @@ def test_type_stream_export_quit(tmp_path):
         assert "tok/s" in final, done  # the turn's footnote
         assert len(final) > len(partial), (partial, final)
         continue_regenerate_settings(session, workspace, question, final)
+        drafted_turn(session, workspace)
 
         session.keys("C-e")
         session.wait_for(lambda s: "Exported Technical" in s, 180, "the export notification")
@@ -235,5 +258,6 @@ def test_type_stream_export_quit(tmp_path):
     transcript = agent_dir / "transcript.jsonl"
     assert transcript.exists()
     assert "Name three uses of a cache." in transcript.read_text()
+    assert "And which one first?" in transcript.read_text()
     assert list(agent_dir.glob("*.safetensors")), sorted(p.name for p in agent_dir.iterdir())
     assert exports[0].stat().st_size > 0

@@ -134,3 +134,16 @@ def test_a_draft_waits_for_other_jobs_and_for_the_agents_own_turn(tok, tmp_path)
     finally:
         gate.set()
         engine.shutdown()
+
+
+def test_drafts_can_be_turned_off(tok, tmp_path, monkeypatch):
+    monkeypatch.setenv("PERMEANT_DRAFTS", "0")
+    lm = tiny_model("llama", tok)[1]
+    engine = open_engine(tmp_path / "ws", lm)
+    try:
+        engine.submit_future(AGENT, HISTORY, params=GREEDY)[1].result(120)
+        assert engine.prepare(AGENT, NEXT).result(60) == 0
+        assert not engine._ws.agent(AGENT).draft
+        assert engine.submit_future(AGENT, NEXT, params=GREEDY)[1].result(120).prefilled > 12
+    finally:
+        engine.shutdown()
