@@ -13,6 +13,8 @@ import pytest
 from support.tiny_models import tiny_model
 
 from permeant_tui.engine import kvcache
+from permeant_tui.engine.errors import TurnCancelled
+from permeant_tui.engine.events import Tokens
 from permeant_tui.engine.generation import TurnParams
 from permeant_tui.engine.worker import Engine
 
@@ -147,3 +149,42 @@ def test_drafts_can_be_turned_off(tok, tmp_path, monkeypatch):
         assert engine.submit_future(AGENT, NEXT, params=GREEDY)[1].result(120).prefilled > 12
     finally:
         engine.shutdown()
+
+
+@pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
+@pytest.mark.parametrize("typed", ["Which service first? And", "Which service"],
+                         ids=["unchanged", "typed-on"])
+def test_a_turn_cancelled_at_its_first_token_after_a_draft_leaves_the_transcript(arch, typed,
+                                                                               tok, tmp_path):
+    """Enter on a drafted message (its first token from the kept logits, or after prefilling
+    what changed), cancelled at the first token: ids and K/V agree with the transcript, and the
+    same message sent again answers as in a workspace that never drafted."""
+    lm = tiny_model(arch, tok)[1]
+    engine_ref = {}
+
+    def sink(event):
+        if isinstance(event, Tokens) and engine_ref.get("armed"):
+            engine_ref["armed"] = False
+            engine_ref["engine"].cancel(AGENT)
+
+    sent = "Which service first? And"
+    replies = []
+    for drafted in (True, False):
+        engine = Engine(tmp_path / f"ws-{drafted}", loaded=lm, eager_restore=False,
+                        on_event=sink)
+        engine_ref["engine"] = engine
+        engine.start()
+        engine.wait_ready(60)
+        try:
+            engine.submit_future(AGENT, HISTORY, params=GREEDY)[1].result(120)
+            if drafted:
+                assert engine.prepare(AGENT, typed).result(60) > 0
+                engine_ref["armed"] = True
+                with pytest.raises(TurnCancelled):
+                    engine.submit_future(AGENT, sent, params=GREEDY)[1].result(120)
+                agrees(engine)
+            replies.append(engine.submit_future(AGENT, sent, params=GREEDY)[1].result(120))
+            agrees(engine)
+        finally:
+            engine.shutdown()
+    assert replies[0].generated_ids == replies[1].generated_ids
