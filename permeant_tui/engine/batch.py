@@ -161,7 +161,7 @@ def _finish(tokenizer, t: BatchTurn, s: _Stream, cache, context_limit: int) -> T
     t_end = time.perf_counter()
     agent.cache = cache
     agent.cache_ids = t.prompt + s.generated
-    agent.draft = False  # see engine/drafts.py
+    agent.draft, agent.draft_logits = False, None  # see engine/drafts.py
     offset = cache_offset(agent.cache)
     if offset != len(agent.cache_ids):  # never let ids and K/V disagree
         agent.cache_ids = agent.cache_ids[:offset]

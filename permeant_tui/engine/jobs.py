@@ -173,7 +173,8 @@ class Worker:
         }
 
     def handle(self, job: Job) -> None:
-        self.drop_drafts({job.agent_id} if job.kind == "prepare" else set())
+        if job.kind != "prepare":  # drafts of several agents (a team question) stay together
+            self.drop_drafts()
         self._handlers[job.kind](job)
 
     # ---- drafts: prefill as you type (engine/drafts.py) ---------------------------------------
@@ -199,7 +200,8 @@ class Worker:
 
     def drop_drafts(self, keep: set[str | None] | None = None) -> None:
         """Take every typed draft out of its agent's cache but those of `keep` (the agents whose
-        new turn or draft is next): nothing saves, exports or evicts a draft."""
+        new turns are next): nothing saves or exports a draft (an agent evicted by a draft's
+        restore drops its own in `Workspace.save_agent`, or loses its cache whole)."""
         for agent in list(self.ws.agents.values()):
             if agent.draft and agent.agent_id not in (keep or ()):
                 try:

@@ -1,4 +1,7 @@
-""""Ask the team": one question to the technical and business agents, then the coordinator."""
+""""Ask the team": one question to the technical and business agents, then the coordinator.
+
+A pause in typing the question posts `AgentPane.Drafted` for the two agents that answer it
+first, so both have it prefilled when Enter sends it (engine/drafts.py)."""
 
 from __future__ import annotations
 
@@ -6,7 +9,13 @@ from textual import on
 from textual.app import ComposeResult
 from textual.containers import Horizontal
 from textual.message import Message
+from textual.timer import Timer
 from textual.widgets import Input, Label
+
+from .agent_pane import AgentPane
+from .message_input import PAUSE_SECONDS
+
+FIRST_ROUND = ("technical", "business")  # who answers a team question first (Engine.ask_team)
 
 
 class TeamPrompt(Horizontal):
@@ -16,6 +25,10 @@ class TeamPrompt(Horizontal):
         def __init__(self, question: str) -> None:
             super().__init__()
             self.question = question
+
+    def __init__(self) -> None:
+        super().__init__()
+        self._pause: Timer | None = None
 
     def compose(self) -> ComposeResult:
         yield Label("Ask the team (^t) ›", classes="prompt-label")
@@ -36,3 +49,16 @@ class TeamPrompt(Horizontal):
         if question:
             event.input.clear()
             self.post_message(self.Asked(question))
+
+    @on(Input.Changed, "#team-input")
+    def _typed(self, event: Input.Changed) -> None:
+        if self._pause is not None:
+            self._pause.stop()
+        self._pause = self.set_timer(PAUSE_SECONDS, self._paused) if event.value.strip() else None
+
+    def _paused(self) -> None:
+        self._pause = None
+        question = self.input.value.strip()
+        if question:
+            for agent_id in FIRST_ROUND:
+                self.post_message(AgentPane.Drafted(agent_id, question))

@@ -188,3 +188,30 @@ def test_a_turn_cancelled_at_its_first_token_after_a_draft_leaves_the_transcript
         finally:
             engine.shutdown()
     assert replies[0].generated_ids == replies[1].generated_ids
+
+
+def test_a_team_question_drafted_for_both_first_agents_is_answered_the_same(tok, tmp_path):
+    """The team prompt drafts the question into technical and business (one draft does not drop
+    the other's); the batched answers then prefill only the last token each and equal the
+    answers of a workspace that never drafted."""
+    lm = tiny_model("llama", tok)[1]
+    question = "Should we cache the payment tokens?"
+    answers = {}
+    for drafted in (True, False):
+        engine = open_engine(tmp_path / f"ws-{drafted}", lm)
+        try:
+            if drafted:
+                for agent_id in ("technical", "business"):
+                    assert engine.prepare(agent_id, question).result(60) > 0
+                assert all(engine._ws.agent(a).draft for a in ("technical", "business"))
+            out = engine.ask_team(question, max_tokens=6).result(300)
+            answers[drafted] = out
+            for agent_id in ("technical", "business", "coordinator"):
+                agrees(engine, agent_id)
+        finally:
+            engine.shutdown()
+    for agent_id in ("technical", "business"):
+        assert answers[True][agent_id].prefilled == 1 < answers[False][agent_id].prefilled
+        assert answers[True][agent_id].generated_ids == answers[False][agent_id].generated_ids
+    assert (answers[True]["coordinator"].generated_ids
+            == answers[False]["coordinator"].generated_ids)

@@ -65,3 +65,17 @@ async def test_no_draft_while_the_agent_is_busy_or_for_blank_text():
         await type_text(pilot, " please")
         await pilot.pause(PAUSE_SECONDS + 0.3)
         assert engine.calls.drafts[-1] == ("technical", "the next one please")
+
+
+async def test_a_pause_in_the_team_question_drafts_it_for_technical_and_business():
+    engine = ScriptedEngine()
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        await pilot.press("ctrl+t")
+        await type_text(pilot, "ship it")
+        await pilot.pause(PAUSE_SECONDS + 0.3)
+        assert sorted(engine.calls.drafts) == [("business", "ship it"), ("technical", "ship it")]
+        await pilot.press("enter")
+        await pilot.pause(PAUSE_SECONDS + 0.3)
+        assert len(engine.calls.drafts) == 2 and engine.calls.asks == ["ship it"]
