@@ -134,10 +134,7 @@ class PermeantApp(App[None]):
     # start-up
 
     def get_default_screen(self) -> WorkspaceScreen:
-        views = self._call(self.engine.agents) or [
-            AgentView(agent_id, role, title, system, ())
-            for agent_id, role, title, system in DEFAULT_AGENTS
-        ]
+        views = self._call(self.engine.agents) or [AgentView(*agent, ()) for agent in DEFAULT_AGENTS]
         self._titles = {view.agent_id: printable(view.title) for view in views}
         return WorkspaceScreen(views, self.workspace_label)
 
