@@ -63,8 +63,9 @@ def snapshot_warning(agent_id: str, exc: BaseException) -> str:
 
 @dataclass
 class Job:
-    kind: str  # load | turn | prepare | save | reset | export | import | replay | call | settings
-    # | stop
+    # load | turn | prepare (a typed draft) | save | reset | export | import | replay | call |
+    # settings | stop
+    kind: str
     agent_id: str | None = None
     payload: dict = field(default_factory=dict)
     future: Future = field(default_factory=Future)
@@ -167,8 +168,7 @@ class Worker:
         self._first_turn = True  # the first turn's timing_ms reports the model load
         self._handlers: dict[str, Callable[[Job], None]] = {
             "load": self.load, "turn": self.turn, "prepare": self.prepare, "save": self.save,
-            "reset": self.reset,
-            "export": self.export, "import": self.import_usxf, "replay": self.replay_fidelity,
+            "reset": self.reset, "export": self.export, "import": self.import_usxf, "replay": self.replay_fidelity,
             "call": self.call, "settings": self.agent_settings,
         }
 
@@ -179,7 +179,7 @@ class Worker:
 
     # ---- drafts: prefill as you type (engine/drafts.py) ---------------------------------------
     def prepare(self, job: Job) -> None:
-        """Prefill the newest text typed for the agent into its cache, as far as it is stable;
+        """Prefill the newest text typed for the agent into its cache, as Enter would send it;
         only while the agent is idle and no other job waits (a job that arrives meanwhile stops
         it between chunks). The future gets the tokens prefilled (0: nothing done)."""
         agent_id = job.agent_id or ""

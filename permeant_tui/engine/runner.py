@@ -56,8 +56,8 @@ class ModelRunner(Protocol):
         "continue" extends the last reply, "regenerate" replaces it (`text` is then unused)."""
 
     def prepare(self, agent: Agent, text: str, cancel: threading.Event) -> int:
-        """Prefill the message being typed into the resident agent's cache, as far as it is
-        stable (engine/drafts.py): tokens prefilled. `cancel` stops it between chunks."""
+        """Prefill the message being typed into the resident agent's cache, as Enter would send
+        it now (engine/drafts.py): tokens prefilled. `cancel` stops it between chunks."""
 
     def drop_draft(self, agent: Agent) -> None:
         """Take a typed draft back out of the agent's cache (it holds its transcript again)."""

@@ -170,8 +170,8 @@ class Engine:
         return job
 
     def prepare(self, agent_id: str, text: str) -> Future[int]:
-        """The message box's text so far: the worker prefills its stable part into the agent's
-        cache while it is idle, so Enter finds it cached (engine/drafts.py). Returns at once a
+        """The message box's text so far: the worker prefills it, as Enter would send it, into
+        the agent's cache while it is idle, so Enter finds it cached (engine/drafts.py). Returns at once a
         Future of the tokens prefilled; only the newest text of an agent counts (one pending
         draft job per agent takes it), and any other job goes first."""
         self._ws.agent(agent_id)
