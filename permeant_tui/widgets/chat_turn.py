@@ -12,6 +12,8 @@ what the same turn loaded from disk shows.
 
 from __future__ import annotations
 
+import time
+
 from textual.app import ComposeResult
 from textual.containers import Vertical
 from textual.content import Content
@@ -80,6 +82,7 @@ class ChatTurn(Vertical):
         self._shown = len(reply)  # self._reply[:_shown] is on screen (Markdown + plain text)
         self._stream: MarkdownStream | None = None
         self._flush_timer: Timer | None = None
+        self._flushed_at = -1e9  # monotonic time the plain text was last shown
         self._markdown_timer: Timer | None = None
         self._user_view = Static(user_content(user), classes="user")
         self._reply_view = Markdown(reply, classes="reply")
@@ -107,12 +110,17 @@ class ChatTurn(Vertical):
             self._user_view.update(user_content(user))
 
     async def append(self, text: str) -> None:
-        """Add a batch of generated text to the reply (shown within FLUSH_SECONDS)."""
+        """Add a batch of generated text to the reply: shown at once when nothing was shown for
+        FLUSH_SECONDS (the first words of a reply, text after a pause), else when they pass."""
         if not text:
             return
         self._reply += text
         if self._flush_timer is None:
-            self._flush_timer = self.set_timer(FLUSH_SECONDS, self._flush)
+            wait = self._flushed_at + FLUSH_SECONDS - time.monotonic()
+            if wait <= 0:
+                self._flush()
+            else:
+                self._flush_timer = self.set_timer(wait, self._flush)
         if self._markdown_timer is None and MARKDOWN_SECONDS > 0:
             self._markdown_timer = self.set_timer(MARKDOWN_SECONDS, self._flush_markdown)
 
@@ -121,6 +129,7 @@ class ChatTurn(Vertical):
         self._flush_timer = None
         if self._shown == len(self._reply):
             return
+        self._flushed_at = time.monotonic()
         self._shown = len(self._reply)
         self.remove_class("-pending")
         self._show_tail(self._reply[self._in_markdown:])

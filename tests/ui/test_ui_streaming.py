@@ -141,3 +141,31 @@ async def test_finished_blocks_reach_the_markdown_on_a_slow_cadence(monkeypatch)
         await pilot.pause()
         assert updates == [REPLY]
         assert blocks(turn) == blocks(pane(app, "business").query_one(ChatTurn))
+
+
+async def test_a_replys_first_words_show_at_once_then_at_most_every_flush(monkeypatch):
+    """The first batch of a reply is on screen without waiting for the cadence (time to first
+    token is what a person sees); batches right behind it wait for FLUSH_SECONDS together."""
+    monkeypatch.setattr(chat_turn, "FLUSH_SECONDS", 2.0)
+    engine = ScriptedEngine(with_history())
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        engine.emit(TurnQueued("technical", 41, QUESTION))
+        engine.emit(TurnStarted("technical", 41, "snapshot", 0, 12, QUESTION))
+        engine.emit(Tokens("technical", 41, CHUNKS[0], ()))
+        def replies() -> list[str]:
+            return [each.reply for each in pane(app, "technical").query(ChatTurn)]
+
+        await wait_until(pilot, lambda: any(replies()))
+        turn = pane(app, "technical").query(ChatTurn).last()
+        await pilot.pause()
+        assert str(turn._live_view.render()) == CHUNKS[0]  # shown at once
+        engine.emit(Tokens("technical", 41, CHUNKS[1], ()))
+        engine.emit(Tokens("technical", 41, CHUNKS[2], ()))
+        await wait_until(pilot, lambda: turn.reply == "".join(CHUNKS[:3]))
+        await pilot.pause()
+        assert str(turn._live_view.render()) == CHUNKS[0]  # the rest waits for the cadence
+        await wait_until(pilot, lambda: str(turn._live_view.render()) == "".join(CHUNKS[:3]))
+        finish(engine)
+        await wait_until(pilot, lambda: turn.has_class("-done"))
