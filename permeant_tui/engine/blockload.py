@@ -7,9 +7,9 @@ file object allocates the tensor and calls the object's `readinto` with the tens
 buffer. `_TensorFile` is such an object: a one-tensor safetensors file that exists only in
 memory, [1, heads, capacity, row] for one stream, whose `readinto` leaves the buffer untouched.
 Then each block is read once with one `preadv` scattering its rows into every stream's buffer
-(the kernel touches the pages as it copies) and hashed while it is in the CPU's cache; then the
-manifest's tail and zeros for the free room. Each block's content hash is computed as its rows
-arrive (still in the CPU's cache); the caller compares it with the block's name, as before.
+and hashed in a second thread, while a third faults the new buffers in ahead of the reads;
+then the manifest's tail and zeros for the free room. The caller compares each block's content
+hash with the block's name.
 """
 
 from __future__ import annotations
@@ -152,8 +152,8 @@ MADV_POPULATE_WRITE = 23  # Linux 5.14+
 
 
 def populate(address: int, nbytes: int) -> bool:
-    """Fault in the pages of a new buffer in one call (Linux's MADV_POPULATE_WRITE) before it is
-    read into: a read into untouched memory takes a page fault per 4 KiB page inside the copy,
+    """Fault in the pages of a new buffer in one call (Linux's MADV_POPULATE_WRITE) ahead of the
+    reads: a read into untouched memory takes a page fault per 4 KiB page inside the copy,
     1.1-3.3x slower here for 190 MB (bench/restore_populate.py). False where the kernel or the
     platform has no such call (macOS: Metal's shared buffers; older Linux): the reads then
     fault the pages in themselves, as before."""
@@ -205,8 +205,6 @@ class StreamReader:
                 for a, s in zip(out, self.streams, strict=True)]
         if not all(r.flags.writeable and r.base is not None for r in rows):
             raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
-        for r in rows:
-            populate(r.ctypes.data, r.nbytes)
         b = self.block_tokens
         # Block j's parts: for each stream, for each head, its B rows, as memoryview slices of
         # the stream's buffer (a numpy view per part cost ~16 ms a restore at 4k in Python).
@@ -215,8 +213,13 @@ class StreamReader:
         sizes = [part for _, heads, _, part in flat for _ in range(heads)]
         groups = [sum(sizes[i:i + IOV_MAX]) for i in range(0, len(sizes), IOV_MAX)]
         # Block j is hashed in a second thread while block j + 1 is read: the read waits in
-        # preadv (the GIL released), so the two overlap on a second core.
-        with ThreadPoolExecutor(1, thread_name_prefix="permeant-hash") as hasher:
+        # preadv (the GIL released), so the two overlap.
+        # The new buffers are faulted in by a third thread meanwhile: one madvise per buffer
+        # (ctypes releases the GIL); a read that reaches a page first faults it in itself.
+        with ThreadPoolExecutor(1, thread_name_prefix="permeant-hash") as hasher, \
+                ThreadPoolExecutor(1, thread_name_prefix="permeant-populate") as pager:
+            for r in rows:
+                pager.submit(populate, r.ctypes.data, r.nbytes)
             hashed = []
             for j, fd in enumerate(self.fds):
                 parts = [mv[h * stride + j * part:h * stride + (j + 1) * part]
