@@ -4,8 +4,10 @@ the same bytes, all in one run, interleaved.
 
     .venv/bin/python bench/restore_populate.py [--tokens 4096] [--repeats 9]
 
-- restore            what the product does: buffers populated in one madvise call
-                     (MADV_POPULATE_WRITE, Linux), block j hashed while j + 1 is read
+- restore            what the product does: buffers populated by one madvise call each
+                     (MADV_POPULATE_WRITE, Linux) in a third thread while the blocks are read,
+                     block j hashed while j + 1 is read
+- populate first     every buffer populated before the first read (before 2026-11-30 19:50)
 - faulting reads     the same, with the pages faulted in one by one inside the reads (before)
 - inline hashes      populated, but each block hashed before the next is read (before)
 - read               a plain read of the same files into one reused, faulted-in buffer
@@ -101,6 +103,18 @@ def main() -> int:
         finally:
             blockload.ThreadPoolExecutor = executor  # type: ignore[misc]
 
+    def populate_first() -> None:
+        def pool(workers: int, thread_name_prefix: str = ""):
+            if "populate" in thread_name_prefix:
+                return InlineExecutor()  # each populate runs at once, before the reads
+            return executor(workers, thread_name_prefix=thread_name_prefix)
+
+        blockload.ThreadPoolExecutor = pool  # type: ignore[assignment,misc]
+        try:
+            restore()
+        finally:
+            blockload.ThreadPoolExecutor = executor  # type: ignore[misc]
+
     def read() -> None:
         reader.read(files)
 
@@ -111,7 +125,8 @@ def main() -> int:
     def new_memory_read() -> None:
         fresh_read(files, size)
 
-    kinds = {"restore": product, "faulting reads": faulting_reads,
+    kinds = {"restore": product, "populate first": populate_first,
+             "faulting reads": faulting_reads,
              "inline hashes": inline_hashes, "read": read, "read + hash": read_hash,
              "fresh read": new_memory_read}
     for fn in kinds.values():
@@ -135,8 +150,9 @@ def main() -> int:
         print(f"{name:16}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
     print(f"restore / read {med['restore'] / med['read']:.2f}x; restore / (read + hash) "
           f"{med['restore'] / med['read + hash']:.2f}x; restore / fresh read "
-          f"{med['restore'] / med['fresh read']:.2f}x; before (faulting reads, inline hashes) "
-          f"/ now: x{med['faulting reads'] / med['restore']:.2f} and "
+          f"{med['restore'] / med['fresh read']:.2f}x; before (populate first, faulting reads, "
+          f"inline hashes) / now: x{med['populate first'] / med['restore']:.2f}, "
+          f"x{med['faulting reads'] / med['restore']:.2f} and "
           f"x{med['inline hashes'] / med['restore']:.2f}")
     return 0
 
