@@ -208,7 +208,7 @@ class StreamReader:
         b = self.block_tokens
         # Block j's parts: for each stream, for each head, its B rows, as memoryview slices of
         # the stream's buffer (a numpy view per part cost ~16 ms a restore at 4k in Python).
-        flat = [(memoryview(r).cast("B"), r.shape[0], r.shape[1] * r.shape[2], b * r.shape[2])
+        flat = [(r.data.cast("B"), r.shape[0], r.shape[1] * r.shape[2], b * r.shape[2])
                 for r in rows]
         sizes = [part for _, heads, _, part in flat for _ in range(heads)]
         groups = [sum(sizes[i:i + IOV_MAX]) for i in range(0, len(sizes), IOV_MAX)]
