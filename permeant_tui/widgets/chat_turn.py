@@ -83,6 +83,7 @@ class ChatTurn(Vertical):
         self._stream: MarkdownStream | None = None
         self._flush_timer: Timer | None = None
         self._flushed_at = -1e9  # monotonic time the plain text was last shown
+        self._flush_soon = False  # a flush is asked for after the next refresh
         self._markdown_timer: Timer | None = None
         self._user_view = Static(user_content(user), classes="user")
         self._reply_view = Markdown(reply, classes="reply")
@@ -115,10 +116,10 @@ class ChatTurn(Vertical):
         if not text:
             return
         self._reply += text
-        if self._flush_timer is None:
+        if self._flush_timer is None and not self._flush_soon:
             wait = self._flushed_at + FLUSH_SECONDS - time.monotonic()
-            if wait <= 0:
-                self._flush()
+            if wait <= 0:  # after the next refresh: a new turn is laid out (and anchored) first
+                self._flush_soon = self.call_after_refresh(self._flush)
             else:
                 self._flush_timer = self.set_timer(wait, self._flush)
         if self._markdown_timer is None and MARKDOWN_SECONDS > 0:
@@ -126,7 +127,7 @@ class ChatTurn(Vertical):
 
     def _flush(self) -> None:
         """Show the text not yet in the Markdown as plain text."""
-        self._flush_timer = None
+        self._flush_timer, self._flush_soon = None, False
         if self._shown == len(self._reply):
             return
         self._flushed_at = time.monotonic()
