@@ -111,8 +111,9 @@ class ChatTurn(Vertical):
             self._user_view.update(user_content(user))
 
     async def append(self, text: str) -> None:
-        """Add a batch of generated text to the reply: shown at once when nothing was shown for
-        FLUSH_SECONDS (the first words of a reply, text after a pause), else when they pass."""
+        """Add a batch of generated text to the reply: shown at the next refresh when nothing was
+        shown for FLUSH_SECONDS (the first words of a reply, text after a pause), else when they
+        have passed."""
         if not text:
             return
         self._reply += text
