@@ -40,9 +40,11 @@ FIRST_PAINT_TURNS = 4
 # costs 40-70 ms to mount and lay out here, three panes of four took the first paint from 0.6 s
 # to 1.1 s. The others are mounted above it right after that frame.
 FIRST_FRAME_TURNS = 1
-# The live gauges follow the stream at most this often (a token can arrive every few ms on a
-# Mac; each show repaints the pane's gauges). The stats timer refreshes them too.
-LIVE_GAUGE_SECONDS = 0.5
+# The live gauges follow the stream at most this often, in the frame that shows new text (a
+# token can arrive every few ms on a Mac; a frame that repaints the gauges costs 8-15 ms here,
+# one that repaints only the text 2-4: bench/ui_overhead.py). The stats timer shows them too
+# when no text has come for twice as long (a long prefill).
+LIVE_GAUGE_SECONDS = 1.0
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
 # The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
 # loads ("loading") or after it failed to load ("unavailable").
@@ -370,13 +372,18 @@ class AgentPane(Vertical):
         if self._live is not None:
             if self._prefill_total:
                 self._live.prefilled = self._prefill_total
-            now = time.monotonic()
-            self._live.generated(n_ids, now)
-            if now - self._live_shown >= LIVE_GAUGE_SECONDS:
-                self._live_shown = now
-                self._show_live()
+            self._live.generated(n_ids, time.monotonic())
         turn = await self._turn(turn_id)
+        turn.on_shown = self._text_shown
         await turn.append(text)
+
+    def _text_shown(self) -> None:
+        """The streaming turn has just shown new text: the gauges follow in the same frame (one
+        repaint, not two), at most every LIVE_GAUGE_SECONDS."""
+        now = time.monotonic()
+        if self._live is not None and now - self._live_shown >= LIVE_GAUGE_SECONDS:
+            self._live_shown = now
+            self._show_live()
 
     async def turn_done(self, turn_id: int, result: TurnResult) -> None:
         turn = await self._turn(turn_id, result.user)
@@ -429,11 +436,12 @@ class AgentPane(Vertical):
 
     def show_stats(self, stats: AgentStats) -> None:
         self._stats = stats
-        # While a reply streams its tokens show the gauges every LIVE_GAUGE_SECONDS: the timer
-        # adds a repaint only when they have not (each repaint of the screen costs ~6 ms).
+        # While a reply streams, its text shows the gauges (`_text_shown`); the timer adds a
+        # repaint only when no text has come for 2 x LIVE_GAUGE_SECONDS (a prefill: the first
+        # text shows them at once all the same).
         if self._live is None:
             self._gauges.show(stats)
-        elif time.monotonic() - self._live_shown >= LIVE_GAUGE_SECONDS:
+        elif time.monotonic() - self._live_shown >= 2 * LIVE_GAUGE_SECONDS:
             self._gauges.show(self._live.over(stats))
         if stats.state != self._engine_state:
             self._engine_state = stats.state

@@ -13,6 +13,7 @@ what the same turn loaded from disk shows.
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 from textual.app import ComposeResult
 from textual.containers import Vertical
@@ -94,6 +95,8 @@ class ChatTurn(Vertical):
         self._note_view = Label(note, classes="note", markup=False)
         self._note_view.display = bool(note)
         self._before: tuple[str, str] | None = None  # (reply, note) before a continue/regenerate
+        # Called each time streamed text is shown (the pane's gauges follow in the same frame).
+        self.on_shown: Callable[[], None] | None = None
 
     def compose(self) -> ComposeResult:
         yield self._user_view
@@ -135,6 +138,8 @@ class ChatTurn(Vertical):
         self._shown = len(self._reply)
         self.remove_class("-pending")
         self._show_tail(self._reply[self._in_markdown:])
+        if self.on_shown is not None:
+            self.on_shown()
 
     async def _flush_markdown(self) -> None:
         """Move the finished blocks of the shown text from the plain text to the Markdown."""

@@ -12,6 +12,7 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
     settle,
     views,
 )
+from textual.widgets import ProgressBar
 
 from permeant_tui.app import PermeantApp
 from permeant_tui.engine.events import Tokens, TurnCancelled, TurnQueued, TurnStarted
@@ -98,3 +99,61 @@ async def test_the_workspace_hands_the_gil_back_within_a_millisecond():
         await settle(pilot, engine)
         assert sys.getswitchinterval() == GIL_SWITCH_SECONDS
     assert sys.getswitchinterval() == before
+
+
+async def test_the_gauges_repaint_with_the_text_at_most_every_live_gauge_seconds():
+    """A frame that repaints the gauges costs several times one that repaints the text: while a
+    reply streams they change only when its text is shown, at most every LIVE_GAUGE_SECONDS,
+    and the stats timer does not add frames of its own in between."""
+    engine = ScriptedEngine(views(1))
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        engine.emit(TurnQueued("technical", 41, "How do we cache the KV state?"))
+        engine.emit(TurnStarted("technical", 41, "snapshot", 2048, 12,
+                                "How do we cache the KV state?"))
+        engine.emit(Tokens("technical", 41, "We", (101,)))
+        await settle(pilot, engine)
+        assert gauge_text(app, "technical", "context-count").startswith("2,061/")  # at once
+        engine.emit(Tokens("technical", 41, " keep it", (102, 103, 104, 105)))
+        await settle(pilot, engine)
+        await pilot.pause(0.3)  # the text is shown (FLUSH_SECONDS), the gauges wait
+        pane = app.workspace.pane("technical")
+        assert pane is not None and "We keep it" in str(pane.query(".live").last().render())
+        app._sample_stats()
+        await pilot.pause()
+        assert gauge_text(app, "technical", "context-count").startswith("2,061/")
+        await pilot.pause(LIVE_GAUGE_SECONDS)
+        assert gauge_text(app, "technical", "context-count").startswith("2,061/")  # no text
+        engine.emit(Tokens("technical", 41, " on disk", (106, 107)))
+        await settle(pilot, engine)
+        await pilot.pause(0.3)
+        assert gauge_text(app, "technical", "context-count").startswith("2,067/")
+
+
+async def test_the_context_bar_does_not_repaint_itself_every_second():
+    """Textual's ProgressBar updates itself every second for an ETA the gauges never show: in a
+    streaming pane, one more repaint of the screen a second."""
+    engine = ScriptedEngine(views(1))
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        pane = app.workspace.pane("technical")
+        assert pane is not None
+        bar = pane.query_one(AgentGauges).query_one("#context", ProgressBar)
+        refreshes = []
+        real = bar.refresh
+
+        def counted(*args, **kwargs):
+            refreshes.append(args)
+            return real(*args, **kwargs)
+
+        bar.refresh = counted  # type: ignore[method-assign]
+        bar.update(total=1000, progress=100)  # at this pace an ETA would count down each second
+        await pilot.pause(1.1)  # Textual's ETA wants samples a second apart
+        bar.update(progress=104)
+        await pilot.pause()
+        before = len(refreshes)
+        assert before > 0  # it moves when told
+        await pilot.pause(2.2)
+        assert len(refreshes) == before
