@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import time
 from collections.abc import Sequence
-from dataclasses import replace
 
 from textual import on
 from textual.app import ComposeResult
@@ -28,7 +27,7 @@ from ..engine.api import AgentView, TurnView
 from ..engine.events import AgentStats, TurnResult
 from ..engine.text import printable
 from .chat_turn import ChatTurn
-from .gauges import AgentGauges
+from .gauges import AgentGauges, LiveFigures
 from .message_input import MessageInput
 
 RECENT_TURNS = 20  # turns a "load more" adds
@@ -65,31 +64,6 @@ STATE_STYLES = {
     "failed": "$text-error",
     "unavailable": "$text-error",
 }
-
-
-class LiveFigures:
-    """What a streaming turn has reached, from its events: tokens in the context (reused +
-    prefilled + generated so far) and the decode speed since the first token."""
-
-    def __init__(self, cached: int) -> None:
-        self.cached, self.prefilled, self.tokens_out = cached, 0, 0
-        self._first: float | None = None
-        self._last = 0.0
-
-    def generated(self, n: int, now: float) -> None:
-        if self._first is None:
-            self._first = now
-        self.tokens_out += n
-        self._last = now
-
-    @property
-    def tok_s(self) -> float:
-        span = self._last - (self._first or self._last)
-        return (self.tokens_out - 1) / span if self.tokens_out > 1 and span > 0 else 0.0
-
-    def over(self, stats: AgentStats) -> AgentStats:
-        tokens = max(stats.tokens, self.cached + self.prefilled + self.tokens_out)
-        return replace(stats, tokens=tokens, last_tok_s=self.tok_s or stats.last_tok_s)
 
 
 def turn_note(result: TurnResult) -> str:

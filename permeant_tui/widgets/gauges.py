@@ -6,6 +6,7 @@ has not changed, so an idle workspace costs nothing to redraw.
 
 from __future__ import annotations
 
+from dataclasses import replace
 from typing import Any
 
 from textual.app import ComposeResult
@@ -128,3 +129,28 @@ class AgentGauges(Vertical):
         self._speed_line.data = list(history)
         self._speed_line.styles.width = max(len(history), 1)
         self._speed_line.display = bool(history)
+
+
+class LiveFigures:
+    """What a streaming turn has reached, from its events: tokens in the context (reused +
+    prefilled + generated so far) and the decode speed since the first token."""
+
+    def __init__(self, cached: int) -> None:
+        self.cached, self.prefilled, self.tokens_out = cached, 0, 0
+        self._first: float | None = None
+        self._last = 0.0
+
+    def generated(self, n: int, now: float) -> None:
+        if self._first is None:
+            self._first = now
+        self.tokens_out += n
+        self._last = now
+
+    @property
+    def tok_s(self) -> float:
+        span = self._last - (self._first or self._last)
+        return (self.tokens_out - 1) / span if self.tokens_out > 1 and span > 0 else 0.0
+
+    def over(self, stats: AgentStats) -> AgentStats:
+        tokens = max(stats.tokens, self.cached + self.prefilled + self.tokens_out)
+        return replace(stats, tokens=tokens, last_tok_s=self.tok_s or stats.last_tok_s)
