@@ -38,6 +38,17 @@ def _isolated_dirs(tmp_path_factory, monkeypatch):
     monkeypatch.setenv("PERMEANT_CONFIG", str(tmp_path_factory.mktemp("config") / "config.toml"))
 
 
+@pytest.fixture
+def token_by_token(monkeypatch):
+    """Every streamed token is its own Tokens event. The engine batches tokens by time (~40 ms),
+    so on a fast CPU a short reply of a tiny model streams in two events, the second after the
+    last token: a test that cancels "after N tokens" needs each token as it comes."""
+    from permeant_tui.engine import batch, generation
+
+    monkeypatch.setattr(generation, "BATCH_SECONDS", 0.0)
+    monkeypatch.setattr(batch, "BATCH_SECONDS", 0.0)
+
+
 @pytest.fixture(scope="session")
 def fixtures_dir() -> Path:
     assert FIXTURES.is_dir(), f"test data not found at {FIXTURES}"

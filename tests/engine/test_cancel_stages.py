@@ -182,12 +182,12 @@ def run_stage(tmp_path: Path, tok, arch: str, stage: str, history: bool) -> None
 
 @pytest.mark.parametrize("history", [False, True], ids=["fresh", "history"])
 @pytest.mark.parametrize("stage", STAGES)
-def test_cancel_then_save_export_quit_resume(tmp_path, tok, stage, history):
+def test_cancel_then_save_export_quit_resume(tmp_path, tok, stage, history, token_by_token):
     run_stage(tmp_path, tok, "llama", stage, history)
 
 
 @pytest.mark.parametrize("stage", ["prefilling", "mid_reply"])
-def test_cancel_on_a_sliding_window_model(tmp_path, tok, stage):
+def test_cancel_on_a_sliding_window_model(tmp_path, tok, stage, token_by_token):
     """Gemma 3's sliding layers past their window: the cancel goes back by checkpoint or
     rebuild, never a trim the ring cannot undo."""
     run_stage(tmp_path, tok, "gemma3_text", stage, True)

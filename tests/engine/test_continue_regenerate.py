@@ -161,7 +161,8 @@ def test_regenerate_samples_the_last_reply_again(tmp_path, tok, arch):
 
 
 @pytest.mark.parametrize("kind", ["continue", "regenerate"])
-def test_a_cancelled_continue_or_regenerate_keeps_the_old_reply(tmp_path, tok, kind):
+def test_a_cancelled_continue_or_regenerate_keeps_the_old_reply(tmp_path, tok, kind,
+                                                                token_by_token):
     lm = tiny_model("gemma3_text", tok)[1]
     n = HALF["gemma3_text"]
     armed = []
