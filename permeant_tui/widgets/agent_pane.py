@@ -44,6 +44,7 @@ FIRST_FRAME_TURNS = 1
 # one that repaints only the text 2-4: bench/ui_overhead.py). The stats timer shows them too
 # when no text has come for twice as long (a long prefill).
 LIVE_GAUGE_SECONDS = 1.0
+clock = time.monotonic  # the live gauges' cadence (tests set their own)
 BUSY_STATES = frozenset({"queued", "prefilling", "generating"})
 # The engine's agent states (AgentStats.state), plus what an idle agent shows while the model
 # loads ("loading") or after it failed to load ("unavailable").
@@ -354,7 +355,7 @@ class AgentPane(Vertical):
     def _text_shown(self) -> None:
         """The streaming turn has just shown new text: the gauges follow in the same frame (one
         repaint, not two), at most every LIVE_GAUGE_SECONDS."""
-        now = time.monotonic()
+        now = clock()
         if self._live is not None and now - self._live_shown >= LIVE_GAUGE_SECONDS:
             self._live_shown = now
             self._show_live()
@@ -415,7 +416,7 @@ class AgentPane(Vertical):
         # text shows them at once all the same).
         if self._live is None:
             self._gauges.show(stats)
-        elif time.monotonic() - self._live_shown >= 2 * LIVE_GAUGE_SECONDS:
+        elif clock() - self._live_shown >= 2 * LIVE_GAUGE_SECONDS:
             self._gauges.show(self._live.over(stats))
         if stats.state != self._engine_state:
             self._engine_state = stats.state

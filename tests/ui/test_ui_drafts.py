@@ -14,6 +14,7 @@ from support.pilot import (  # noqa: F401 (the fixtures are autouse)
 )
 
 from permeant_tui.app import PermeantApp
+from permeant_tui.widgets import message_input
 from permeant_tui.widgets.message_input import PAUSE_SECONDS
 
 SIZE = (160, 40)
@@ -24,22 +25,26 @@ async def type_text(pilot, text: str) -> None:
         await pilot.press("space" if character == " " else character)
 
 
-async def test_a_pause_in_typing_prefills_the_text_so_far():
+async def test_a_pause_in_typing_prefills_the_text_so_far(monkeypatch):
+    # Keys must come faster than the pause: on a loaded machine Pilot's key presses were once
+    # 0.4 s apart (a real pause, and a draft of "which s"), so this test waits 1.5 s for one.
+    pause = 1.5
+    monkeypatch.setattr(message_input, "PAUSE_SECONDS", pause)
     engine = ScriptedEngine()
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
         await settle(pilot, engine)
         await type_text(pilot, "which service")
         assert engine.calls.drafts == []  # still typing (keys come faster than the pause)
-        await pilot.pause(PAUSE_SECONDS + 0.3)
+        await pilot.pause(pause + 0.3)
         assert engine.calls.drafts == [("technical", "which service")]
         await wait_until(pilot, lambda: ("technical", "which service") in engine.runner.drafts)
         await type_text(pilot, " first")
-        await pilot.pause(PAUSE_SECONDS + 0.3)
+        await pilot.pause(pause + 0.3)
         assert engine.calls.drafts[-1] == ("technical", "which service first")
         await pilot.press("enter")
         assert engine.calls.submits == [("technical", "which service first")]
-        await pilot.pause(PAUSE_SECONDS + 0.3)
+        await pilot.pause(pause + 0.3)
         assert len(engine.calls.drafts) == 2  # the cleared box sends nothing
 
 

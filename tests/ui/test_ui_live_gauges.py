@@ -17,6 +17,7 @@ from textual.widgets import ProgressBar
 from permeant_tui.app import PermeantApp
 from permeant_tui.engine.events import Tokens, TurnCancelled, TurnQueued, TurnStarted
 from permeant_tui.screens.workspace import GIL_SWITCH_SECONDS
+from permeant_tui.widgets import agent_pane
 from permeant_tui.widgets.agent_pane import LIVE_GAUGE_SECONDS, LiveFigures
 from permeant_tui.widgets.gauges import AgentGauges
 
@@ -101,10 +102,14 @@ async def test_the_workspace_hands_the_gil_back_within_a_millisecond():
     assert sys.getswitchinterval() == before
 
 
-async def test_the_gauges_repaint_with_the_text_at_most_every_live_gauge_seconds():
+async def test_the_gauges_repaint_with_the_text_at_most_every_live_gauge_seconds(monkeypatch):
     """A frame that repaints the gauges costs several times one that repaints the text: while a
     reply streams they change only when its text is shown, at most every LIVE_GAUGE_SECONDS,
-    and the stats timer does not add frames of its own in between."""
+    and the stats timer does not add frames of its own in between. The cadence runs on a
+    clock the test moves (on a loaded machine, real seconds passed between the steps once made
+    the timer's 2 s rule fire)."""
+    now = [1000.0]
+    monkeypatch.setattr(agent_pane, "clock", lambda: now[0])
     engine = ScriptedEngine(views(1))
     app = PermeantApp(engine)
     async with app.run_test(size=SIZE) as pilot:
@@ -120,15 +125,24 @@ async def test_the_gauges_repaint_with_the_text_at_most_every_live_gauge_seconds
         await pilot.pause(0.3)  # the text is shown (FLUSH_SECONDS), the gauges wait
         pane = app.workspace.pane("technical")
         assert pane is not None and "We keep it" in str(pane.query(".live").last().render())
+        assert gauge_text(app, "technical", "context-count").startswith("2,061/")
+        now[0] += LIVE_GAUGE_SECONDS  # a second without text: the stats timer leaves them
         app._sample_stats()
         await pilot.pause()
         assert gauge_text(app, "technical", "context-count").startswith("2,061/")
-        await pilot.pause(LIVE_GAUGE_SECONDS)
-        assert gauge_text(app, "technical", "context-count").startswith("2,061/")  # no text
-        engine.emit(Tokens("technical", 41, " on disk", (106, 107)))
+        engine.emit(Tokens("technical", 41, " on disk", (106, 107)))  # text: they follow
         await settle(pilot, engine)
         await pilot.pause(0.3)
         assert gauge_text(app, "technical", "context-count").startswith("2,067/")
+        engine.emit(Tokens("technical", 41, " and", (108,)))  # text within the second: not
+        await settle(pilot, engine)
+        await pilot.pause(0.3)
+        assert "on disk and" in str(pane.query(".live").last().render())
+        assert gauge_text(app, "technical", "context-count").startswith("2,067/")
+        now[0] += 2 * LIVE_GAUGE_SECONDS  # no text for two seconds (a long prefill): the timer
+        app._sample_stats()
+        await pilot.pause()
+        assert gauge_text(app, "technical", "context-count").startswith("2,068/")
 
 
 async def test_the_context_bar_does_not_repaint_itself_every_second():
