@@ -4,8 +4,8 @@ memory MLX allocates for them, with no zero fill and no copy.
 MLX has no "empty" array, and `mx.zeros` writes every page of a 190 MB restore from user space
 (first-touch page faults: most of a restore's time on a VM, issue 17). `mx.load` reading a
 file object allocates the tensor and calls the object's `readinto` with the tensor's own
-buffer. `_TensorFile` is such an object: a one-tensor safetensors file that exists only in
-memory, [1, heads, capacity, row] for one stream, whose `readinto` leaves the buffer untouched.
+buffer. `_TensorFile` is such an object: a safetensors file that exists only in memory, one
+tensor [1, heads, capacity, row] per stream, whose `readinto` leaves the buffers untouched.
 Then each block is read once with one `preadv` scattering its rows into every stream's buffer
 and hashed in a second thread, while a third faults the new buffers in ahead of the reads;
 then the manifest's tail and zeros for the free room. The caller compares each block's content
@@ -111,15 +111,22 @@ def close_all(fds: list[int]) -> None:
 
 
 class _TensorFile(io.RawIOBase):
-    """A one-tensor safetensors file that exists only in memory: `mx.load` reads its header,
-    then hands `readinto` the tensor's own freshly allocated buffer, which `fill` writes."""
+    """A safetensors file that exists only in memory: `mx.load` reads its header, then hands
+    `readinto` each tensor's own freshly allocated buffer, which is left untouched. One file for
+    every stream: one `mx.load` allocates them all (60 loads took 7.9 ms at 4k, one 4.5 ms)."""
 
-    def __init__(self, dtype: str, shape: list[int], nbytes: int, fill) -> None:
-        raw = json.dumps({"t": {"dtype": dtype, "shape": shape, "data_offsets": [0, nbytes]}},
-                         separators=(",", ":")).encode()
+    def __init__(self, tensors: list[tuple[str, list[int], int]]) -> None:
+        """`tensors`: (safetensors dtype, shape, nbytes) of tensors "0", "1", ..."""
+        header, offset, self._sizes = {}, 0, {}
+        for i, (dtype, shape, nbytes) in enumerate(tensors):
+            header[str(i)] = {"dtype": dtype, "shape": shape,
+                              "data_offsets": [offset, offset + nbytes]}
+            self._sizes[offset] = nbytes
+            offset += nbytes
+        raw = json.dumps(header, separators=(",", ":")).encode()
         raw += b" " * (-len(raw) % 8)
         self._head = len(raw).to_bytes(8, "little") + raw
-        self._size, self._pos, self._fill = len(self._head) + nbytes, 0, fill
+        self._size, self._pos = len(self._head) + offset, 0
 
     def readable(self) -> bool:
         return True
@@ -141,10 +148,9 @@ class _TensorFile(io.RawIOBase):
             mv[:len(part)] = part
             self._pos += len(part)
             return len(part)
-        if self._pos != len(self._head) or self._pos + len(mv) != self._size:
+        if self._sizes.get(self._pos - len(self._head)) != len(mv):
             raise OSError(f"unexpected read of {len(mv)} bytes at {self._pos}")
-        self._fill(mv)
-        self._pos += len(mv)
+        self._pos += len(mv)  # the tensor's buffer, left untouched: the reads fault it in
         return len(mv)
 
 
@@ -192,12 +198,10 @@ class StreamReader:
         read that fails or comes short."""
         import mlx.core as mx
 
-        out = []
-        for s in self.streams:
-            f = _TensorFile(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes,
-                            lambda mv: None)  # left untouched: the reads below fault it in
-            loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
-            out.append(loaded["t"])
+        f = _TensorFile([(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes)
+                         for s in self.streams])
+        loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
+        out = [loaded[str(i)] for i in range(len(self.streams))]
         mx.eval(out)
         import numpy as np
 
