@@ -69,7 +69,11 @@ def convs(gemma):
 
 
 def _greedy_with_logits(rt, tail, n):
-    lg = rt.decode(tail).copy()
+    return _greedy_from(rt, rt.decode(tail).copy(), n)
+
+
+def _greedy_from(rt, lg, n):
+    """n greedy tokens from the logits `lg` (the last decoded token's), and each step's logits."""
     toks, logits = [], []
     for i in range(n):
         t = int(lg.argmax())
@@ -110,13 +114,22 @@ def test_iswa_state_layout_and_byte_exact_round_trip(rt, convs):
 
 @pytest.mark.real_model
 def test_attach_continues_as_llamacpps_own_prefill(rt, convs):
-    """Attach the cells of all tokens but the last (a sliding layer: its window up to there),
-    replay the last: the same greedy tokens as llama.cpp continuing from its own prefill, in
-    this run. A zeroed payload attached the same way diverges."""
+    """llama.cpp prefills a conversation; the cells of all its tokens but the last (a sliding
+    layer: its window up to there) are parsed, attached to a fresh context and the last token
+    replayed: the same logits and greedy tokens as llama.cpp continuing from that prefill, in
+    this run. A zeroed payload attached the same way diverges.
+
+    The reference is the prefill the cells came from. llama.cpp's own results depend on how a
+    prompt is split into batches: on one CPU (AVX-512 with VNNI and BF16, native build), the
+    logits after 31 tokens prefilled then 1 decoded differed by up to 0.44 from those after the
+    32 prefilled at once, and by 1.2 when every token was decoded alone (same greedy token).
+    So the attach is held to the prefill it was cut from, which it matches bit for bit there,
+    and only its greedy tokens to the other split."""
     for name, ids in convs.items():
         n = len(ids)
         rt.prefill(ids[:-1])
-        ref, ref_logits = _greedy_with_logits(rt, ids[-1:], N_GREEDY)
+        split, _ = _greedy_with_logits(rt, ids[-1:], N_GREEDY)
+        ref, ref_logits = _greedy_from(rt, rt.prefill(ids).copy(), N_GREEDY)
         rt.prefill(ids)
         layers = _layers(rt, rt.get_seq_state())
         rt.attach_layers(lc.before(layers, n - 1))
@@ -124,6 +137,7 @@ def test_attach_continues_as_llamacpps_own_prefill(rt, convs):
         got, logits = _greedy_with_logits(rt, ids[-1:], N_GREEDY)
         assert got == ref, name
         assert float(np.abs(logits[0] - ref_logits[0]).max()) < 1e-3, name
+        assert got == split, name
         zero = [lc.LayerKV(x.start, np.zeros_like(x.keys), np.zeros_like(x.values))
                 for x in lc.before(layers, n - 1)]
         rt.attach_layers(zero)
