@@ -182,7 +182,9 @@ def main() -> int:
                   f"{statistics.median(b / a for a, b in pairs):.2f}")
     runs = by_kind["deferred transformers"]
     last = runs[-1]
-    starts = sorted((v, k) for k, v in last["at"].items() if k.startswith("model: "))
+    ready = last["at"].get("model ready", float("inf"))  # "agents" and "settled" come after
+    starts = sorted((v, k) for k, v in last["at"].items() if k.startswith("model: ")
+                    and v <= ready)
     ends = [v for v, _ in starts[1:]] + [last["at"].get("model ready", 0.0)]
     print("model load stages (last run, ms): " + ", ".join(
         f"{k[7:]} {end - v:.0f}" for (v, k), end in zip(starts, ends, strict=True)))

@@ -176,6 +176,9 @@ class PermeantApp(App[None]):
         pane = screen.pane(getattr(event, "agent_id", None))
         title = self._title(getattr(event, "agent_id", None))
         match event:
+            case ModelLoading(stage="settled"):
+                for each in screen.panes:
+                    await each.show_history()
             case ModelLoading():
                 screen.status.model_loading(event.stage, event.fraction)
             case ModelReady():

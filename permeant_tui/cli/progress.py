@@ -107,7 +107,8 @@ class Reporter:
         from ..engine import events as e
 
         if isinstance(ev, e.ModelLoading):
-            self.stage(f"loading model ({ev.stage})", ev.fraction)
+            if ev.stage != "settled":  # after "model ready": nothing more to say
+                self.stage(f"loading model ({ev.stage})", ev.fraction)
         elif isinstance(ev, e.ModelReady):
             self.stage(f"model ready: {ev.name} in {ev.load_ms:.0f} ms", 1.0)
         elif isinstance(ev, e.TurnStarted) and ev.to_prefill:

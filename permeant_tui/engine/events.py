@@ -20,7 +20,9 @@ class Event:
 
 @dataclass(frozen=True)
 class ModelLoading(Event):
-    stage: str  # "imports", "weights", "tokenizer", "identity", "agents"
+    # "imports", "weights", "tokenizer", "identity", ... then, after ModelReady, "agents" (the
+    # most recent agents being restored) and "settled" (start-up's work is over)
+    stage: str
     fraction: float  # 0..1 of the whole start-up
 
 

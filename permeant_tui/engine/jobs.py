@@ -241,11 +241,14 @@ class Worker:
             self.emit(Notice("warning", w))
         self.ready.set()
         job.future.set_result(lm)
-        if self.eager:
-            self.emit(ModelLoading("agents", 0.95))
-            by_recent = sorted(self.ws.agents.values(), key=lambda a: -a.last_used)
-            for agent in by_recent[: self.ws.settings.max_resident]:
-                self.restore(agent)
+        try:
+            if self.eager:
+                self.emit(ModelLoading("agents", 0.95))
+                by_recent = sorted(self.ws.agents.values(), key=lambda a: -a.last_used)
+                for agent in by_recent[: self.ws.settings.max_resident]:
+                    self.restore(agent)
+        finally:  # start-up's own work is over: a front end may do what it put off
+            self.emit(ModelLoading("settled", 1.0))
 
     def restore(self, agent: Agent) -> RestoreReport:
         """Make the agent resident, then apply the residency limits (evicting others)."""

@@ -20,6 +20,7 @@ from textual.content import Content
 from textual.markup import escape
 from textual.message import Message
 from textual.reactive import reactive
+from textual.timer import Timer
 from textual.widgets import Button, ProgressBar
 
 from ..conversation import code_blocks, team_question
@@ -37,8 +38,13 @@ RECENT_TURNS = 20  # turns a "load more" adds
 FIRST_PAINT_TURNS = 4
 # Of those, the first frame holds only the newest, the one a person reads first: each Markdown
 # costs 40-70 ms to mount and lay out here, three panes of four took the first paint from 0.6 s
-# to 1.1 s. The others are mounted above it right after that frame.
+# to 1.1 s. The others are mounted above it once start-up's work is over (the engine's
+# "settled": the model loaded and the recent agents restored), when the model fails, when the
+# person scrolls to the top, or HISTORY_SECONDS after the first frame, whichever comes first:
+# mounted right after the first frame, they took ~520 ms of the UI thread while the weights
+# loaded, and the model was ready 1.56 s after start instead of 1.30 (bench/cold_start.py).
 FIRST_FRAME_TURNS = 1
+HISTORY_SECONDS = 5.0
 # The live gauges follow the stream at most this often, in the frame that shows new text (a
 # token can arrive every few ms on a Mac; a frame that repaints the gauges costs 8-15 ms here,
 # one that repaints only the text 2-4: bench/ui_overhead.py). The stats timer shows them too
@@ -137,7 +143,8 @@ class AgentPane(Vertical):
         self.border_title = Content(self.agent_title)
         self._initial = view.turns[-recent:] if recent else ()
         self.first_index = len(view.turns) - len(self._initial)
-        self._deferred = 0  # of the initial turns, how many wait for the first frame
+        self._deferred = 0  # of the initial turns, how many are not mounted yet (show_history)
+        self._history_timer: Timer | None = None
         self._next_index = len(view.turns)  # the transcript index of the next finished turn
         self._last_sent = next((t.user for t in reversed(view.turns)
                                 if team_question(t.user) is None), "")
@@ -176,11 +183,14 @@ class AgentPane(Vertical):
         self._sync_load_more()
         self._show_state()
         if self._deferred:
-            self.call_after_refresh(self._mount_deferred)
+            self._history_timer = self.set_timer(HISTORY_SECONDS, self.show_history)
 
-    async def _mount_deferred(self) -> None:
+    async def show_history(self) -> None:
         """The initial turns left out of the first frame, above the ones shown (anchored to the
-        bottom, the view does not move)."""
+        bottom, the view does not move). Once; later calls do nothing."""
+        if self._history_timer is not None:
+            self._history_timer.stop()
+            self._history_timer = None
         deferred, self._deferred = self._initial[:self._deferred], 0
         if not deferred:
             return  # reset meanwhile
@@ -267,7 +277,9 @@ class AgentPane(Vertical):
         self.request_more()
 
     def request_more(self) -> None:
-        if self.first_index > 0:
+        if self._deferred:  # the initial turns come first (the next scroll up loads more)
+            self.call_later(self.show_history)
+        elif self.first_index > 0:
             self.post_message(self.LoadMore(self.agent_id, self.first_index))
 
     def _scrolled(self, scroll_y: float) -> None:
@@ -312,6 +324,7 @@ class AgentPane(Vertical):
     def model_failed(self) -> None:
         self._model = "failed"
         self._sync_state()
+        self.call_later(self.show_history)
 
     async def turn_queued(self, turn_id: int, user: str, kind: str = "new") -> None:
         """A new turn gets its own widget; a continue or a regenerate streams into the last

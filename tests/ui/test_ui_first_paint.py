@@ -1,6 +1,7 @@
 """The first paint mounts only the last FIRST_PAINT_TURNS turns of each pane (a resumed
-workspace of long conversations painted in seconds), the first frame only the newest; earlier
-turns are mounted when the person scrolls to the top, and none is lost or shown twice."""
+workspace of long conversations painted in seconds), the first frame only the newest, the rest
+of those once start-up's work is over; earlier turns are mounted when the person scrolls to the
+top, and none is lost or shown twice."""
 
 from __future__ import annotations
 
@@ -16,6 +17,8 @@ from textual.widgets import Button, ProgressBar
 from permeant_tui.app import PermeantApp
 from permeant_tui.engine.agent import DEFAULT_AGENTS
 from permeant_tui.engine.api import AgentView, TurnView
+from permeant_tui.engine.events import AgentRestored, ModelFailed, ModelLoading, ModelReady
+from permeant_tui.widgets import agent_pane
 from permeant_tui.widgets.agent_pane import (
     FIRST_FRAME_TURNS,
     FIRST_PAINT_TURNS,
@@ -111,6 +114,75 @@ async def test_the_first_frame_holds_the_newest_turn_and_the_others_follow(monke
         conversation = app.workspace.panes[0]._conversation
         # at the newest reply once the mounts above it are laid out
         await wait_until(pilot, lambda: conversation.scroll_y == conversation.max_scroll_y > 0)
+
+
+def newest(n: int) -> list[int | None]:
+    return list(range(TURNS - n, TURNS))
+
+
+async def test_the_earlier_turns_wait_for_start_up_to_settle(monkeypatch):
+    """While the model loads, each pane holds only its newest turn: mounting the other initial
+    turns took ~0.5 s of the UI thread while the weights loaded. They come with the engine's
+    "settled", which follows the model and the restores."""
+    monkeypatch.setattr(agent_pane, "HISTORY_SECONDS", 600.0)  # no fallback within the test
+    engine = ScriptedEngine(long_views(), hold_load=True)
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        for _ in range(5):
+            await pilot.pause()
+        assert [shown(p) for p in app.workspace.panes] == [newest(FIRST_FRAME_TURNS)] * 3
+        engine.runner.release_load()
+        for pane in app.workspace.panes:
+            await wait_until(pilot, lambda p=pane: shown(p) == newest(FIRST_PAINT_TURNS))
+        stages = [e for e in engine.events
+                  if isinstance(e, ModelReady | AgentRestored | ModelLoading)]
+        kinds = [type(e).__name__ for e in stages]
+        assert kinds.index("ModelReady") < kinds.index("AgentRestored")
+        assert stages[-1] == ModelLoading("settled", 1.0)
+        assert [e for e in stages if e == ModelLoading("settled", 1.0)] == [stages[-1]]
+        assert engine.calls.load_more == []
+
+
+async def test_scrolling_up_before_start_up_settles_shows_the_initial_turns_first(monkeypatch):
+    """The turns above the newest are the initial ones, not older ones from disk: the load-more
+    key (or a scroll to the top) before "settled" mounts those, in order, and the next one
+    loads earlier turns."""
+    monkeypatch.setattr(agent_pane, "HISTORY_SECONDS", 600.0)
+    engine = ScriptedEngine(long_views(), hold_load=True)
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        technical = app.workspace.panes[0]
+        technical.request_more()
+        await wait_until(pilot, lambda: shown(technical) == newest(FIRST_PAINT_TURNS))
+        await pilot.pause()
+        assert engine.calls.load_more == []
+        assert [shown(p) for p in app.workspace.panes[1:]] == [newest(FIRST_FRAME_TURNS)] * 2
+        technical.request_more()
+        await wait_until(pilot, lambda: shown(technical) == newest(FIRST_PAINT_TURNS
+                                                                   + RECENT_TURNS))
+        assert engine.calls.load_more == [("technical", TURNS - FIRST_PAINT_TURNS,
+                                           RECENT_TURNS)]
+
+
+async def test_the_earlier_turns_come_when_the_model_fails_or_start_up_takes_long(monkeypatch):
+    monkeypatch.setattr(agent_pane, "HISTORY_SECONDS", 600.0)
+    engine = ScriptedEngine(long_views(), hold_load=True)
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        engine.emit(ModelFailed("weights file is truncated: model.gguf"))
+        for pane in app.workspace.panes:
+            await wait_until(pilot, lambda p=pane: shown(p) == newest(FIRST_PAINT_TURNS))
+    monkeypatch.setattr(agent_pane, "HISTORY_SECONDS", 0.3)
+    engine = ScriptedEngine(long_views(), hold_load=True)
+    app = PermeantApp(engine)
+    async with app.run_test(size=SIZE) as pilot:
+        await settle(pilot, engine)
+        for pane in app.workspace.panes:
+            await wait_until(pilot, lambda p=pane: shown(p) == newest(FIRST_PAINT_TURNS))
+        assert not any(isinstance(e, ModelReady) for e in engine.events)  # still loading
 
 
 async def test_the_export_bar_is_mounted_on_the_first_export():
