@@ -343,6 +343,11 @@ async def settle(pilot, engine: ScriptedEngine, rounds: int = 3) -> None:
     sample the stats it now has."""
     await asyncio.to_thread(engine.wait_idle)
     await wait_until(pilot, engine.shows_current_stats)
+    if any(getattr(e, "stage", None) == "settled" for e in engine.events):
+        # the panes mount their earlier initial turns then (widgets/agent_pane.py)
+        screen = pilot.app.screen_stack[0] if pilot.app.screen_stack else None
+        panes = getattr(screen, "panes", ())
+        await wait_until(pilot, lambda: all(not p._deferred for p in panes))
     for _ in range(rounds):
         await pilot.pause()
 
