@@ -60,7 +60,13 @@ def main(argv: list[str] | None = None) -> int:
     from ..engine import runtime
 
     runtime.prepare()  # before anything imports mlx
-    args = build_parser().parse_args(argv)
+    try:
+        return _run(build_parser().parse_args(argv))
+    finally:
+        runtime.quiesce()  # no MLX work may still run while the exit handlers unload OpenBLAS
+
+
+def _run(args: argparse.Namespace) -> int:
     from ..engine.errors import PermeantError
     from ..engine.text import printable
 

@@ -167,3 +167,28 @@ def weights_dtype_choice() -> str:
     if forced:
         return forced
     return "quantized" if on_gpu() else "float32"
+
+
+def quiesce() -> None:
+    """Wait for the MLX work still queued on its streams. Call it before the process exits.
+
+    mlx_lm's `generate_step` evaluates one step ahead (`async_eval`), so after the last token
+    a forward pass is still running on its stream. If the process exits meanwhile, that stream
+    thread runs in OpenBLAS while the exit handlers unload it. Measured 2026-12-01: `usxf verify
+    --fidelity` died with SIGSEGV in `cblas_sgemv` in about 1 exit in 20; the exit deadlocked in
+    OpenBLAS's `blas_thread_shutdown_`, and one CI run hung on that for an hour. Safe to call
+    from any thread, and cheap when nothing is queued."""
+    mx = sys.modules.get("mlx.core")
+    if mx is None:
+        return
+    streams = []
+    gen = sys.modules.get("mlx_lm.generate")
+    if gen is not None and getattr(gen, "generation_stream", None) is not None:
+        streams.append(gen.generation_stream)
+    for device in (mx.default_device(), mx.cpu):
+        streams.append(mx.default_stream(device))
+    for stream in streams:
+        try:
+            mx.synchronize(stream)
+        except Exception:  # noqa: BLE001 - a stream MLX no longer knows; nothing to wait for
+            pass

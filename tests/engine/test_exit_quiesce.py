@@ -1,0 +1,50 @@
+"""A process must not exit while MLX still computes (runtime.quiesce).
+
+mlx_lm's generate_step evaluates one step ahead, so after a reply's last token a forward pass
+is still queued on its stream. When the CLI returned meanwhile, the exit handlers unloaded
+OpenBLAS under that stream's thread: SIGSEGV in cblas_sgemv, or a deadlock in OpenBLAS's
+thread shutdown (a CI run hung an hour on `usxf verify --fidelity`). Here the same state is
+made on purpose, with 400 matrix-vector products left queued on mlx_lm's stream, and then the
+CLI's `main` returns. Before the fix this hung or crashed in about half of the runs
+(2026-12-01: 6 of 12 hung); each run below must exit 0 promptly.
+"""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parents[2]
+
+SCRIPT = textwrap.dedent("""
+    import sys
+    from permeant_tui.engine import runtime
+    runtime.prepare()
+    import mlx.core as mx
+    import mlx_lm.generate as gen
+    from permeant_tui.cli import main
+    a = mx.random.normal((4096, 4096))
+    v = mx.random.normal((1, 4096))
+    mx.eval(a, v)
+    with mx.stream(gen.generation_stream):
+        for _ in range(400):
+            v = (v @ a) / 64
+        mx.async_eval(v)  # as generate_step leaves its step ahead
+    sys.exit(main(sys.argv[1:]))
+""")
+
+
+@pytest.mark.parametrize("run", range(4))
+def test_the_cli_exits_cleanly_with_mlx_work_still_queued(tmp_path, run):
+    env = {"PERMEANT_HOME": str(tmp_path / "ws"), "PYTHONPATH": str(ROOT),
+           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+    try:
+        r = subprocess.run([sys.executable, "-c", SCRIPT, "workspaces"], capture_output=True,
+                           text=True, timeout=90, env=env, cwd=tmp_path)
+    except subprocess.TimeoutExpired:
+        pytest.fail("the process hung at exit with MLX work queued (OpenBLAS shutdown)")
+    assert r.returncode == 0, (r.returncode, r.stderr[-2000:])
