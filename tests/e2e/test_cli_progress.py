@@ -13,6 +13,7 @@ import struct
 import subprocess
 import sys
 import termios
+import time
 from pathlib import Path
 
 import pytest
@@ -44,8 +45,10 @@ def on_terminal(args, home: Path) -> tuple[int, str, str]:
                          env=env_for(home))
     os.close(slave)
     screen = b""
+    deadline = time.monotonic() + TIMEOUT
     try:
         while True:
+            assert time.monotonic() < deadline, ("no exit within the time limit", args)
             ready, _, _ = select.select([master], [], [], 0.2)
             if ready:
                 try:
