@@ -11,6 +11,7 @@ Call `prepare()` before anything imports mlx (the CLI does it first thing).
 
 from __future__ import annotations
 
+import atexit
 import ctypes
 import glob
 import os
@@ -55,6 +56,7 @@ def prepare() -> str:
         if _prepared:
             return _blas or "unknown"
         _prepared = True
+        atexit.register(quiesce)  # every entry point: benches and scripts, not only the CLI
         if sys.platform.startswith("linux"):
             from . import mlx_imports
 
@@ -176,8 +178,9 @@ def quiesce() -> None:
     a forward pass is still running on its stream. If the process exits meanwhile, that stream
     thread runs in OpenBLAS while the exit handlers unload it. Measured 2026-12-01: `usxf verify
     --fidelity` died with SIGSEGV in `cblas_sgemv` in about 1 exit in 20; the exit deadlocked in
-    OpenBLAS's `blas_thread_shutdown_`, and one CI run hung on that for an hour. Safe to call
-    from any thread, and cheap when nothing is queued."""
+    OpenBLAS's `blas_thread_shutdown_`, and one CI run hung on that for an hour. `prepare()`
+    registers it with atexit; the CLI and `Engine.shutdown` also call it. Safe to call from any
+    thread, and cheap when nothing is queued."""
     mx = sys.modules.get("mlx.core")
     if mx is None:
         return

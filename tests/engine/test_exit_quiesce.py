@@ -5,12 +5,13 @@ is still queued on its stream. When the CLI returned meanwhile, the exit handler
 OpenBLAS under that stream's thread: SIGSEGV in cblas_sgemv, or a deadlock in OpenBLAS's
 thread shutdown (a CI run hung an hour on `usxf verify --fidelity`). Here the same state is
 made on purpose, with 400 matrix-vector products left queued on mlx_lm's stream, and then the
-CLI's `main` returns. Before the fix this hung or crashed in about half of the runs
-(2026-12-01: 6 of 12 hung); each run below must exit 0 promptly.
+CLI's `main` returns, or a script exits. Before the fix this hung or crashed in about half of
+the runs (2026-12-01: 6 of 12 hung); each run below must exit 0 promptly.
 """
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import textwrap
@@ -27,6 +28,9 @@ SCRIPT = textwrap.dedent("""
     import mlx.core as mx
     import mlx_lm.generate as gen
     from permeant_tui.cli import main
+    if sys.argv[1] == "main":
+        import atexit
+        atexit.unregister(runtime.quiesce)  # the CLI's own finally, alone
     a = mx.random.normal((4096, 4096))
     v = mx.random.normal((1, 4096))
     mx.eval(a, v)
@@ -34,16 +38,18 @@ SCRIPT = textwrap.dedent("""
         for _ in range(400):
             v = (v @ a) / 64
         mx.async_eval(v)  # as generate_step leaves its step ahead
-    sys.exit(main(sys.argv[1:]))
+    sys.exit(main(sys.argv[2:]) if sys.argv[1] == "main" else 0)
 """)
 
 
 @pytest.mark.parametrize("run", range(4))
-def test_the_cli_exits_cleanly_with_mlx_work_still_queued(tmp_path, run):
-    env = {"PERMEANT_HOME": str(tmp_path / "ws"), "PYTHONPATH": str(ROOT),
-           "PATH": "/usr/bin:/bin", "HOME": str(tmp_path)}
+@pytest.mark.parametrize("via", ["main", "exit"])
+def test_a_process_exits_cleanly_with_mlx_work_still_queued(tmp_path, via, run):
+    """`main`: the CLI returns (its finally); `exit`: a script that called only `prepare()`
+    exits (the atexit hook)."""
+    env = dict(os.environ, PERMEANT_HOME=str(tmp_path / "ws"), PYTHONPATH=str(ROOT))
     try:
-        r = subprocess.run([sys.executable, "-c", SCRIPT, "workspaces"], capture_output=True,
+        r = subprocess.run([sys.executable, "-c", SCRIPT, via, "workspaces"], capture_output=True,
                            text=True, timeout=90, env=env, cwd=tmp_path)
     except subprocess.TimeoutExpired:
         pytest.fail("the process hung at exit with MLX work queued (OpenBLAS shutdown)")
