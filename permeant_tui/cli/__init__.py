@@ -59,14 +59,8 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     from ..engine import runtime
 
-    runtime.prepare()  # before anything imports mlx
-    try:
-        return _run(build_parser().parse_args(argv))
-    finally:
-        runtime.quiesce()  # no MLX work may still run while the exit handlers unload OpenBLAS
-
-
-def _run(args: argparse.Namespace) -> int:
+    runtime.prepare()  # before anything imports mlx (and it makes the exit wait for MLX)
+    args = build_parser().parse_args(argv)
     from ..engine.errors import PermeantError
     from ..engine.text import printable
 

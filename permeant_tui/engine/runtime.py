@@ -179,8 +179,8 @@ def quiesce() -> None:
     thread runs in OpenBLAS while the exit handlers unload it. Measured 2026-12-01: `usxf verify
     --fidelity` died with SIGSEGV in `cblas_sgemv` in about 1 exit in 20; the exit deadlocked in
     OpenBLAS's `blas_thread_shutdown_`, and one CI run hung on that for an hour. `prepare()`
-    registers it with atexit; the CLI and `Engine.shutdown` also call it. Safe to call from any
-    thread, and cheap when nothing is queued."""
+    registers it with atexit: every entry point calls `prepare()` (CLI, TUI, benches, demo,
+    tests). Safe to call from any thread, and cheap when nothing is queued."""
     mx = sys.modules.get("mlx.core")
     if mx is None:
         return

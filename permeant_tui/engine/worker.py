@@ -20,7 +20,6 @@ from pathlib import Path
 from typing import TYPE_CHECKING, TypeVar
 
 from ..paths import cache_dir, resolve_workspace
-from . import runtime
 from .api import AgentView, EngineAPI, EventSink, ModelInfo, TurnView, WorkerContext
 from .errors import ModelLoadError, NothingToDo, TurnCancelled
 from .events import (
@@ -365,7 +364,6 @@ class Engine:
         thread.join(timeout)
         self._thread = None
         _wait_native_exit(tid)
-        runtime.quiesce()  # a cancelled reply's step ahead may still run on mlx_lm's stream
 
     # ---- the queue and the worker thread ---------------------------------------------------
     def _put(self, job: Job) -> Future:
