@@ -184,7 +184,12 @@ class EngineEventRouting:
             self._tell(note, "Demonstration model", timeout=20)
 
     def _notify_restored(self, event: AgentRestored, title: str) -> None:
-        if event.source in RESTORED_BY:
+        if event.source in RESTORED_BY and event.prefilled:
+            self._tell(f"restored from {RESTORED_BY[event.source]} in {event.ms:,.0f} ms: "
+                       f"{event.tokens - event.prefilled:,} tokens reused, the last "
+                       f"{event.prefilled:,} prefilled (the snapshot was behind the transcript)",
+                       title, timeout=10)
+        elif event.source in RESTORED_BY:
             self._tell(f"restored from {RESTORED_BY[event.source]} in {event.ms:,.0f} ms, "
                        f"{event.tokens:,} tokens reused", title, timeout=8)
         elif event.source == "prefill":

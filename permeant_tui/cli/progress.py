@@ -122,7 +122,11 @@ class Reporter:
             self.notices.append(ev.message)
             self.problems += ev.level in ("warning", "error")
         elif isinstance(ev, e.AgentRestored):
-            if ev.reason:
+            if ev.prefilled:
+                self.notices.append(f"{ev.agent_id}: the snapshot was behind the transcript; "
+                                    f"restored {ev.tokens - ev.prefilled} tokens from it and "
+                                    f"prefilled the last {ev.prefilled} in {ev.ms:.0f} ms")
+            elif ev.reason:
                 self.notices.append(f"{ev.agent_id}: snapshot not used ({ev.reason}); rebuilt "
                                     f"{ev.tokens} tokens by prefill in {ev.ms:.0f} ms")
             elif self.verbose:

@@ -51,6 +51,9 @@ class AgentRestored(Event):
     ms: float
     tokens: int
     reason: str | None = None  # why a snapshot was rejected, when source == "prefill"
+    # tokens prefilled after the snapshot: it was behind the transcript (a crash or a failed
+    # write after the turn was recorded); `tokens` - `prefilled` came from the snapshot
+    prefilled: int = 0
 
 
 @dataclass(frozen=True)
@@ -138,6 +141,7 @@ class RestoreReport:
     ms: float
     tokens: int
     reason: str | None = None  # why a snapshot was not used, when source == "prefill"
+    prefilled: int = 0  # of `tokens`, prefilled after a snapshot that was behind (a prefix)
 
 
 @dataclass(frozen=True)

@@ -259,7 +259,8 @@ class Worker:
         self.enforce_residency(keep=agent)
         self.timings["restore"] = r.ms
         if not was_resident:
-            self.emit(AgentRestored(agent.agent_id, r.source, r.ms, r.tokens, r.reason))
+            self.emit(AgentRestored(agent.agent_id, r.source, r.ms, r.tokens, r.reason,
+                                      r.prefilled))
         return r
 
     def enforce_residency(self, keep: Agent | None = None) -> list[str]:

@@ -279,10 +279,13 @@ def read_header(path: Path) -> dict:
 
 
 def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] | None,
-                  store: BlockStore | None = None, room: int = ROOM_TOKENS):
+                  store: BlockStore | None = None, room: int = ROOM_TOKENS,
+                  prefix: bool = False):
     """Verify and load -> (list of kvcache.LayerState, ids, metadata). Raises SnapshotInvalid.
     Format 3: the blocks come from `store` (default: `default_store(path)`), each verified, and
-    every full layer gets at least `room` free positions beyond its tokens (ROOM_STEP)."""
+    every full layer gets at least `room` free positions beyond its tokens (ROOM_STEP).
+    `prefix`: a snapshot whose ids are a proper prefix of `expected_ids` (one that is behind the
+    transcript) is loaded too; the caller prefills the rest."""
     import mlx.core as mx
 
     path = Path(path)
@@ -331,13 +334,13 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
         raise SnapshotCorrupt(str(path), "tokens", "token ids do not match their digest")
     if fmt != FORMAT:
         states = _layout(path, identity, metas, groups, len(ids), fmt)
-        _check_expected(path, ids, expected_ids)
+        _check_expected(path, ids, expected_ids, prefix)
         return states, ids, meta
     want = chain_hashes(ids, identity.fingerprint, block_tokens)
     if [x[:32] for x in names] != [h.hex() for h in want]:
         raise SnapshotCorrupt(str(path), "blocks", f"the {len(names)} block names do not chain "
                               f"the {len(ids)} token ids under this model ({len(want)} blocks)")
-    _check_expected(path, ids, expected_ids)  # before reading blocks of a stale snapshot
+    _check_expected(path, ids, expected_ids, prefix)  # before reading blocks of a stale one
     store = store if store is not None else BlockStore(default_store(path))
     groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room)
     states = RestoredStates(_layout(path, identity, metas, groups, len(ids), fmt))
@@ -346,10 +349,13 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
     return states, ids, meta
 
 
-def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None) -> None:
+def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None,
+                    prefix: bool = False) -> None:
     if expected_ids is None or ids == expected_ids:
         return
     if len(ids) < len(expected_ids) and ids == expected_ids[:len(ids)]:
+        if prefix and ids:
+            return
         detail = (f"stale: snapshot holds {len(ids)} tokens, the transcript has "
                   f"{len(expected_ids)} (a turn finished after the last save)")
     else:

@@ -237,11 +237,21 @@ class Workspace:
                     agent.source, agent.dirty = "usxf", True
                 else:
                     pairs, ids, meta = read_snapshot(self.snapshot_path(agent.agent_id),
-                                                     loaded.identity, expected, self.blocks)
+                                                     loaded.identity, expected, self.blocks,
+                                                     prefix=True)
                     agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
                     # an older format is rewritten as blocks at the next save
                     agent.source, agent.dirty = "snapshot", meta.get("format") != FORMAT
-                return RestoreReport(agent.source, (time.perf_counter() - t0) * 1000, len(expected))
+                behind = len(expected) - len(agent.cache_ids)
+                if behind:
+                    # The snapshot is behind the transcript (a crash, or a failed or unfinished
+                    # write, after a turn was recorded): its ids are the transcript's first ones,
+                    # so its KV is theirs; only the turns after it are prefilled.
+                    prefill(loaded.model, agent, expected[len(agent.cache_ids):],
+                            progress=progress)
+                    agent.dirty = True
+                return RestoreReport(agent.source, (time.perf_counter() - t0) * 1000,
+                                     len(expected), prefilled=behind)
             except SnapshotInvalid as exc:
                 detail = exc.detail
                 if exc.check == "tokens" and type(exc) is SnapshotInvalid:

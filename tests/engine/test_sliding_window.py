@@ -102,6 +102,62 @@ def test_restart_resumes_from_the_snapshot_and_equals_a_rebuild(tok, histories, 
     np.testing.assert_allclose(saved_logits(a, lm), saved_logits(b, lm), atol=1e-4)
 
 
+@pytest.mark.parametrize("arch", ["llama", "qwen3", "gemma3_text", "llama_swa"])
+def test_snapshot_behind_the_transcript_restores_its_prefix_and_prefills_the_rest(
+        tok, histories, tmp_path, arch):
+    """A crash after a turn is recorded but before its snapshot is durable leaves a snapshot one
+    turn behind: the restart attaches it and prefills only the last turn, then continues exactly
+    as the agent whose snapshot kept up (and as a rebuild)."""
+    lm = tiny_model(arch, tok)[1]
+    a, b = copy(histories(arch), tmp_path / "a"), copy(histories(arch), tmp_path / "b")
+    n = Workspace.open(a).agent("technical").tokens_on_disk
+    session(b, lm, MSGS[3:])  # b: a 4th turn, saved
+    d = "agents/technical/transcript.jsonl"
+    shutil.copyfile(b / d, a / d)  # a: the same transcript, the 3-turn snapshot
+    want = len(Workspace.open(a).agent("technical").expected_ids(tok))
+    assert want > n
+    last = "Summarise what we found."
+    [r], events = session(a, lm, [last])
+    restored = [e for e in events if isinstance(e, AgentRestored)]
+    assert [(e.source, e.reason, e.tokens, e.prefilled) for e in restored] == \
+        [("snapshot", None, want, want - n)]
+    assert r.source == "snapshot" and r.cached == want
+
+    [ref], _ = session(b, lm, [last])  # b restores an up-to-date snapshot
+    assert ref.source == "snapshot" and ref.cached == want
+    assert r.generated_ids == ref.generated_ids
+    np.testing.assert_allclose(saved_logits(a, lm), saved_logits(b, lm), atol=1e-4)
+    # Against a rebuild of the same 4-turn conversation by prefill (one pass, so float noise,
+    # not equality): the next-token logits of the state the restart attached.
+    got, rebuilt = (copy(histories(arch), tmp_path / x) for x in ("got", "rebuilt"))
+    for f in (got, rebuilt):
+        shutil.copyfile(b / d, f / d)
+    src, logits = restored_logits(got, lm)
+    ref_src, ref_logits = restored_logits(rebuilt, lm, rebuild=True)
+    assert (src, ref_src) == ("snapshot", "prefill")
+    assert int(np.argmax(logits)) == int(np.argmax(ref_logits))
+    np.testing.assert_allclose(logits, ref_logits, atol=1e-3)
+
+
+def restored_logits(folder: Path, lm, rebuild: bool = False) -> tuple[str, np.ndarray]:
+    """(source, next-token logits) of the technical agent right after a restart restores it."""
+    engine = Engine(folder, loaded=lm, eager_restore=False, rebuild=rebuild, autosave=False)
+    engine.start()
+    try:
+        engine.wait_ready(60)
+        r = engine.restore("technical").result(300)
+
+        def logits(ctx):
+            agent = ctx.workspace.agent("technical")
+            out = lm.model(mx.array([[198]]), cache=agent.cache)
+            agent.cache, agent.cache_ids, agent.dirty = None, [], False  # not saved: moved on
+            return np.array(out[0, -1])
+
+        return r.source, engine.call(logits).result(60)
+    finally:
+        engine.shutdown()
+
+
 @pytest.mark.parametrize("arch", ["gemma3_text", "llama_swa", "llama"])
 def test_cancel_past_the_window_then_continue(tok, histories, tmp_path, arch):
     lm = tiny_model(arch, tok)[1]
