@@ -47,10 +47,12 @@ def refuse_non_regular(path: Path) -> None:
         raise IsADirectoryError(f"{path} exists and is not a regular file; refusing to replace it")
 
 
-def remove_dead_temps(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
+def remove_dead_temps(folder: Path, pattern: re.Pattern[str], keep_own: bool = False
+                      ) -> list[Path]:
     """Delete the temp files in `folder` whose names match `pattern` (group 1: the writer's
     pid) and whose writer is dead (a process killed mid-write never renamed them). A live
-    process's are left alone, and so is anything not matching."""
+    process's are left alone, and so is anything not matching; this process's own too with
+    `keep_own` (saves of its own may still be landing: engine/durable.py)."""
     removed: list[Path] = []
     try:
         entries = list(Path(folder).iterdir())
@@ -61,7 +63,7 @@ def remove_dead_temps(folder: Path, pattern: re.Pattern[str]) -> list[Path]:
         if m is None:
             continue
         pid = int(m.group(1))
-        if pid != os.getpid() and _alive(pid):
+        if (pid != os.getpid() or keep_own) and _alive(pid):
             continue
         try:
             if p.is_file() and not p.is_symlink():

@@ -17,7 +17,10 @@ Restore reads rows with preadv straight into MLX's own buffers (engine/blockload
 hashes them there: no extra copy.
 
 Writes: a temp file `.<name>.<pid>.tmp` beside the block, fsynced and renamed; the caller fsyncs
-the folder (`sync`) once before it commits the manifest that names the new blocks.
+the folder (`sync`) once before it commits the manifest that names the new blocks. A save can
+also stage its blocks (`stage`: the temp file written, not yet fsynced or renamed) and have them
+landed later (`land`) by the workspace's flusher thread (engine/durable.py); until then their
+names are `pending` here, so another save reuses them instead of writing them twice.
 """
 
 from __future__ import annotations
@@ -27,6 +30,7 @@ import re
 import stat
 import struct
 from collections.abc import Iterable, Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -93,6 +97,17 @@ def _chunks(bufs: list, n: int = IOV_MAX):
         yield bufs[i:i + n]
 
 
+@dataclass
+class Staged:
+    """A block written to its temp file, not yet durable: `land` fsyncs and renames it."""
+
+    name: str
+    fd: int
+    tmp: Path
+    final: Path
+    nbytes: int
+
+
 class BlockStore:
     """One folder of block files. One writer per workspace (engine/lock.py), so a block being
     collected is never one a concurrent save is about to name."""
@@ -100,6 +115,7 @@ class BlockStore:
     def __init__(self, folder: Path):
         self.folder = Path(folder)
         self._prefix = os.path.join(str(self.folder), "")
+        self.pending: set[str] = set()  # staged in this process, not yet landed
 
     def path(self, name: str) -> Path:
         return self.folder / f"{name}{SUFFIX}"
@@ -115,6 +131,13 @@ class BlockStore:
     def write(self, name: str, block_tokens: int, rows: list) -> int:
         """Write one block (rows: C-contiguous arrays, the payload in order) durably under its
         name. Returns the bytes written. The folder is fsynced by `sync`."""
+        staged = self.stage(name, block_tokens, rows)
+        self.land(staged)
+        return staged.nbytes
+
+    def stage(self, name: str, block_tokens: int, rows: list) -> Staged:
+        """Write one block to its temp file (not fsynced, not renamed); `land` finishes it, or
+        `discard` removes it. The name is `pending` until then."""
         chain, content = bytes.fromhex(name[:32]), bytes.fromhex(name[33:])
         payload = sum(int(r.nbytes) for r in rows)
         self.folder.mkdir(parents=True, exist_ok=True)
@@ -122,42 +145,73 @@ class BlockStore:
         tmp = final.with_name(f".{final.name}.{os.getpid()}.tmp")
         fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o644)
         try:
-            try:
-                bufs = [BLOCK_HEADER.pack(MAGIC, HEADER_SIZE, block_tokens, payload, chain, content), *rows]
-                want = HEADER_SIZE + payload
-                done = 0
-                for group in _chunks(bufs):
-                    done += _write_all(fd, group)
-                if done != want:
-                    raise OSError(f"short write: {done} of {want} bytes")
-                os.fsync(fd)
-            finally:
-                os.close(fd)
-            os.replace(tmp, final)
+            bufs = [BLOCK_HEADER.pack(MAGIC, HEADER_SIZE, block_tokens, payload, chain, content), *rows]
+            want = HEADER_SIZE + payload
+            done = 0
+            for group in _chunks(bufs):
+                done += _write_all(fd, group)
+            if done != want:
+                raise OSError(f"short write: {done} of {want} bytes")
         except BaseException:
+            os.close(fd)
             tmp.unlink(missing_ok=True)
             raise
-        return HEADER_SIZE + payload
+        self.pending.add(name)
+        return Staged(name, fd, tmp, final, want)
+
+    def land(self, staged: Staged) -> None:
+        """Make a staged block durable under its name: fsync, close, rename (the folder is
+        fsynced by `sync`). On failure the temp file is removed and the error raised."""
+        try:
+            try:
+                os.fsync(staged.fd)
+            finally:
+                os.close(staged.fd)
+                staged.fd = -1
+            os.replace(staged.tmp, staged.final)
+        except BaseException:
+            staged.tmp.unlink(missing_ok=True)
+            raise
+        finally:
+            self.pending.discard(staged.name)
+
+    def discard(self, staged: Staged) -> None:
+        """Drop a staged block that will not be landed."""
+        if staged.fd >= 0:
+            os.close(staged.fd)
+            staged.fd = -1
+        staged.tmp.unlink(missing_ok=True)
+        self.pending.discard(staged.name)
 
     def write_all(self, streams: list, chain: list[bytes], block_tokens: int,
-                  known: tuple = (), clean: int = 0) -> tuple[list[str], int, int]:
+                  known: tuple = (), clean: int = 0,
+                  staged: list[Staged] | None = None) -> tuple[list[str], int, int]:
         """Name every whole block of `streams` (numpy [1, heads, T, dim], T >= len(chain) * B)
         and write those the store lacks; `known[j]` is taken without reading the rows when it
         chains the same prefix, lies within the first `clean` positions and is in the store.
-        Fsyncs the folder when it wrote any. -> (names, bytes written, blocks written)."""
+        Fsyncs the folder when it wrote any. With `staged`, new blocks are only staged (appended
+        there) for the caller to land, and a block another save staged counts as present.
+        -> (names, bytes written, blocks written)."""
         names, written, new = [], 0, 0
+        # a synchronous save commits its manifest now: only landed blocks count for it
+        pending = self.pending if staged is not None else set()
         for j, h in enumerate(chain):
             old = known[j] if j < len(known) and (j + 1) * block_tokens <= clean else ""
-            if isinstance(old, str) and old.startswith(h.hex()) and self.has(old):
+            if isinstance(old, str) and old.startswith(h.hex()) and \
+                    (old in pending or self.has(old)):
                 names.append(old)
                 continue
             rows = block_rows(streams, j, block_tokens)
             name = block_name(h, content_hash(rows))
-            if not self.has(name):
-                written += self.write(name, block_tokens, rows)
+            if not (name in pending or self.has(name)):
+                if staged is None:
+                    written += self.write(name, block_tokens, rows)
+                else:
+                    staged.append(self.stage(name, block_tokens, rows))
+                    written += staged[-1].nbytes
                 new += 1
             names.append(name)
-        if new:
+        if new and staged is None:
             self.sync()
         return names, written, new
 
@@ -189,7 +243,7 @@ class BlockStore:
                 removed.append(name)
             except OSError:
                 pass
-        remove_dead_temps(self.folder, _TEMP)
+        remove_dead_temps(self.folder, _TEMP, keep_own=True)
         if removed:
             fsync_dir(self.folder)
         return removed

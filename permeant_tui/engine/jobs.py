@@ -175,7 +175,14 @@ class Worker:
     def handle(self, job: Job) -> None:
         if job.kind != "prepare":  # drafts of several agents (a team question) stay together
             self.drop_drafts()
+            # Every job but a turn or a draft sees the snapshots durable (engine/durable.py):
+            # what it reads, moves or reports is on disk.
+            self.take_failed(self.ws.flush())
         self._handlers[job.kind](job)
+
+    def take_failed(self, failed: dict[str, BaseException]) -> list[str]:
+        """Background saves that failed (already reported by a warning): -> one line each."""
+        return [f"{agent_id}: {exc}" for agent_id, exc in failed.items()]
 
     # ---- drafts: prefill as you type (engine/drafts.py) ---------------------------------------
     def prepare(self, job: Job) -> None:
@@ -414,6 +421,7 @@ class Worker:
             job.future.set_result(())
             return
         self.drop_drafts()  # the final save at shutdown comes here without `handle`
+        self.ws.flush()  # a failed background save marks its agent dirty: saved again below
         saved, ms, failed = [], 0.0, []
         for agent in list(self.ws.agents.values()):
             try:
@@ -424,6 +432,10 @@ class Worker:
             if took is not None:
                 saved.append(agent.agent_id)
                 ms += took
+        # The future resolves, and Saved is said, once the snapshots are durable.
+        late = self.ws.flush()
+        failed += self.take_failed(late)
+        saved = [a for a in saved if a not in late]
         self.emit(Saved(tuple(saved), ms))
         if failed:
             raise PermeantError("could not save " + "; ".join(failed))

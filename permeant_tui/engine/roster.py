@@ -73,6 +73,7 @@ def rename_agent(ws: Workspace, old: str, new: str) -> Agent:
     check_agent_name(new)
     if new == old:
         return agent
+    ws.flush()  # a save still landing names the old folder
     _free_name(ws, new, allow=old if new.casefold() == old.casefold() else None)
     src, dst = ws.agent_dir(old), ws.agent_dir(new)
     moved = False
@@ -107,6 +108,7 @@ def remove_agent(ws: Workspace, agent_id: str) -> Path:
     agent = ws.agent(agent_id)
     if len(ws.agents) == 1:
         raise WorkspaceError(f"'{agent_id}' is the workspace's only agent; add another first")
+    ws.flush()  # a save still landing names the folder that moves
     archive = ws.folder / "archive" / f"{agent_id}-{time.strftime('%Y%m%d-%H%M%S')}"
     n = 1
     while archive.exists():

@@ -22,18 +22,23 @@ Formats permeant-kv/2 (one file, every layer's K/V) and /1 still load; the next 
 Writes: new blocks first (each fsynced and renamed, then the block folder fsynced), then the
 manifest through engine/atomic.py (temp file, fsync, rename, folder fsync): a crash leaves the
 old manifest, whose blocks are all still there (only the workspace's collector deletes blocks,
-and only those no manifest names), or the new one.
+and only those no manifest names), or the new one. A save given a flusher (engine/durable.py)
+writes the same files on the caller's thread and leaves the fsyncs and renames, in the same
+order, to the flusher's thread (`PendingSave.commit`): until that finishes the old manifest is
+the one on disk, and a crash then leaves it, one save behind the transcript (restored with the
+missing turns prefilled, never attached as if current).
 """
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import re
 import stat
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -41,12 +46,12 @@ import xxhash
 
 from . import blockload, kvcache, kvlayers
 from .atomic import commit_file, fsync_dir, remove_dead_temps, temp_path
-from .blockstore import HEADER_SIZE, BlockStore, chain_hashes
+from .blockstore import HEADER_SIZE, BlockStore, Staged, chain_hashes
 from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 
 if TYPE_CHECKING:
-    pass
+    from .durable import Flusher
 
 __all__ = ["fsync_dir", "read_snapshot", "write_snapshot", "attach", "attach_payload"]
 
@@ -125,6 +130,44 @@ class SnapshotInfo:
     new_blocks: int = 0  # of which this save wrote
 
 
+_SEQ = itertools.count(1)  # manifest temp names: two saves of one agent may be in flight
+
+
+@dataclass
+class PendingSave:
+    """A save whose files are written but not yet durable: the staged blocks and the manifest's
+    temp file. `commit` lands them in order (blocks fsynced and renamed, the block folder
+    fsynced, every named block checked present, then the manifest fsynced, renamed, its folder
+    fsynced); on failure it removes what it did not land and raises."""
+
+    agent_id: str
+    path: Path
+    tmp: Path
+    store: BlockStore
+    names: list[str]
+    staged: list[Staged] = field(default_factory=list)
+
+    def commit(self) -> None:
+        try:
+            for st in self.staged:
+                self.store.land(st)
+            if self.staged:
+                self.store.sync()
+            missing = [n for n in self.names if not self.store.has(n)]
+            if missing:  # staged by an earlier save that failed, or collected
+                raise OSError(f"block {missing[0]} of the snapshot is not on disk (an earlier "
+                              "save of it failed)")
+            commit_file(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for st in self.staged:
+            self.store.discard(st)
+        self.tmp.unlink(missing_ok=True)
+
+
 class RestoredStates(list):
     """read_snapshot's layer states, plus what `attach` uses beyond them: per layer the (K, V)
     buffers with room for the next turn (format 3), and what the snapshot's blocks hold."""
@@ -164,20 +207,22 @@ def _split(states: list, identity: ModelIdentity, cut: int):
 
 
 def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
-                  streams: list, block_tokens: int) -> tuple[list[str], int, int]:
+                  streams: list, block_tokens: int,
+                  staged: list[Staged] | None) -> tuple[list[str], int, int]:
     """Blocks this cache was read from or last saved as, and has not rewound into since, are
     not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
     clean, tag = kvcache.persisted(cache)
     return store.write_all([_np(s) for s in streams],
                            chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
-                           tag if isinstance(tag, tuple) else (), clean)
+                           tag if isinstance(tag, tuple) else (), clean, staged)
 
 
 def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
                    agent_id: str, store: BlockStore | None = None,
-                   block_tokens: int = BLOCK_TOKENS) -> SnapshotInfo:
+                   block_tokens: int = BLOCK_TOKENS, flusher: Flusher | None = None) -> SnapshotInfo:
     """Write the state of `cache` after its first len(ids) tokens (normally all of it): the
-    blocks `store` lacks, then the manifest at `path`."""
+    blocks `store` lacks, then the manifest at `path`. With `flusher`, the files are written
+    here and made durable on the flusher's thread (`flusher.wait()` returns once they are)."""
     import mlx.core as mx
 
     t0 = time.perf_counter()
@@ -191,7 +236,25 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
 
     arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
     mx.eval(list(arrays.values()) + streams)
-    names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens)
+    staged: list[Staged] | None = [] if flusher is not None else None
+    try:
+        return _write_manifest(path, cache, ids, identity, agent_id, store, block_tokens,
+                               flusher, staged, t0, arrays, metas, ordered, streams, cut)
+    except BaseException:
+        for st in staged or ():
+            store.discard(st)
+        raise
+
+
+def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
+                    agent_id: str, store: BlockStore, block_tokens: int, flusher: Flusher | None,
+                    staged: list[Staged] | None, t0: float, arrays: dict, metas: list,
+                    ordered: list, streams: list, cut: int) -> SnapshotInfo:
+    import mlx.core as mx
+
+    n = len(ids)
+    names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens,
+                                        staged)
     layer_meta = json.dumps(metas, sort_keys=True, separators=(",", ":"))
     blocks = json.dumps(names, separators=(",", ":"))
     block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
@@ -206,7 +269,7 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
         "layout": f"per-layer k.i/v.i [1, {identity.n_kv_heads}, L_i, {identity.head_dim}] in "
                   f"token order: full layers positions [{cut}, T) (the rest in the blocks), "
                   f"sliding layers min(T, window) (see layer_meta), rope {identity.rope_layout}",
-        "layers": str(len(states)),
+        "layers": str(len(metas)),
         "layer_meta": layer_meta,
         "block_tokens": str(block_tokens),
         "blocks": blocks,
@@ -215,16 +278,21 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
         "created": f"{time.time():.3f}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
-    tmp = temp_path(path, ".safetensors")  # mlx appends .safetensors to any other name
+    # mlx appends .safetensors to any other name
+    tmp = temp_path(path, f".{next(_SEQ)}.safetensors")
     remove_stale_temps(path)
     try:
         mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        size = tmp.stat().st_size
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    commit_file(tmp, path)
+    pending = PendingSave(agent_id, path, tmp, store, names, staged or [])
+    if flusher is None:
+        commit_file(tmp, path)
+    else:
+        flusher.submit(pending)
     kvcache.set_persisted(cache, cut, tuple(names))
-    size = path.stat().st_size
     return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0),
                         (time.perf_counter() - t0) * 1000, written + size, len(names), new)
 
@@ -233,7 +301,8 @@ def remove_stale_temps(path: Path) -> list[Path]:
     """Delete temp files a process killed mid-write left beside `path` (never renamed, so never
     a snapshot; each can be as large as one). Files of a live process are left alone."""
     return remove_dead_temps(path.parent,
-                             re.compile(rf"\.{re.escape(path.name)}\.(\d+)\.safetensors"))
+                             re.compile(rf"\.{re.escape(path.name)}\.(\d+)(?:\.\d+)?\.safetensors"),
+                             keep_own=True)
 
 
 def read_header(path: Path) -> dict:

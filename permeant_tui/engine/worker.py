@@ -36,7 +36,7 @@ from .events import (
 )
 from .events import TurnCancelled as TurnCancelledEvent
 from .generation import TurnParams
-from .jobs import Job, JobQueue, Worker
+from .jobs import Job, JobQueue, Worker, snapshot_warning
 from .lock import WorkspaceLock
 from .runner import MlxRunner, ModelRunner
 from .runtime import MemoryFigures
@@ -93,6 +93,10 @@ class Engine:
         self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
                               eager=eager_restore, rebuild=rebuild, autosave=autosave,
                               batch=batch, jobs=self._jobs)
+        # Saves return once written; a thread of the workspace makes them durable
+        # (engine/durable.py) and says so here when it cannot.
+        ws.background_saves(lambda agent_id, exc: self._emit(
+            Notice("warning", snapshot_warning(agent_id, exc), agent_id)))
         self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
         self._running: list[Job] = []  # the turn jobs in flight (several when batched)
         self._turn_seq = 0
@@ -399,6 +403,7 @@ class Engine:
             try:
                 if job.kind == "stop":
                     self._final_save()
+                    self._ws.close()  # every save durable (a failure was said), the thread ends
                     self._emit(Stopped())
                     job.future.set_result(None)
                     return

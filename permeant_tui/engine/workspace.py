@@ -24,6 +24,7 @@ from pathlib import Path
 from .agent import Agent, Turn
 from .atomic import fsync_dir, write_atomic
 from .blockstore import BlockStore
+from .durable import Flusher
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .events import RestoreReport
 from .generation import new_cache, prefill
@@ -61,6 +62,40 @@ class Workspace:
         self.agents = agents
         self.warnings = warnings  # things found while opening (a torn transcript line, ...)
         self.blocks = BlockStore(folder / BLOCKS_DIR)
+        # Saves made durable on a thread of their own (engine/durable.py), once the engine
+        # asks for it (`background_saves`); otherwise every save is durable when it returns.
+        self.flusher: Flusher | None = None
+
+    def background_saves(self, on_failed: Callable[[str, BaseException], None] | None = None
+                         ) -> Flusher:
+        """From now on a save returns once its files are written; the flusher's thread makes
+        them durable. `on_failed(agent_id, exc)` is called on that thread when it cannot."""
+        if self.flusher is None:
+            self.flusher = Flusher(self._collect_now, on_failed)
+        return self.flusher
+
+    def flush(self) -> dict[str, BaseException]:
+        """Wait until every save made so far is durable. -> the agents whose saves failed
+        (marked dirty again, so the next save rewrites them), with the errors."""
+        if self.flusher is None:
+            return {}
+        self.flusher.wait()
+        return self.take_save_failures()
+
+    def take_save_failures(self) -> dict[str, BaseException]:
+        failed = self.flusher.take_failed() if self.flusher is not None else {}
+        for agent_id in failed:
+            if agent_id in self.agents:
+                self.agents[agent_id].dirty = True
+        return failed
+
+    def close(self) -> dict[str, BaseException]:
+        """Flush, then stop the flusher's thread (the worker's last act). -> failures."""
+        failed = self.flush()
+        if self.flusher is not None:
+            self.flusher.close()
+            self.flusher = None
+        return failed
 
     # ---- opening (no MLX) -------------------------------------------------------------
     @classmethod
@@ -156,6 +191,7 @@ class Workspace:
         if existing is not None:
             if not replace or existing != spec.id or self.agents[existing].turns:
                 raise WorkspaceError(f"an agent named '{existing}' exists already; use --as NAME")
+            self.flush()
         d = self.agent_dir(spec.id)
         d.mkdir(parents=True, exist_ok=True)
         lines = "".join(json.dumps(t.to_json(), ensure_ascii=False) + "\n" for t in turns)
@@ -194,6 +230,7 @@ class Workspace:
 
     def reset(self, agent: Agent) -> None:
         """Archive the transcript (never deleted), drop the snapshot and the KV state."""
+        self.flush()  # a save still landing would bring the dropped snapshot back
         d = self.agent_dir(agent.agent_id)
         t = d / TRANSCRIPT
         if t.exists():
@@ -230,6 +267,7 @@ class Workspace:
             return RestoreReport("new", (time.perf_counter() - t0) * 1000, 0)
         reason = "--rebuild asked for it" if rebuild else None
         if not rebuild:
+            self.flush()  # its last save, if still landing, is the snapshot to read
             imported = self.imported_path(agent.agent_id)
             try:
                 if imported.exists():
@@ -305,19 +343,37 @@ class Workspace:
         # No re-render here: cache_ids equal the transcript's ids by construction (run_turn,
         # restore and cancel keep that invariant), and a snapshot whose ids do not match is
         # rejected when it is loaded, never attached.
-        info = write_snapshot(self.snapshot_path(agent.agent_id), agent.cache, agent.cache_ids,
-                              loaded.identity, agent.agent_id, self.blocks)
+        path = self.snapshot_path(agent.agent_id)
+        if self.flusher is None:
+            info = write_snapshot(path, agent.cache, agent.cache_ids, loaded.identity,
+                                  agent.agent_id, self.blocks)
+        else:
+            self.take_save_failures()
+            with self.flusher.lock:  # no block collection between its block checks and submit
+                info = write_snapshot(path, agent.cache, agent.cache_ids, loaded.identity,
+                                      agent.agent_id, self.blocks, flusher=self.flusher)
         agent.tokens_on_disk, agent.bytes_on_disk = info.tokens, info.bytes
-        self.imported_path(agent.agent_id).unlink(missing_ok=True)
         agent.dirty = False
-        self.collect_blocks()
+        imported = self.imported_path(agent.agent_id)
+        if imported.exists():  # the import's state is the snapshot's once that is durable
+            if not self.flush().get(agent.agent_id):
+                imported.unlink(missing_ok=True)
+        if self.flusher is None:
+            self.collect_blocks()
         return info.ms
 
     def collect_blocks(self) -> list[str]:
         """Delete the KV blocks no snapshot manifest of this workspace names (a replaced or
         reset snapshot's, a crashed save's). Runs in the workspace's one writer (engine/lock.py)
         after a manifest is committed; does nothing while any manifest cannot be read, since the
-        blocks it names are then unknown. Returns the deleted names."""
+        blocks it names are then unknown, nor while a save is still landing (the flusher
+        collects after it). Returns the deleted names."""
+        if self.flusher is None:
+            return self._collect_now()
+        with self.flusher.lock:
+            return [] if self.flusher.pending() else self._collect_now()
+
+    def _collect_now(self) -> list[str]:
         if not self.blocks.folder.is_dir():
             return []
         referenced: set[str] = set()

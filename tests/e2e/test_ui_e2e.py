@@ -232,8 +232,12 @@ def test_type_stream_export_quit(tmp_path):
             lambda s: "generating ─" in technical_column(s)
             and reply_text(technical_column(s), question), 120, "streamed text", every=0.1))
         partial = reply_text(streaming, question)
-        session.wait_for(lambda s: "done ─" in technical_column(s), 300, "the reply to finish")
-        done = technical_column(session.screen())
+        # The pane's state comes from the engine's stats, the turn's footnote from its TurnDone
+        # event: the two can reach the screen one frame apart.
+        done = technical_column(session.wait_for(
+            lambda s: "done ─" in technical_column(s)
+            and "tok/s" in reply_text(technical_column(s), question), 300,
+            "the reply to finish, with its footnote"))
         final = reply_text(done, question)
         assert "tok/s" in final, done  # the turn's footnote
         assert len(final) > len(partial), (partial, final)
