@@ -4,9 +4,12 @@ the same bytes, all in one run, interleaved.
 
     .venv/bin/python bench/restore_populate.py [--tokens 4096] [--repeats 9]
 
-- restore            what the product does: buffers populated by one madvise call each
-                     (MADV_POPULATE_WRITE, Linux) in a third thread while the blocks are read,
-                     block j hashed while j + 1 is read
+- restore            a restore into new memory (a start-up restore): buffers populated by
+                     one madvise call each (MADV_POPULATE_WRITE, Linux) in a third thread while
+                     the blocks are read, block j hashed while j + 1 is read
+- after eviction     the same restore right after the LRU released an agent of this size
+                     (runtime.keep_freed_buffers, then the agent's cache dropped): MLX hands the
+                     released buffers back, already faulted in
 - populate first     every buffer populated before the first read (before 2026-11-30 19:50)
 - faulting reads     the same, with the pages faulted in one by one inside the reads (before)
 - inline hashes      populated, but each block hashed before the next is read (before)
@@ -86,8 +89,38 @@ def main() -> int:
     restore = restore_fn(lm, path, ids)
     populate, executor = blockload.populate, blockload.ThreadPoolExecutor
 
+    import mlx.core as mx
+
+    default_limit = mx.set_cache_limit(0)
+    mx.set_cache_limit(default_limit)
+
+    import ctypes
+
+    libc = ctypes.CDLL(None)
+
+    def new_memory() -> None:
+        """What a start-up restore meets: no freed buffers kept by MLX or by malloc (untimed,
+        before every kind but the eviction's and the plain reads)."""
+        mx.set_cache_limit(0)
+        mx.clear_cache()
+        mx.set_cache_limit(default_limit)
+        runtime._keep_freed = 0
+        if sys.platform == "linux":
+            libc.malloc_trim(0)
+
     def product() -> None:
         restore()
+
+    def after_eviction() -> None:
+        # the state as an eviction leaves it: an agent's buffers released into MLX's cache
+        runtime.keep_freed_buffers(size)
+        victim = restore()
+        mx.eval([c.keys for c in victim])
+        del victim
+        t = time.perf_counter()
+        restore()
+        evicted.append((time.perf_counter() - t) * 1000)
+    evicted: list[float] = []
 
     def faulting_reads() -> None:
         blockload.populate = lambda address, nbytes: False
@@ -125,7 +158,8 @@ def main() -> int:
     def new_memory_read() -> None:
         fresh_read(files, size)
 
-    kinds = {"restore": product, "populate first": populate_first,
+    kinds = {"restore": product, "after eviction": after_eviction,
+             "populate first": populate_first,
              "faulting reads": faulting_reads,
              "inline hashes": inline_hashes, "read": read, "read + hash": read_hash,
              "fresh read": new_memory_read}
@@ -136,9 +170,13 @@ def main() -> int:
     for i in range(args.repeats):
         order = list(kinds.items())
         for name, fn in (order if i % 2 == 0 else reversed(order)):
+            if name not in ("read", "read + hash", "fresh read"):
+                new_memory()
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) * 1000)
+            if name == "after eviction":  # only the restore itself is timed
+                times[name][-1] = evicted[-1]
         loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"restore of a {len(ids):,}-token agent: {len(files)} files, {size / 1e6:.1f} MB; "
@@ -148,6 +186,9 @@ def main() -> int:
     for name, ms in med.items():
         runs = ", ".join(f"{x:.0f}" for x in times[name])
         print(f"{name:16}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
+    print(f"after eviction / read {med['after eviction'] / med['read']:.2f}x; after eviction "
+          f"/ (read + hash) {med['after eviction'] / med['read + hash']:.2f}x; restore / after "
+          f"eviction x{med['restore'] / med['after eviction']:.2f}")
     print(f"restore / read {med['restore'] / med['read']:.2f}x; restore / (read + hash) "
           f"{med['restore'] / med['read + hash']:.2f}x; restore / fresh read "
           f"{med['restore'] / med['fresh read']:.2f}x; before (populate first, faulting reads, "

@@ -171,6 +171,31 @@ def weights_dtype_choice() -> str:
     return "quantized" if on_gpu() else "float32"
 
 
+_keep_freed = 0  # the freed-buffer limit keep_freed_buffers set, 0 before its first call
+
+
+def keep_freed_buffers(nbytes: int) -> int:
+    """Let MLX keep at least `nbytes` of freed buffers for reuse instead of returning them to
+    the system. Called before the LRU releases an agent: the restore that usually follows
+    (the agent made room for) then gets the released K/V buffers back, already faulted in,
+    instead of new memory, which it must fault in page by page (bench/restore_populate.py:
+    the largest cost of a restore beyond reading the bytes). MLX keeps 32 MB on the CPU by
+    default; Metal's default is far larger, and a higher limit is never lowered here. The
+    memory stays the process's, at most one released agent's K/V at a time (each restore
+    takes it back). Returns the limit in force."""
+    global _keep_freed
+    if nbytes <= _keep_freed:
+        return _keep_freed
+    import mlx.core as mx
+
+    with _lock:
+        before = mx.set_cache_limit(nbytes)
+        if before > nbytes:  # MLX already kept more (Metal): leave it so
+            mx.set_cache_limit(before)
+        _keep_freed = max(before, nbytes)
+        return _keep_freed
+
+
 def quiesce() -> None:
     """Wait for the MLX work still queued on its streams. Call it before the process exits.
 

@@ -29,6 +29,7 @@ from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .events import RestoreReport
 from .generation import new_cache, prefill
 from .names import check_agent_name
+from .runtime import keep_freed_buffers
 from .settings import (
     AgentSpec,
     WorkspaceSettings,
@@ -407,6 +408,8 @@ class Workspace:
                 break
             victim = victims[0]
             save(victim)
+            # the restore this usually makes room for reuses the victim's K/V buffers
+            keep_freed_buffers(min(victim.cache_bytes(), budget))
             victim.release()
             evicted.append(victim.agent_id)
         return evicted

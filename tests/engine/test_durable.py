@@ -216,10 +216,10 @@ engine = Engine(folder, model=model, eager_restore=False)
 engine.start()
 engine.wait_ready(120)
 for m in msgs:
-    engine.submit_future("technical", m, max_tokens=%d)[1].result(300)
+    engine.submit_future("technical", m, max_tokens=MAX_TOKENS)[1].result(300)
 print("answered", flush=True)
 threading.Event().wait()
-""" % MAX_TOKENS
+""".replace("MAX_TOKENS", str(MAX_TOKENS))
 
 
 @pytest.mark.parametrize("arch", ["llama", "gemma3_text"])
