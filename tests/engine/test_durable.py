@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from support.tiny_models import tiny_model
 
-from permeant_tui.engine import kvcache
+from permeant_tui.engine import kvcache, snapshot_write
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BlockStore
@@ -162,7 +162,7 @@ def session(folder: Path, lm, msgs, events: list | None = None):
 def test_a_background_save_that_fails_is_said_and_the_agent_saved_again(tok, tmp_path,
                                                                          monkeypatch):
     lm = tiny_model("llama", tok)[1]
-    commit_file, calls = snapmod.commit_file, []
+    commit_file, calls = snapshot_write.commit_file, []
 
     def full_once(tmp, path):
         calls.append(path)
@@ -170,7 +170,7 @@ def test_a_background_save_that_fails_is_said_and_the_agent_saved_again(tok, tmp
             raise OSError(errno.ENOSPC, "No space left on device")
         return commit_file(tmp, path)
 
-    monkeypatch.setattr(snapmod, "commit_file", full_once)
+    monkeypatch.setattr(snapshot_write, "commit_file", full_once)
     events: list = []
     folder = tmp_path / "ws"
     engine = Engine(folder, loaded=lm, eager_restore=False, on_event=events.append)

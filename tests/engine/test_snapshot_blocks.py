@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from support.tiny_models import WINDOW, tiny_model
 
-from permeant_tui.engine import blockstore, kvcache
+from permeant_tui.engine import blockstore, kvcache, snapshot_write
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BlockStore
@@ -239,7 +239,7 @@ def test_crash_between_blocks_and_manifest_keeps_the_old_snapshot(saved, tiny_mo
     def killed(tmp, target):  # the process dies after the blocks, before the rename
         raise KeyboardInterrupt
 
-    monkeypatch.setattr(snapmod, "commit_file", killed)
+    monkeypatch.setattr(snapshot_write, "commit_file", killed)
     with pytest.raises(KeyboardInterrupt):
         write_snapshot(path, agent.cache, ids + more, tiny_model.identity, "technical")
     monkeypatch.undo()

@@ -1,0 +1,212 @@
+"""The snapshot writer (format permeant-kv/3; engine/snapshot.py has the format and the reader):
+the blocks the store lacks, then the manifest, committed on the caller's thread or handed to
+the workspace's flusher (engine/durable.py) as a `PendingSave`."""
+
+from __future__ import annotations
+
+import itertools
+import json
+import re
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING
+
+from . import kvcache
+from .atomic import commit_file, remove_dead_temps, temp_path
+from .blockstore import HEADER_SIZE, BlockStore, Staged, chain_hashes
+from .identity import ModelIdentity
+from .snapshot_format import (
+    BLOCK_TOKENS,
+    FORMAT,
+    _covered,
+    _np,
+    _tensor_checksum,
+    default_store,
+    ids_digest,
+)
+
+if TYPE_CHECKING:
+    from .durable import Flusher
+
+
+@dataclass(frozen=True)
+class SnapshotInfo:
+    path: Path
+    tokens: int
+    bytes: int  # the whole snapshot: manifest and every block it names
+    ms: float
+    written: int = 0  # bytes this save wrote (new blocks and the manifest)
+    blocks: int = 0  # blocks the manifest names
+    new_blocks: int = 0  # of which this save wrote
+
+
+_SEQ = itertools.count(1)  # manifest temp names: two saves of one agent may be in flight
+
+
+@dataclass
+class PendingSave:
+    """A save whose files are written but not yet durable: the staged blocks and the manifest's
+    temp file. `commit` lands them in order (blocks fsynced and renamed, the block folder
+    fsynced, every named block checked present, then the manifest fsynced, renamed, its folder
+    fsynced); on failure it removes what it did not land and raises."""
+
+    agent_id: str
+    path: Path
+    tmp: Path
+    store: BlockStore
+    names: list[str]
+    staged: list[Staged] = field(default_factory=list)
+
+    def commit(self) -> None:
+        try:
+            for st in self.staged:
+                self.store.land(st)
+            if self.staged:
+                self.store.sync()
+            missing = [n for n in self.names if not self.store.has(n)]
+            if missing:  # staged by an earlier save that failed, or collected
+                raise OSError(f"block {missing[0]} of the snapshot is not on disk (an earlier "
+                              "save of it failed)")
+            commit_file(self.tmp, self.path)
+        except BaseException:
+            self.abort()
+            raise
+
+    def abort(self) -> None:
+        for st in self.staged:
+            self.store.discard(st)
+        self.tmp.unlink(missing_ok=True)
+
+
+def _split(states: list, identity: ModelIdentity, cut: int):
+    """-> (tail tensors by name, per-layer meta, tail tensors in checksum order, full-layer
+    streams). A layer is `k.{i}` / `v.{i}` [1, kv_heads, L, head_dim] in token order (quantized:
+    `k.{i}.{j}` for each part); a full layer's positions [0, cut) go to blocks instead."""
+    import mlx.core as mx
+
+    named: dict = {}
+    metas: list[dict] = []
+    ordered: list = []
+    streams: list = []
+    ks: tuple
+    vs: tuple
+    empty = mx.zeros((1, identity.n_kv_heads, 0, identity.head_dim), getattr(mx, identity.kv_dtype))
+    for i, st in enumerate(states):
+        if st.keys is None:
+            m = {"kind": st.kind, "offset": 0, "length": 0, "parts": 1}
+            if st.kind == kvcache.SLIDING:
+                m.update(window=st.window, keep=st.keep, idx=0)
+            ks = vs = (empty,)
+        else:
+            ks, vs = kvcache.parts(st.keys), kvcache.parts(st.values)
+            m = {**st.meta(), "parts": len(ks)}
+            if st.kind != kvcache.SLIDING and cut:
+                streams.extend(ks + vs)
+                ks = tuple(a[..., cut:, :] for a in ks)
+                vs = tuple(a[..., cut:, :] for a in vs)
+        for name, group in (("k", ks), ("v", vs)):
+            for j, a in enumerate(group):
+                named[f"{name}.{i}" if len(group) == 1 else f"{name}.{i}.{j}"] = a
+                ordered.append(a)
+        metas.append(m)
+    return named, metas, ordered, streams
+
+
+def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
+                  streams: list, block_tokens: int,
+                  staged: list[Staged] | None) -> tuple[list[str], int, int]:
+    """Blocks this cache was read from or last saved as, and has not rewound into since, are
+    not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
+    clean, tag = kvcache.persisted(cache)
+    return store.write_all([_np(s) for s in streams],
+                           chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
+                           tag if isinstance(tag, tuple) else (), clean, staged)
+
+
+def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
+                   agent_id: str, store: BlockStore | None = None,
+                   block_tokens: int = BLOCK_TOKENS, flusher: Flusher | None = None) -> SnapshotInfo:
+    """Write the state of `cache` after its first len(ids) tokens (normally all of it): the
+    blocks `store` lacks, then the manifest at `path`. With `flusher`, the files are written
+    here and made durable on the flusher's thread (`flusher.wait()` returns once they are)."""
+    import mlx.core as mx
+
+    t0 = time.perf_counter()
+    path = Path(path)
+    store = store if store is not None else BlockStore(default_store(path))
+    n = len(ids)
+    cut = (n // block_tokens) * block_tokens
+    states = kvcache.layer_states(cache, n)
+    named, metas, ordered, streams = _split(states, identity, cut)
+    import numpy as np
+
+    arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
+    mx.eval(list(arrays.values()) + streams)
+    staged: list[Staged] | None = [] if flusher is not None else None
+    try:
+        return _write_manifest(path, cache, ids, identity, agent_id, store, block_tokens,
+                               flusher, staged, t0, arrays, metas, ordered, streams, cut)
+    except BaseException:
+        for st in staged or ():
+            store.discard(st)
+        raise
+
+
+def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
+                    agent_id: str, store: BlockStore, block_tokens: int, flusher: Flusher | None,
+                    staged: list[Staged] | None, t0: float, arrays: dict, metas: list,
+                    ordered: list, streams: list, cut: int) -> SnapshotInfo:
+    import mlx.core as mx
+
+    n = len(ids)
+    names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens,
+                                        staged)
+    layer_meta = json.dumps(metas, sort_keys=True, separators=(",", ":"))
+    blocks = json.dumps(names, separators=(",", ":"))
+    block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
+    meta = {
+        "format": FORMAT,
+        "agent": agent_id,
+        "identity": identity.fingerprint,
+        "model": identity.name,
+        "tokens": str(n),
+        "tokens_digest": ids_digest(ids),
+        "kv_dtype": identity.kv_dtype,
+        "layout": f"per-layer k.i/v.i [1, {identity.n_kv_heads}, L_i, {identity.head_dim}] in "
+                  f"token order: full layers positions [{cut}, T) (the rest in the blocks), "
+                  f"sliding layers min(T, window) (see layer_meta), rope {identity.rope_layout}",
+        "layers": str(len(metas)),
+        "layer_meta": layer_meta,
+        "block_tokens": str(block_tokens),
+        "blocks": blocks,
+        "block_bytes": str(block_bytes if names else 0),
+        "checksum": _tensor_checksum(ordered, _covered(layer_meta, blocks, str(block_tokens))),
+        "created": f"{time.time():.3f}",
+    }
+    path.parent.mkdir(parents=True, exist_ok=True)
+    # mlx appends .safetensors to any other name
+    tmp = temp_path(path, f".{next(_SEQ)}.safetensors")
+    remove_stale_temps(path)
+    try:
+        mx.save_safetensors(str(tmp), arrays, metadata=meta)
+        size = tmp.stat().st_size
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    pending = PendingSave(agent_id, path, tmp, store, names, staged or [])
+    if flusher is None:
+        commit_file(tmp, path)
+    else:
+        flusher.submit(pending)
+    kvcache.set_persisted(cache, cut, tuple(names))
+    return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0),
+                        (time.perf_counter() - t0) * 1000, written + size, len(names), new)
+
+
+def remove_stale_temps(path: Path) -> list[Path]:
+    """Delete temp files a process killed mid-write left beside `path` (never renamed, so never
+    a snapshot; each can be as large as one). Files of a live process are left alone."""
+    return remove_dead_temps(path.parent,
+                             re.compile(rf"\.{re.escape(path.name)}\.(\d+)(?:\.\d+)?\.safetensors"),
+                             keep_own=True)
