@@ -64,20 +64,13 @@ def main() -> int:
 
     runtime.prepare()
     import xxhash
-    from resume import conversation
+    from resume import prefilled_agent
     from resume_incremental import PlainReader, fresh, fresh_read, restore_fn, snapshot_files
 
     from permeant_tui.engine import blockload
-    from permeant_tui.engine.agent import DEFAULT_AGENTS, Agent
-    from permeant_tui.engine.generation import prefill
-    from permeant_tui.engine.models import load_model
     from permeant_tui.engine.snapshot import write_snapshot
 
-    lm = load_model(None)
-    agent = conversation(lm.tokenizer, DEFAULT_AGENTS[0][3], args.tokens)
-    ids = agent.expected_ids(lm.tokenizer)
-    live = Agent("bench", "technical", "Bench", agent.system)
-    prefill(lm.model, live, ids)
+    lm, ids, live = prefilled_agent(args.tokens)
     folder = Path(tempfile.mkdtemp(prefix="permeant-bench-populate-"))
     path = folder / "agents" / "a" / "kv.safetensors"
     path.parent.mkdir(parents=True)

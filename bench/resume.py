@@ -67,6 +67,21 @@ def conversation(tok, system: str, n: int):
     return agent
 
 
+def prefilled_agent(tokens: int):
+    """(the embedded model, the ids, a live Agent holding them in its cache) for a conversation
+    of `tokens` tokens, built by prefill: what the focused benchmarks start from."""
+    from permeant_tui.engine.agent import DEFAULT_AGENTS, Agent
+    from permeant_tui.engine.generation import prefill
+    from permeant_tui.engine.models import load_model
+
+    lm = load_model(None)
+    agent = conversation(lm.tokenizer, DEFAULT_AGENTS[0][3], tokens)
+    ids = agent.expected_ids(lm.tokenizer)
+    live = Agent("bench", "technical", "Bench", agent.system)
+    prefill(lm.model, live, ids)
+    return lm, ids, live
+
+
 def drop_cache(path: Path) -> bool:
     """Evict a file's (clean) pages from the page cache. False where unsupported."""
     if not hasattr(os, "posix_fadvise"):

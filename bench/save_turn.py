@@ -44,22 +44,15 @@ def main() -> int:
     from permeant_tui.engine import runtime
 
     runtime.prepare()
-    from resume import conversation
+    from resume import prefilled_agent
     from resume_incremental import fresh, legacy_save, plain_write
 
-    from permeant_tui.engine.agent import DEFAULT_AGENTS, Agent
     from permeant_tui.engine.durable import Flusher
-    from permeant_tui.engine.generation import prefill
-    from permeant_tui.engine.models import load_model
     from permeant_tui.engine.snapshot import write_snapshot
 
-    lm = load_model(None)
-    agent = conversation(lm.tokenizer, DEFAULT_AGENTS[0][3], args.tokens)
-    ids = agent.expected_ids(lm.tokenizer)
-    live = Agent("bench", "technical", "Bench", agent.system)
     t = time.perf_counter()
-    prefill(lm.model, live, ids)
-    print(f"prefilled {len(ids)} tokens in {time.perf_counter() - t:.1f} s")
+    lm, ids, live = prefilled_agent(args.tokens)
+    print(f"model loaded and {len(ids)} tokens prefilled in {time.perf_counter() - t:.1f} s")
     base_dir = args.dir or os.path.join(os.path.dirname(__file__), "..")
     folder = Path(tempfile.mkdtemp(prefix=".bench-save-", dir=base_dir))
     print(f"files in {folder} ({_fs(folder)})\n")
