@@ -141,6 +141,7 @@ def test_full_migration_continues_exactly_like_the_source(source, server, tmp_pa
 
 def test_cli_migrate_with_move_prints_stages_and_archives_the_source(source, server, tmp_path):
     clone = tmp_path / "src-clone"
+    source.save().result(60)  # every snapshot durable (engine/durable.py): nothing mid-rename
     shutil.copytree(source.folder, clone)  # same key (trusted), same agents, its own process
     transcript = (clone / "agents" / "technical" / "transcript.jsonl").read_bytes()
     r = subprocess.run(
@@ -419,6 +420,7 @@ def test_target_killed_between_prepare_and_commit_attaches_nothing(source, short
 def test_source_killed_mid_transfer_staged_data_expires(source, short_ttl_server, tmp_path):
     srv = short_ttl_server
     clone = tmp_path / "src-clone"
+    source.save().result(60)  # every snapshot durable (engine/durable.py): nothing mid-rename
     shutil.copytree(source.folder, clone)
     transcript = (clone / "agents" / "technical" / "transcript.jsonl").read_bytes()
     env = {**srv.env(), "PERMEANT_MIGRATE_TEST_CHUNK_DELAY": "0.3"}

@@ -156,8 +156,10 @@ def real_runs(tmp_path_factory, real_model):
         engine.wait_ready(60)
         ref = [engine.submit_future("technical", MSGS[0], max_tokens=8)[1].result(300),
                engine.submit_future("technical", MSGS[1], max_tokens=8)[1].result(300)]
-        # A turn's future resolves after its transcript line and snapshot are written: this
+        # A turn's future resolves once its transcript line is durable and its snapshot
+        # written; save() returns once the snapshot is durable too (engine/durable.py): this
         # copy is the workspace a process quitting here would leave.
+        engine.save().result(60)
         shutil.copytree(root / "ref", root / "two")
         ref.append(engine.submit_future("technical", MSGS[2], max_tokens=8)[1].result(300))
     finally:
