@@ -176,13 +176,9 @@ class Worker:
         if job.kind != "prepare":  # drafts of several agents (a team question) stay together
             self.drop_drafts()
             # Every job but a turn or a draft sees the snapshots durable (engine/durable.py):
-            # what it reads, moves or reports is on disk.
-            self.take_failed(self.ws.flush())
+            # what it reads, moves or reports is on disk. A failed one was said as a warning.
+            self.ws.flush()
         self._handlers[job.kind](job)
-
-    def take_failed(self, failed: dict[str, BaseException]) -> list[str]:
-        """Background saves that failed (already reported by a warning): -> one line each."""
-        return [f"{agent_id}: {exc}" for agent_id, exc in failed.items()]
 
     # ---- drafts: prefill as you type (engine/drafts.py) ---------------------------------------
     def prepare(self, job: Job) -> None:
@@ -434,7 +430,7 @@ class Worker:
                 ms += took
         # The future resolves, and Saved is said, once the snapshots are durable.
         late = self.ws.flush()
-        failed += self.take_failed(late)
+        failed += [f"{agent_id}: {exc}" for agent_id, exc in late.items()]
         saved = [a for a in saved if a not in late]
         self.emit(Saved(tuple(saved), ms))
         if failed:

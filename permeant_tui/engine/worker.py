@@ -93,10 +93,8 @@ class Engine:
         self._worker = Worker(ws, self._runner, self._states, self._lock, self._emit,
                               eager=eager_restore, rebuild=rebuild, autosave=autosave,
                               batch=batch, jobs=self._jobs)
-        # Saves return once written; a thread of the workspace makes them durable
-        # (engine/durable.py) and says so here when it cannot.
-        ws.background_saves(lambda agent_id, exc: self._emit(
-            Notice("warning", snapshot_warning(agent_id, exc), agent_id)))
+        ws.background_saves(lambda agent_id, exc: self._emit(  # saves land off the worker
+            Notice("warning", snapshot_warning(agent_id, exc), agent_id)))  # (durable.py)
         self._queued: list[Job] = []  # turn jobs not yet started (for cancel)
         self._running: list[Job] = []  # the turn jobs in flight (several when batched)
         self._turn_seq = 0
