@@ -37,7 +37,7 @@ class Flusher:
         self._collect, self._on_failed = collect, on_failed
         self._queue: deque[PendingSave] = deque()
         self._cond = threading.Condition()
-        self._busy = False
+        self._busy: PendingSave | None = None  # the save being landed
         self._thread: threading.Thread | None = None
         self._closed = False
         self._failed: dict[str, BaseException] = {}
@@ -56,20 +56,16 @@ class Flusher:
                 self._thread.start()
             self._cond.notify_all()
 
-    def idle(self) -> bool:
-        with self._cond:
-            return not self._queue and not self._busy
-
     def pending(self, agent_id: str | None = None) -> int:
         """Saves not yet durable (of `agent_id`, or all)."""
         with self._cond:
-            n = sum(1 for p in self._queue if agent_id is None or p.agent_id == agent_id)
-            return n + (1 if self._busy and agent_id is None else 0)
+            saves = [*self._queue, *([self._busy] if self._busy is not None else [])]
+            return sum(1 for p in saves if agent_id is None or p.agent_id == agent_id)
 
     def wait(self, timeout: float | None = None) -> bool:
         """Until every submitted save is durable or failed. False on timeout."""
         with self._cond:
-            return self._cond.wait_for(lambda: not self._queue and not self._busy, timeout)
+            return self._cond.wait_for(lambda: not self._queue and self._busy is None, timeout)
 
     def take_failed(self) -> dict[str, BaseException]:
         """The agents whose last commits failed since the last call, with the errors."""
@@ -94,7 +90,7 @@ class Flusher:
                 if not self._queue:
                     return
                 pending = self._queue.popleft()
-                self._busy = True
+                self._busy = pending
             failed: BaseException | None = None
             try:
                 pending.commit()
@@ -117,5 +113,5 @@ class Flusher:
                         except Exception:  # noqa: BLE001 - collection is retried after the next save
                             pass
             with self._cond:
-                self._busy = False
+                self._busy = None
                 self._cond.notify_all()
