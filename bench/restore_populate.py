@@ -5,14 +5,15 @@ the same bytes, all in one run, interleaved.
     .venv/bin/python bench/restore_populate.py [--tokens 4096] [--repeats 9]
 
 - restore            a restore into new memory (a start-up restore): buffers populated by
-                     one madvise call each (MADV_POPULATE_WRITE, Linux) in a third thread while
-                     the blocks are read, block j hashed while j + 1 is read
+                     one madvise call each (MADV_POPULATE_WRITE, Linux) in another thread while
+                     the blocks are read, each block read and then hashed by one of
+                     blockload.readers() threads (two here)
 - after eviction     the same restore right after the LRU released an agent of this size
                      (runtime.keep_freed_buffers, then the agent's cache dropped): MLX hands the
                      released buffers back, already faulted in
-- populate first     every buffer populated before the first read (before 2026-11-30 19:50)
-- faulting reads     the same, with the pages faulted in one by one inside the reads (before)
-- inline hashes      populated, but each block hashed before the next is read (before)
+- evicted, 1 reader  the same with one reading thread (each block read, then hashed)
+- faulting reads     a restore into new memory with the pages faulted in one by one inside the
+                     reads (before 2026-11-30)
 - read               a plain read of the same files into one reused, faulted-in buffer
 - read + hash        that read plus one xxh3-128 pass over the bytes (what verifying costs at
                      least)
@@ -29,29 +30,10 @@ import statistics
 import sys
 import tempfile
 import time
-from concurrent.futures import Future
 from pathlib import Path
 
 sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 sys.path.insert(0, os.path.dirname(__file__))
-
-
-class InlineExecutor:
-    """A ThreadPoolExecutor stand-in that runs each task at once (hash, then read the next)."""
-
-    def __init__(self, *args, **kwargs) -> None:
-        pass
-
-    def __enter__(self) -> InlineExecutor:
-        return self
-
-    def __exit__(self, *exc) -> bool:
-        return False
-
-    def submit(self, fn, *args) -> Future:
-        future: Future = Future()
-        future.set_result(fn(*args))
-        return future
 
 
 def main() -> int:
@@ -80,7 +62,7 @@ def main() -> int:
     size = sum(p.stat().st_size for p in files)
     reader = PlainReader(size)
     restore = restore_fn(lm, path, ids)
-    populate, executor = blockload.populate, blockload.ThreadPoolExecutor
+    populate, readers = blockload.populate, blockload.readers
 
     import mlx.core as mx
 
@@ -104,7 +86,7 @@ def main() -> int:
     def product() -> None:
         restore()
 
-    def after_eviction() -> None:
+    def after_eviction(timed: list[float] | None = None) -> None:
         # the state as an eviction leaves it: an agent's buffers released into MLX's cache
         runtime.keep_freed_buffers(size)
         victim = restore()
@@ -112,7 +94,7 @@ def main() -> int:
         del victim
         t = time.perf_counter()
         restore()
-        evicted.append((time.perf_counter() - t) * 1000)
+        (evicted if timed is None else timed).append((time.perf_counter() - t) * 1000)
     evicted: list[float] = []
 
     def faulting_reads() -> None:
@@ -122,24 +104,13 @@ def main() -> int:
         finally:
             blockload.populate = populate
 
-    def inline_hashes() -> None:
-        blockload.ThreadPoolExecutor = InlineExecutor  # type: ignore[assignment,misc]
+    def one_reader() -> None:
+        blockload.readers = lambda: 1
         try:
-            restore()
+            after_eviction(one)
         finally:
-            blockload.ThreadPoolExecutor = executor  # type: ignore[misc]
-
-    def populate_first() -> None:
-        def pool(workers: int, thread_name_prefix: str = ""):
-            if "populate" in thread_name_prefix:
-                return InlineExecutor()  # each populate runs at once, before the reads
-            return executor(workers, thread_name_prefix=thread_name_prefix)
-
-        blockload.ThreadPoolExecutor = pool  # type: ignore[assignment,misc]
-        try:
-            restore()
-        finally:
-            blockload.ThreadPoolExecutor = executor  # type: ignore[misc]
+            blockload.readers = readers
+    one: list[float] = []
 
     def read() -> None:
         reader.read(files)
@@ -152,9 +123,8 @@ def main() -> int:
         fresh_read(files, size)
 
     kinds = {"restore": product, "after eviction": after_eviction,
-             "populate first": populate_first,
-             "faulting reads": faulting_reads,
-             "inline hashes": inline_hashes, "read": read, "read + hash": read_hash,
+             "evicted, 1 reader": one_reader, "faulting reads": faulting_reads,
+             "read": read, "read + hash": read_hash,
              "fresh read": new_memory_read}
     for fn in kinds.values():
         fn()  # first calls: imports, caches
@@ -170,6 +140,8 @@ def main() -> int:
             times[name].append((time.perf_counter() - t) * 1000)
             if name == "after eviction":  # only the restore itself is timed
                 times[name][-1] = evicted[-1]
+            if name == "evicted, 1 reader":
+                times[name][-1] = one[-1]
         loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"restore of a {len(ids):,}-token agent: {len(files)} files, {size / 1e6:.1f} MB; "
@@ -181,13 +153,12 @@ def main() -> int:
         print(f"{name:16}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
     print(f"after eviction / read {med['after eviction'] / med['read']:.2f}x; after eviction "
           f"/ (read + hash) {med['after eviction'] / med['read + hash']:.2f}x; restore / after "
-          f"eviction x{med['restore'] / med['after eviction']:.2f}")
+          f"eviction x{med['restore'] / med['after eviction']:.2f}; one reader / "
+          f"{readers()} readers x{med['evicted, 1 reader'] / med['after eviction']:.2f}")
     print(f"restore / read {med['restore'] / med['read']:.2f}x; restore / (read + hash) "
           f"{med['restore'] / med['read + hash']:.2f}x; restore / fresh read "
-          f"{med['restore'] / med['fresh read']:.2f}x; before (populate first, faulting reads, "
-          f"inline hashes) / now: x{med['populate first'] / med['restore']:.2f}, "
-          f"x{med['faulting reads'] / med['restore']:.2f} and "
-          f"x{med['inline hashes'] / med['restore']:.2f}")
+          f"{med['restore'] / med['fresh read']:.2f}x; faulting reads / restore "
+          f"x{med['faulting reads'] / med['restore']:.2f}")
     return 0
 
 

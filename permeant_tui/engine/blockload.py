@@ -197,6 +197,13 @@ def _pages(address: int, nbytes: int) -> tuple[int, int] | None:
     return (start, end - start) if end > start else None
 
 
+def readers() -> int:
+    """Threads that read and hash blocks: one per core, two at least (a read and a hash
+    overlap even on one core: the read waits in the kernel), four at most (past that the
+    memory bus, not the cores, is the limit)."""
+    return min(4, max(2, os.cpu_count() or 1))
+
+
 @functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
@@ -209,8 +216,7 @@ def _libc():
 
 class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
-    straight into the buffers (one preadv per block), and hashes it while the next one is
-    read."""
+    straight into the buffers (one preadv per block), and hashes it right after the read."""
 
     def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
                  block_tokens: int, cut: int, n: int):
@@ -222,65 +228,62 @@ class StreamReader:
         """-> one MLX array [1, heads, capacity, row] per stream, filled; `digests` holds each
         block's content hash (the caller compares them with the names). SnapshotCorrupt on a
         read that fails or comes short."""
-        import mlx.core as mx
-
-        f = _TensorFile([(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes)
-                         for s in self.streams])
-        loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
-        out = [loaded[str(i)] for i in range(len(self.streams))]
-        mx.eval(out)
-        import numpy as np
-
-        rows = [np.array(a, copy=False).view(np.uint8).reshape(s.heads, s.capacity, -1)
-                for a, s in zip(out, self.streams, strict=True)]
-        if not all(r.flags.writeable and r.base is not None for r in rows):
-            raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
-        b = self.block_tokens
-        # Block j's parts: for each stream, for each head, its B rows, as memoryview slices of
-        # that head's region of the stream's buffer (a numpy view per part cost ~16 ms a
-        # restore at 4k in Python; offsets computed per part, ~6 ms).
-        heads = [(mv[h * stride:(h + 1) * stride], b * row)
-                 for mv, n_heads, stride, row in
-                 ((r.data.cast("B"), r.shape[0], r.shape[1] * r.shape[2], r.shape[2])
-                  for r in rows)
-                 for h in range(n_heads)]
-        sizes = [part for _, part in heads]
-        uniform = sizes[0] if sizes and sizes.count(sizes[0]) == len(sizes) else 0
-        bases = [m for m, _ in heads]
-        groups = [sum(sizes[i:i + IOV_MAX]) for i in range(0, len(sizes), IOV_MAX)]
-        # Block j is hashed in a second thread while block j + 1 is read: the read waits in
-        # preadv (the GIL released), so the two overlap.
-        # The new buffers are faulted in by a third thread meanwhile: one madvise per buffer
+        # All at once: allocating a group of streams while another's rows are read made both
+        # slower (MLX's load takes the GIL per tensor, the readers between their calls: 50 ms
+        # against 34 at 4k).
+        out, rows = _allocate(self.streams)
+        heads = _head_views(rows, self.block_tokens)
+        # Each block is read, then hashed, by one of `readers()` threads: preadv and the hash
+        # both release the GIL, so the threads copy and hash side by side, and a block is
+        # hashed while it is still in the caches (x1.3 against one thread reading while
+        # another hashed the block before).
+        # The new buffers are faulted in by another thread meanwhile: one madvise per buffer
         # (ctypes releases the GIL); a read that reaches a page first faults it in itself.
-        with ThreadPoolExecutor(1, thread_name_prefix="permeant-hash") as hasher, \
+        with ThreadPoolExecutor(readers(), thread_name_prefix="permeant-read") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="permeant-populate") as pager:
             for r in rows:
                 if not resident(r.ctypes.data, r.nbytes):
                     pager.submit(populate, r.ctypes.data, r.nbytes)
-            hashed = []
-            for j, fd in enumerate(self.fds):
-                if uniform:  # every part the same size (the usual case): one slice each
-                    a, z = j * uniform, (j + 1) * uniform
-                    parts = [m[a:z] for m in bases]
-                else:
-                    parts = [m[j * part:(j + 1) * part] for m, part in heads]
-                self._read(j, fd, parts, groups)
-                hashed.append(hasher.submit(content_hash, parts))
-            self.digests = [future.result() for future in hashed]
-        for r, s in zip(rows, self.streams, strict=True):
-            if self.n > self.cut:
-                r[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
-                    s.heads, self.n - self.cut, -1)
-            r[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
+            hashed = [pool.submit(self._block, j, heads) for j in range(len(self.fds))]
+            tails = [pool.submit(self._tail, r, s) for r, s in zip(rows, self.streams,
+                                                                  strict=True)]
+            try:
+                self.digests = [task.result() for task in hashed]
+                for task in tails:
+                    task.result()
+            except BaseException:
+                for task in hashed + tails:
+                    task.cancel()
+                raise
         return out
 
-    def _read(self, j: int, fd: int, parts: list, groups: list[int]) -> None:
-        """Block j into `parts` (after its header), IOV_MAX parts a call (`groups`: their
-        sizes); SnapshotCorrupt on an error or a short read."""
-        pos = HEADER_SIZE
+    def _block(self, j: int, heads: list) -> bytes:
+        """Block j's rows into their buffers -> its content hash."""
+        size = heads[0][1] if heads else 0
+        if all(x == size for _, x in heads):  # the usual case: one slice each (per-part
+            a, z = j * size, (j + 1) * size  # offsets cost ~4 ms a 4k restore)
+            parts = [m[a:z] for m, _ in heads]
+        else:
+            parts = [m[j * x:(j + 1) * x] for m, x in heads]
+        self._read(j, self.fds[j], parts, HEADER_SIZE)
+        return content_hash(parts)
+
+    def _tail(self, r, s: Stream) -> None:
+        """The manifest's tail rows after the blocks' positions, zeros in the free room."""
+        import numpy as np
+
+        if self.n > self.cut:
+            r[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
+                s.heads, self.n - self.cut, -1)
+        r[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
+
+    def _read(self, j: int, fd: int, parts: list, pos: int) -> None:
+        """Block j's rows at `pos` into `parts`, IOV_MAX parts a call; SnapshotCorrupt on an
+        error or a short read."""
         try:
-            for g, want in enumerate(groups):
-                group = parts[g * IOV_MAX:(g + 1) * IOV_MAX]
+            for g in range(0, len(parts), IOV_MAX):
+                group = parts[g:g + IOV_MAX]
+                want = sum(len(p) for p in group)
                 n = os.preadv(fd, group, pos) if hasattr(os, "preadv") else \
                     _pread_each(fd, group, pos)
                 pos += n
@@ -289,6 +292,34 @@ class StreamReader:
         except OSError as exc:
             raise SnapshotCorrupt(self.paths[j], "block",
                                   f"unreadable: {exc.strerror or exc}") from None
+
+
+def _allocate(streams: list[Stream]) -> tuple[list, list]:
+    """New MLX buffers for the streams, untouched (one `mx.load` of a `_TensorFile`) -> (the
+    arrays, their bytes as writable numpy views [heads, capacity, row bytes])."""
+    import mlx.core as mx
+    import numpy as np
+
+    f = _TensorFile([(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes)
+                     for s in streams])
+    loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
+    arrays = [loaded[str(i)] for i in range(len(streams))]
+    mx.eval(arrays)
+    rows = [np.array(a, copy=False).view(np.uint8).reshape(s.heads, s.capacity, -1)
+            for a, s in zip(arrays, streams, strict=True)]
+    if not all(r.flags.writeable and r.base is not None for r in rows):
+        raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
+    return arrays, rows
+
+
+def _head_views(rows: list, block_tokens: int) -> list[tuple[memoryview, int]]:
+    """Per stream, per head: (that head's region of the buffer, bytes of one block's rows), in
+    the block file's order. Block j's part is region[j * size:(j + 1) * size] (a memoryview
+    slice: a numpy view per part cost ~16 ms a restore at 4k)."""
+    return [(mv[h * stride:(h + 1) * stride], block_tokens * row)
+            for mv, n_heads, stride, row in
+            ((r.data.cast("B"), r.shape[0], r.shape[1] * r.shape[2], r.shape[2]) for r in rows)
+            for h in range(n_heads)]
 
 
 def _pread_each(fd: int, bufs: list, pos: int) -> int:

@@ -477,3 +477,43 @@ def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch)
     exc = refused(tiny_model, path, ids, "block")
     assert exc.path == str(store.path(names[2])) and "short read" in exc.detail
 
+
+
+@pytest.mark.parametrize("readers", [1, 2, 5])
+def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
+        saved, tiny_model, monkeypatch, readers):
+    """Blocks are read and hashed by blockload.readers() threads (one per core, 2 to 4): with
+    one, two or more than there are blocks the restore is byte-for-byte the live cache, and a
+    damaged block among them (a bit flipped in the last, a short read in the first, both at
+    once) is refused naming a damaged block, promptly: no reader is left waiting."""
+    import threading
+
+    from permeant_tui.engine import blockload
+
+    monkeypatch.setattr(blockload, "readers", lambda: readers)
+    path, ids, live, _ = saved
+    cache = restore(tiny_model, path, ids)
+    n = len(ids)
+    for a, b in zip(live.cache, cache, strict=True):
+        assert mx.array_equal(a.keys[..., :n, :], b.keys[..., :n, :]).item()
+        assert mx.array_equal(a.values[..., :n, :], b.values[..., :n, :]).item()
+    store = BlockStore(path.parents[2] / "kv-blocks")
+    names = blocks_of(path)
+    assert len(names) >= 3
+    last, first = store.path(names[-1]), store.path(names[0])
+    raw = last.read_bytes()
+    last.write_bytes(raw[:-7] + bytes([raw[-7] ^ 0x01]) + raw[-6:])
+    exc = refused(tiny_model, path, ids, "block")
+    assert exc.path == str(last) and "checksum" in exc.detail
+    real_open = blockload.open_blocks
+
+    def open_then_truncate(*args, **kw):
+        fds = real_open(*args, **kw)
+        os.truncate(first, blockstore.HEADER_SIZE + 3)
+        return fds
+
+    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
+    before = threading.active_count()
+    exc = refused(tiny_model, path, ids, "block")
+    assert exc.path == str(first) and "short read" in exc.detail  # the first failure found
+    assert threading.active_count() == before  # every reader joined
