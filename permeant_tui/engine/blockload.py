@@ -22,7 +22,7 @@ import mmap
 import os
 import stat
 import sys
-from concurrent.futures import ThreadPoolExecutor
+from concurrent.futures import Future, ThreadPoolExecutor
 from typing import TYPE_CHECKING
 
 from .blockstore import (
@@ -245,8 +245,8 @@ class StreamReader:
                 if not resident(r.ctypes.data, r.nbytes):
                     pager.submit(populate, r.ctypes.data, r.nbytes)
             hashed = [pool.submit(self._block, j, heads) for j in range(len(self.fds))]
-            tails = [pool.submit(self._tail, r, s) for r, s in zip(rows, self.streams,
-                                                                  strict=True)]
+            tails: list[Future] = [pool.submit(self._tail, r, s)
+                                   for r, s in zip(rows, self.streams, strict=True)]
             try:
                 self.digests = [task.result() for task in hashed]
                 for task in tails:
