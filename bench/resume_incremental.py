@@ -78,7 +78,8 @@ def snapshot_files(path: Path) -> list[Path]:
 
     meta = read_header(path)["__metadata__"]
     store = default_store(path)
-    return [path, *(store / f"{n}.kvb" for n in json.loads(meta.get("blocks", "[]")))]
+    names = json.loads(meta.get("blocks", "[]")) + json.loads(meta.get("window_blocks", "[]"))
+    return [path, *(store / f"{n}.kvb" for n in names)]
 
 
 class PlainReader:

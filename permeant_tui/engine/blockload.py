@@ -47,13 +47,15 @@ _ST_DTYPE = {"float32": "F32", "float16": "F16", "uint16": "U16", "uint32": "U32
 
 class Stream:
     """One stream's tensor: its shape [1, heads, capacity, row], numpy dtype (bfloat16 as
-    uint16), the manifest's tail rows [1, heads, n - cut, row] as numpy."""
+    uint16), the manifest's tail rows [1, heads, n - cut, row] as numpy, and (a sliding layer's
+    window) the head rows [1, heads, start, row] that come before the first block."""
 
-    def __init__(self, heads: int, capacity: int, row: int, dtype: np.dtype, tail: np.ndarray):
+    def __init__(self, heads: int, capacity: int, row: int, dtype: np.dtype, tail: np.ndarray,
+                 head: np.ndarray | None = None):
         self.heads, self.capacity, self.row = heads, capacity, row
         import numpy as np
 
-        self.dtype, self.tail = np.dtype(dtype), tail
+        self.dtype, self.tail, self.head = np.dtype(dtype), tail, head
 
     @property
     def nbytes(self) -> int:
@@ -219,10 +221,25 @@ class StreamReader:
     straight into the buffers (one preadv per block), and hashes it right after the read."""
 
     def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
-                 block_tokens: int, cut: int, n: int):
+                 block_tokens: int, cut: int, n: int, start: int = 0, rotate: int = 0):
+        """Block j fills positions [start + j * B, start + (j + 1) * B) of every stream; the
+        streams' heads [0, start), their tails [cut, n), zeros after n. With `rotate` (a
+        sliding layer's ring, capacity n): position p goes to row (p + rotate) % n, the layout
+        mlx-lm's RotatingKVCache keeps, so the ring is attached without reordering it."""
         self.streams, self.fds, self.paths = streams, fds, paths
-        self.block_tokens, self.cut, self.n = block_tokens, cut, n
+        self.block_tokens, self.cut, self.n, self.start = block_tokens, cut, n, start
+        self.rotate = rotate
+        if rotate and any(st.capacity != n for st in streams):
+            raise ValueError("a rotated stream has no free room")
         self.digests: list[bytes] = []
+
+    def _spans(self, a: int, b: int) -> list[tuple[int, int]]:
+        """Rows [a, b) of a stream as the row ranges they occupy in its buffer (two when a
+        rotated range wraps)."""
+        if not self.rotate or a == b:
+            return [(a, b)]
+        p = (a + self.rotate) % self.n
+        return [(p, p + b - a)] if p + b - a <= self.n else [(p, self.n), (0, p + b - a - self.n)]
 
     def load(self) -> list:
         """-> one MLX array [1, heads, capacity, row] per stream, filled; `digests` holds each
@@ -232,7 +249,7 @@ class StreamReader:
         # slower (MLX's load takes the GIL per tensor, the readers between their calls: 50 ms
         # against 34 at 4k).
         out, rows = _allocate(self.streams)
-        heads = _head_views(rows, self.block_tokens)
+        heads = _head_views(rows)
         # Each block is read, then hashed, by one of `readers()` threads: preadv and the hash
         # both release the GIL, so the threads copy and hash side by side, and a block is
         # hashed while it is still in the caches (x1.3 against one thread reading while
@@ -259,22 +276,30 @@ class StreamReader:
 
     def _block(self, j: int, heads: list) -> bytes:
         """Block j's rows into their buffers -> its content hash."""
-        size = heads[0][1] if heads else 0
-        if all(x == size for _, x in heads):  # the usual case: one slice each (per-part
-            a, z = j * size, (j + 1) * size  # offsets cost ~4 ms a 4k restore)
-            parts = [m[a:z] for m, _ in heads]
+        a = self.start + j * self.block_tokens
+        spans = self._spans(a, a + self.block_tokens)
+        row = heads[0][1] if heads else 0
+        if all(x == row for _, x in heads):  # the usual case: the same byte ranges in every
+            cuts = [(s * row, e * row) for s, e in spans]  # head (per-part offsets cost ~4 ms
+            parts = [m[x:y] for m, _ in heads for x, y in cuts]  # a 4k restore)
         else:
-            parts = [m[j * x:(j + 1) * x] for m, x in heads]
+            parts = [m[s * x:e * x] for m, x in heads for s, e in spans]
         self._read(j, self.fds[j], parts, HEADER_SIZE)
         return content_hash(parts)
 
     def _tail(self, r, s: Stream) -> None:
-        """The manifest's tail rows after the blocks' positions, zeros in the free room."""
+        """The manifest's head and tail rows around the blocks' positions, zeros in the free
+        room."""
         import numpy as np
 
-        if self.n > self.cut:
-            r[:, self.cut:self.n] = np.ascontiguousarray(s.tail).view(np.uint8).reshape(
-                s.heads, self.n - self.cut, -1)
+        for a, b, rows in ((0, self.start, s.head), (self.cut, self.n, s.tail)):
+            if b <= a:
+                continue
+            src = np.ascontiguousarray(rows).view(np.uint8).reshape(s.heads, b - a, -1)
+            done = 0
+            for x, y in self._spans(a, b):
+                r[:, x:y] = src[:, done:done + y - x]
+                done += y - x
         r[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
 
     def _read(self, j: int, fd: int, parts: list, pos: int) -> None:
@@ -312,11 +337,11 @@ def _allocate(streams: list[Stream]) -> tuple[list, list]:
     return arrays, rows
 
 
-def _head_views(rows: list, block_tokens: int) -> list[tuple[memoryview, int]]:
-    """Per stream, per head: (that head's region of the buffer, bytes of one block's rows), in
-    the block file's order. Block j's part is region[j * size:(j + 1) * size] (a memoryview
-    slice: a numpy view per part cost ~16 ms a restore at 4k)."""
-    return [(mv[h * stride:(h + 1) * stride], block_tokens * row)
+def _head_views(rows: list) -> list[tuple[memoryview, int]]:
+    """Per stream, per head: (that head's region of the buffer, bytes of one row), in the block
+    file's order. A block's part is a memoryview slice of the region (a numpy view per part
+    cost ~16 ms a restore at 4k)."""
+    return [(mv[h * stride:(h + 1) * stride], row)
             for mv, n_heads, stride, row in
             ((r.data.cast("B"), r.shape[0], r.shape[1] * r.shape[2], r.shape[2]) for r in rows)
             for h in range(n_heads)]

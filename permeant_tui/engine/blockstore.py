@@ -29,7 +29,7 @@ import os
 import re
 import stat
 import struct
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -183,15 +183,15 @@ class BlockStore:
         staged.tmp.unlink(missing_ok=True)
         self.pending.discard(staged.name)
 
-    def write_all(self, streams: list, chain: list[bytes], block_tokens: int,
+    def write_all(self, rows_of: Callable[[int], list], chain: list[bytes], block_tokens: int,
                   known: tuple = (), clean: int = 0,
                   staged: list[Staged] | None = None) -> tuple[list[str], int, int]:
-        """Name every whole block of `streams` (numpy [1, heads, T, dim], T >= len(chain) * B)
-        and write those the store lacks; `known[j]` is taken without reading the rows when it
-        chains the same prefix, lies within the first `clean` positions and is in the store.
-        Fsyncs the folder when it wrote any. With `staged`, new blocks are only staged (appended
-        there) for the caller to land, and a block another save staged counts as present.
-        -> (names, bytes written, blocks written)."""
+        """Name block j of `chain` (its payload: `rows_of(j)`, C-contiguous arrays in order) for
+        every j, and write those the store lacks; `known[j]` is taken without reading the rows
+        when it chains the same prefix, lies within the first `clean` positions and is in the
+        store. Fsyncs the folder when it wrote any. With `staged`, new blocks are only staged
+        (appended there) for the caller to land, and a block another save staged counts as
+        present. -> (names, bytes written, blocks written)."""
         names, written, new = [], 0, 0
         # a synchronous save commits its manifest now: only landed blocks count for it
         pending = self.pending if staged is not None else set()
@@ -201,7 +201,7 @@ class BlockStore:
                     (old in pending or self.has(old)):
                 names.append(old)
                 continue
-            rows = block_rows(streams, j, block_tokens)
+            rows = rows_of(j)
             name = block_name(h, content_hash(rows))
             if not (name in pending or self.has(name)):
                 if staged is None:

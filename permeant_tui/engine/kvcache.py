@@ -231,6 +231,39 @@ def _sliding_state(layer) -> LayerState:
     return LayerState(SLIDING, order(k), order(v), offset, window, keep, idx)
 
 
+def window_rows(layer, a: int, b: int) -> tuple:
+    """(K, V) of positions [a, b) of a rotating layer without kept tokens, as slices of its ring
+    (two pieces joined at most), never a copy of the whole window: what a snapshot's window
+    blocks and its manifest take from a sliding layer (engine/snapshot_write.py). Equal to
+    positions [a, b) of the layer's state in logical order. CacheLayoutError if the layer does
+    not hold them (any more)."""
+    k, v, offset, keep, window, idx = layer.state
+    offset, keep, window, idx = int(offset), int(keep), int(window), int(idx)
+    if k is None or keep:
+        raise CacheLayoutError("window rows of a layer that is empty or keeps tokens")
+    size = int(k.shape[2])
+    if offset < window or idx == size:  # linear: slot s holds position first + s
+        first = 0 if offset < window else offset - size
+        held = min(offset, window)  # the logical window (a longer linear ring holds more)
+        slots = [(a - first, b - first)]
+    elif size == window and 0 < idx < window:  # a ring: slot idx holds the oldest position
+        held, first = window, offset - window
+        s0 = (idx + a - first) % window
+        slots = [(s0, s0 + b - a)] if s0 + b - a <= window else \
+            [(s0, window), (0, s0 + b - a - window)]
+    else:
+        raise CacheLayoutError(f"rotating cache of {size} slots, window {window}, index {idx}")
+    if not (offset - held <= a <= b <= offset):
+        raise CacheLayoutError(f"positions {a}..{b} are not in a window holding "
+                               f"{offset - held}..{offset}")
+
+    def take(x):
+        pieces = [x[..., s:e, :] for s, e in slots]
+        return pieces[0] if len(pieces) == 1 else concat(pieces)
+
+    return take(k), take(v)
+
+
 def _empty_sliding(window: int, keep: int) -> LayerState:
     return LayerState(SLIDING, None, None, 0, window, keep, 0)
 
@@ -324,7 +357,8 @@ def _fresh(a):
 def layer_from_state(st: LayerState, base: tuple | None = None):
     """An mlx-lm cache object holding `st` exactly (through the class's own from_state). `base`
     (full, quantized): (K, V) buffers holding `st` first, then room: the next update writes in
-    place instead of growing (copying) the whole K/V."""
+    place instead of growing (copying) the whole K/V; (sliding) the ring (K, V) in mlx-lm's
+    physical order, which `st` views in logical order."""
     c = _cls()
     if st.kind == FULL:
         if st.offset == 0 or st.keys is None:
@@ -342,6 +376,10 @@ def layer_from_state(st: LayerState, base: tuple | None = None):
         raise CacheLayoutError(f"unknown layer kind {st.kind!r}")
     if st.offset == 0 or st.keys is None:
         return c.RotatingKVCache(max_size=st.window, keep=st.keep)
+    if base is not None:  # the ring itself, laid out as mlx-lm keeps it (a snapshot's window)
+        k, v = base
+        return c.RotatingKVCache.from_state((_fresh(k), _fresh(v), st.offset, st.keep,
+                                             st.window, st.idx))
     a = st.length - st.idx  # undo _temporal_order: [keep | ring from idx | ring up to idx]
 
     def ring(x):

@@ -1,5 +1,5 @@
 """KV snapshots: a small manifest per agent plus shared K/V blocks, written atomically,
-checksummed and identity-stamped (format permeant-kv/3; docs/RESUME.md has the layout).
+checksummed and identity-stamped (format permeant-kv/4; docs/RESUME.md has the layout).
 
 A snapshot is a cache of an agent's transcript, attached only when every check holds:
   format   the manifest's header parses and the file is exactly as long as the header says
@@ -44,19 +44,26 @@ from .errors import ModelMismatch, SnapshotCorrupt, SnapshotInvalid
 from .identity import ModelIdentity
 from .snapshot_format import (  # noqa: F401 - the format's names, from here as before
     _MAX_HEADER,
+    BLOCK_FORMATS,
     BLOCK_TOKENS,
     BLOCKS_DIR,
     FORMAT,
     FORMAT_V1,
     FORMAT_V2,
+    FORMAT_V3,
     FORMATS,
     ROOM_STEP,
     ROOM_TOKENS,
+    WINDOW_BLOCK_TOKENS,
+    BlockTag,
+    WindowPlan,
     _covered,
     _np,
     _tensor_checksum,
     default_store,
     ids_digest,
+    window_chain,
+    window_plan,
 )
 from .snapshot_write import (  # noqa: F401 - the writer, from here as before
     PendingSave,
@@ -142,6 +149,8 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
                             f"{identity.name!r} ({identity.fingerprint[:12]}...)")
     layer_meta = meta.get("layer_meta", "") if fmt != FORMAT_V1 else ""
     covered, names, block_tokens = layer_meta, [], 0
+    wnames: list = []
+    wtokens = 0
     try:
         arrays = mx.load(str(path))
         # all at once: x1.7 faster on a warm 4k restore than materialising them one by one in
@@ -154,13 +163,18 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
             raise ValueError("layer_meta does not describe every layer")
         groups = [_layer_tensors(arrays, i, m["parts"]) for i, m in enumerate(metas)]
         ids_arr = arrays["token_ids"]
-        if fmt == FORMAT:
+        if fmt in BLOCK_FORMATS:
             block_tokens = int(meta["block_tokens"])
             names = json.loads(meta["blocks"])
-            if block_tokens < 1 or not isinstance(names, list) or \
-                    not all(isinstance(x, str) for x in names):
+            window = (meta["window_blocks"], meta["window_block_tokens"]) if fmt == FORMAT \
+                else (None, None)
+            wnames = json.loads(window[0]) if window[0] is not None else []
+            wtokens = int(window[1]) if window[1] is not None else 1
+            if block_tokens < 1 or wtokens < 1 or not isinstance(names, list) or \
+                    not isinstance(wnames, list) or \
+                    not all(isinstance(x, str) for x in names + wnames):
                 raise ValueError("bad block list")
-            covered = _covered(layer_meta, meta["blocks"], meta["block_tokens"])
+            covered = _covered(layer_meta, meta["blocks"], meta["block_tokens"], *window)
     except Exception as exc:  # mlx raises RuntimeError/ValueError; a missing key is KeyError
         raise SnapshotCorrupt(str(path), "format", f"unreadable tensors: {exc}") from None
     ordered = [a for ks, vs in groups for a in ks + vs]
@@ -171,7 +185,7 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
     # str compare: a damaged count ("4x") must fail this check, not raise ValueError
     if ids_digest(ids) != meta.get("tokens_digest") or str(len(ids)) != meta.get("tokens"):
         raise SnapshotCorrupt(str(path), "tokens", "token ids do not match their digest")
-    if fmt != FORMAT:
+    if fmt not in BLOCK_FORMATS:
         states = _layout(path, identity, metas, groups, len(ids), fmt)
         _check_expected(path, ids, expected_ids, prefix)
         return states, ids, meta
@@ -179,12 +193,21 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
     if [x[:32] for x in names] != [h.hex() for h in want]:
         raise SnapshotCorrupt(str(path), "blocks", f"the {len(names)} block names do not chain "
                               f"the {len(ids)} token ids under this model ({len(want)} blocks)")
+    plan = _window_plan(identity, metas, len(ids), wtokens) if fmt == FORMAT else None
+    wwant = window_chain(ids, identity.fingerprint, wtokens)[plan.j0:plan.j1] if plan else []
+    if [x[:32] for x in wnames] != [h.hex() for h in wwant]:
+        raise SnapshotCorrupt(str(path), "blocks", f"the {len(wnames)} window block names do "
+                              f"not chain the {len(ids)} token ids' window under this model "
+                              f"({len(wwant)} blocks)")
     _check_expected(path, ids, expected_ids, prefix)  # before reading blocks of a stale one
     store = store if store is not None else BlockStore(default_store(path))
     groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room)
+    if plan is not None:
+        groups = _assemble_window(path, store, metas, groups, bases, wnames, plan, len(ids))
     states = RestoredStates(_layout(path, identity, metas, groups, len(ids), fmt))
     states.bases = bases
-    states.persisted = (len(names) * block_tokens, tuple(names))
+    states.persisted = (len(names) * block_tokens,
+                        BlockTag(tuple(names), plan.j0 if plan else 0, tuple(wnames)))
     return states, ids, meta
 
 
@@ -233,10 +256,7 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
         allocs = reader.load()  # SnapshotCorrupt naming the block on a failed or short read
     finally:
         blockload.close_all(fds)
-    for name, digest in zip(names, reader.digests, strict=True):
-        if digest != bytes.fromhex(name[33:]):
-            raise SnapshotCorrupt(str(store.path(name)), "block", "bytes do not match the "
-                                  "block's checksum (bit rot or a partial write)")
+    _verify(store, names, reader.digests)
     out, bases = list(groups), [None] * len(groups)
     pos = 0
     for i in which:
@@ -250,6 +270,81 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
         out[i] = (tuple(a[..., :n, :] for a in fk), tuple(a[..., :n, :] for a in fv))
         bases[i] = (fk, fv) if metas[i].get("kind") == kvcache.QUANTIZED else (fk[0], fv[0])
     return out, bases
+
+
+def _window_plan(identity: ModelIdentity, metas: list[dict], n: int,
+                 block_tokens: int) -> WindowPlan | None:
+    """Where format 4 keeps the windows after n tokens, as the loaded model's own layers say
+    (never the file's meta: the layout check holds the file to the model)."""
+    specs = [kvcache.LayerSpec(kvcache.SLIDING if x.get("type") == "sliding" else kvcache.FULL,
+                               int(x.get("window") or 0), int(x.get("keep") or 0))
+             for x in identity.layers()]
+    if len(specs) != len(metas):
+        return None  # refused by the layout check
+    return window_plan([{"kind": sp.kind, "window": sp.window, "keep": sp.keep,
+                         "length": sp.stored_length(n)} for sp in specs], n, block_tokens)
+
+
+def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: list,
+                     bases: list, names: list[str], plan: WindowPlan, n: int) -> list:
+    """Format 4: every sliding layer's window, L = min(n, W) positions, its head from the
+    manifest, then the window blocks read straight into it, then its tail; every block verified
+    against its content hash. The buffer [1, kv_heads, L, head_dim] is laid out as mlx-lm's
+    ring (position r of the window at row (r + idx) % L): `bases[i]` gets it, attached as is,
+    and groups[i] a lazy view of it in logical order (never evaluated by attach).
+    -> groups with those layers' (K, V) replaced; `bases` filled in place."""
+    import mlx.core as mx
+
+    b, head, tail, length = plan.block_tokens, plan.head, plan.tail(n), n - plan.lo
+    idxs = {metas[i].get("idx") for i in plan.layers}
+    (idx,) = idxs if len(idxs) == 1 else (0,)
+    # the ring's rotation: kvcache.layer_from_state's; a bad idx is refused by the layout check
+    rotate = idx if isinstance(idx, int) and 0 < idx < length else 0
+    streams, bf16 = [], []
+    for i in plan.layers:
+        kind, length = metas[i].get("kind"), metas[i].get("length")
+        if kind != kvcache.SLIDING:
+            raise SnapshotCorrupt(str(path), "layout", f"layer {i} is {kind}, the model's is "
+                                  f"sliding (window {plan.window})")
+        if length != n - plan.lo:
+            raise SnapshotCorrupt(str(path), "layout", f"layer {i} stores {length} tokens; a "
+                                  f"sliding layer after {n} tokens holds {n - plan.lo}")
+        ks, vs = groups[i]
+        for t in ks + vs:
+            if t.ndim != 4 or int(t.shape[0]) != 1 or int(t.shape[2]) != head + tail:
+                raise SnapshotCorrupt(str(path), "layout", f"layer {i}: window head and tail of "
+                                      f"shape {tuple(t.shape)}, expected {head} + {tail} "
+                                      "positions")
+            rows = _np(t)
+            streams.append(blockload.Stream(int(t.shape[1]), n - plan.lo, int(t.shape[3]),
+                                            rows.dtype, rows[:, :, head:], rows[:, :, :head]))
+            bf16.append(t.dtype == mx.bfloat16)
+    payload = sum(st.heads * b * st.row * st.dtype.itemsize for st in streams)
+    fds = blockload.open_blocks(store, names, b, payload)
+    try:
+        reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names], b,
+                                        head + len(names) * b, length, start=head,
+                                        rotate=rotate)
+        allocs = reader.load()
+    finally:
+        blockload.close_all(fds)
+    _verify(store, names, reader.digests)
+    out = list(groups)
+    arrays = [a.view(mx.bfloat16) if is_bf16 else a for a, is_bf16 in zip(allocs, bf16,
+                                                                          strict=True)]
+    for pos, i in enumerate(plan.layers):
+        ring = (arrays[2 * pos], arrays[2 * pos + 1])
+        bases[i] = ring
+        out[i] = tuple((kvcache.concat([x[..., rotate:, :], x[..., :rotate, :]]) if rotate
+                        else x,) for x in ring)
+    return out
+
+
+def _verify(store: BlockStore, names: list[str], digests: list[bytes]) -> None:
+    for name, digest in zip(names, digests, strict=True):
+        if digest != bytes.fromhex(name[33:]):
+            raise SnapshotCorrupt(str(store.path(name)), "block", "bytes do not match the "
+                                  "block's checksum (bit rot or a partial write)")
 
 
 def _layer_tensors(arrays: dict, i: int, n_parts: int) -> tuple[tuple, tuple]:

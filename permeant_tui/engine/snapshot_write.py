@@ -1,4 +1,4 @@
-"""The snapshot writer (format permeant-kv/3; engine/snapshot.py has the format and the reader):
+"""The snapshot writer (format permeant-kv/4; engine/snapshot.py has the format and the reader):
 the blocks the store lacks, then the manifest, committed on the caller's thread or handed to
 the workspace's flusher (engine/durable.py) as a `PendingSave`."""
 
@@ -14,16 +14,21 @@ from typing import TYPE_CHECKING
 
 from . import kvcache
 from .atomic import commit_file, remove_dead_temps, temp_path
-from .blockstore import HEADER_SIZE, BlockStore, Staged, chain_hashes
+from .blockstore import HEADER_SIZE, BlockStore, Staged, block_rows, chain_hashes
 from .identity import ModelIdentity
 from .snapshot_format import (
     BLOCK_TOKENS,
     FORMAT,
+    WINDOW_BLOCK_TOKENS,
+    BlockTag,
+    WindowPlan,
     _covered,
     _np,
     _tensor_checksum,
     default_store,
     ids_digest,
+    window_chain,
+    window_plan,
 )
 
 if TYPE_CHECKING:
@@ -79,10 +84,12 @@ class PendingSave:
         self.tmp.unlink(missing_ok=True)
 
 
-def _split(states: list, identity: ModelIdentity, cut: int):
+def _split(states: list, identity: ModelIdentity, cut: int, cache: list,
+           plan: WindowPlan | None, n: int):
     """-> (tail tensors by name, per-layer meta, tail tensors in checksum order, full-layer
     streams). A layer is `k.{i}` / `v.{i}` [1, kv_heads, L, head_dim] in token order (quantized:
-    `k.{i}.{j}` for each part); a full layer's positions [0, cut) go to blocks instead."""
+    `k.{i}.{j}` for each part); a full layer's positions [0, cut) go to blocks instead, and a
+    sliding layer of the window plan keeps only its head and tail (the rest: window blocks)."""
     import mlx.core as mx
 
     named: dict = {}
@@ -105,6 +112,8 @@ def _split(states: list, identity: ModelIdentity, cut: int):
                 streams.extend(ks + vs)
                 ks = tuple(a[..., cut:, :] for a in ks)
                 vs = tuple(a[..., cut:, :] for a in vs)
+            elif plan is not None and i in plan.layers:
+                ks, vs = _head_and_tail(cache[i], plan, n)
         for name, group in (("k", ks), ("v", vs)):
             for j, a in enumerate(group):
                 named[f"{name}.{i}" if len(group) == 1 else f"{name}.{i}.{j}"] = a
@@ -113,15 +122,59 @@ def _split(states: list, identity: ModelIdentity, cut: int):
     return named, metas, ordered, streams
 
 
+def _head_and_tail(layer, plan: WindowPlan, n: int) -> tuple[tuple, tuple]:
+    """A windowed sliding layer's manifest tensors: its head and tail positions, joined."""
+    b = plan.block_tokens
+    (hk, hv), (tk, tv) = (kvcache.window_rows(layer, plan.lo, plan.j0 * b),
+                          kvcache.window_rows(layer, plan.j1 * b, n))
+
+    def join(head, tail):
+        return kvcache.concat([head, tail]) if head.shape[2] or tail.shape[2] else head
+
+    return (join(hk, tk),), (join(hv, tv),)
+
+
 def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
                   streams: list, block_tokens: int,
                   staged: list[Staged] | None) -> tuple[list[str], int, int]:
     """Blocks this cache was read from or last saved as, and has not rewound into since, are
     not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
     clean, tag = kvcache.persisted(cache)
-    return store.write_all([_np(s) for s in streams],
+    rows = [_np(s) for s in streams]
+    return store.write_all(lambda j: block_rows(rows, j, block_tokens),
                            chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
-                           tag if isinstance(tag, tuple) else (), clean, staged)
+                           tag.full if isinstance(tag, BlockTag) else (), clean, staged)
+
+
+def _window_payload(cache: list, plan: WindowPlan) -> int:
+    """Bytes of one window block's rows: K and V of every sliding layer, B rows a head."""
+    total = 0
+    for i in plan.layers:
+        k = cache[i].state[0]
+        total += 2 * int(k.shape[1]) * plan.block_tokens * int(k.shape[3]) * k.dtype.size
+    return total
+
+
+def _write_window_blocks(store: BlockStore, cache: list, ids: list[int],
+                         identity: ModelIdentity, plan: WindowPlan,
+                         staged: list[Staged] | None) -> tuple[list[str], int, int]:
+    """Window blocks j0..j1-1 of the plan: for each sliding layer (K, then V), for each head,
+    the block's B rows, taken from the ring one block at a time (kvcache.window_rows); those
+    this cache was read from or last saved as are not re-read. -> (names, bytes, written)."""
+    import mlx.core as mx
+
+    clean, tag = kvcache.persisted(cache)
+    b = plan.block_tokens
+
+    def rows_of(j: int) -> list:
+        a = (plan.j0 + j) * b
+        pairs = [kvcache.window_rows(cache[i], a, a + b) for i in plan.layers]
+        mx.eval(pairs)
+        return block_rows([_np(x) for pair in pairs for x in pair], 0, b)
+
+    known = tag.known_window(plan.j0, plan.j1) if isinstance(tag, BlockTag) else ()
+    return store.write_all(rows_of, window_chain(ids, identity.fingerprint, b)[plan.j0:plan.j1],
+                           b, known, clean - plan.j0 * b, staged)
 
 
 def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
@@ -138,7 +191,9 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
     n = len(ids)
     cut = (n // block_tokens) * block_tokens
     states = kvcache.layer_states(cache, n)
-    named, metas, ordered, streams = _split(states, identity, cut)
+    plan = window_plan([st.meta() if st.keys is not None else {"kind": st.kind}
+                        for st in states], n, WINDOW_BLOCK_TOKENS)
+    named, metas, ordered, streams = _split(states, identity, cut, cache, plan, n)
     import numpy as np
 
     arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
@@ -146,7 +201,7 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
     staged: list[Staged] | None = [] if flusher is not None else None
     try:
         return _write_manifest(path, cache, ids, identity, agent_id, store, block_tokens,
-                               flusher, staged, t0, arrays, metas, ordered, streams, cut)
+                               flusher, staged, t0, arrays, metas, ordered, streams, cut, plan)
     except BaseException:
         for st in staged or ():
             store.discard(st)
@@ -156,15 +211,22 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
 def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
                     agent_id: str, store: BlockStore, block_tokens: int, flusher: Flusher | None,
                     staged: list[Staged] | None, t0: float, arrays: dict, metas: list,
-                    ordered: list, streams: list, cut: int) -> SnapshotInfo:
+                    ordered: list, streams: list, cut: int,
+                    plan: WindowPlan | None) -> SnapshotInfo:
     import mlx.core as mx
 
     n = len(ids)
     names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens,
                                         staged)
+    wnames: list[str] = []
+    if plan is not None:
+        wnames, w_written, w_new = _write_window_blocks(store, cache, ids, identity, plan, staged)
+        written, new = written + w_written, new + w_new
     layer_meta = json.dumps(metas, sort_keys=True, separators=(",", ":"))
     blocks = json.dumps(names, separators=(",", ":"))
+    window = json.dumps(wnames, separators=(",", ":"))
     block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
+    window_bytes = HEADER_SIZE + _window_payload(cache, plan) if wnames and plan else 0
     meta = {
         "format": FORMAT,
         "agent": agent_id,
@@ -175,13 +237,19 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
         "kv_dtype": identity.kv_dtype,
         "layout": f"per-layer k.i/v.i [1, {identity.n_kv_heads}, L_i, {identity.head_dim}] in "
                   f"token order: full layers positions [{cut}, T) (the rest in the blocks), "
-                  f"sliding layers min(T, window) (see layer_meta), rope {identity.rope_layout}",
+                  f"sliding layers min(T, window) (see layer_meta; with window_blocks only the "
+                  f"positions outside them), rope {identity.rope_layout}",
         "layers": str(len(metas)),
         "layer_meta": layer_meta,
         "block_tokens": str(block_tokens),
         "blocks": blocks,
         "block_bytes": str(block_bytes if names else 0),
-        "checksum": _tensor_checksum(ordered, _covered(layer_meta, blocks, str(block_tokens))),
+        "window_block_tokens": str(plan.block_tokens if plan else WINDOW_BLOCK_TOKENS),
+        "window_blocks": window,
+        "window_block_bytes": str(window_bytes),
+        "checksum": _tensor_checksum(ordered, _covered(
+            layer_meta, blocks, str(block_tokens), window,
+            str(plan.block_tokens if plan else WINDOW_BLOCK_TOKENS))),
         "created": f"{time.time():.3f}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -194,14 +262,16 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
     except BaseException:
         tmp.unlink(missing_ok=True)
         raise
-    pending = PendingSave(agent_id, path, tmp, store, names, staged or [])
+    pending = PendingSave(agent_id, path, tmp, store, names + wnames, staged or [])
     if flusher is None:
         commit_file(tmp, path)
     else:
         flusher.submit(pending)
-    kvcache.set_persisted(cache, cut, tuple(names))
-    return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0),
-                        (time.perf_counter() - t0) * 1000, written + size, len(names), new)
+    kvcache.set_persisted(cache, cut, BlockTag(tuple(names), plan.j0 if plan else 0,
+                                               tuple(wnames)))
+    return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0)
+                        + len(wnames) * window_bytes, (time.perf_counter() - t0) * 1000,
+                        written + size, len(names) + len(wnames), new)
 
 
 def remove_stale_temps(path: Path) -> list[Path]:

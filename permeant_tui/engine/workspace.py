@@ -37,6 +37,7 @@ from .settings import (
     save_settings,
 )
 from .snapshot import (
+    BLOCK_FORMATS,
     BLOCKS_DIR,
     FORMAT,
     attach,
@@ -135,7 +136,9 @@ class Workspace:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
                     agent.bytes_on_disk += len(json.loads(meta.get("blocks", "[]"))) * \
-                        int(meta.get("block_bytes", 0))
+                        int(meta.get("block_bytes", 0)) + \
+                        len(json.loads(meta.get("window_blocks", "[]"))) * \
+                        int(meta.get("window_block_bytes", 0))
                 except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
             elif (imported := folder / "agents" / spec.id / IMPORTED).exists():
@@ -379,13 +382,13 @@ class Workspace:
         for m in (self.folder / "agents").glob(f"*/{SNAPSHOT}"):
             try:
                 meta = read_header(m).get("__metadata__") or {}
-                names = json.loads(meta.get("blocks", "[]")) if meta.get("format") == FORMAT \
-                    else []
+                lists = [json.loads(meta.get(key, "[]")) for key in ("blocks", "window_blocks")] \
+                    if meta.get("format") in BLOCK_FORMATS else []
             except (SnapshotInvalid, ValueError):
                 return []
-            if not isinstance(names, list):
+            if not all(isinstance(names, list) for names in lists):
                 return []
-            referenced.update(x for x in names if isinstance(x, str))
+            referenced.update(x for names in lists for x in names if isinstance(x, str))
         return self.blocks.collect(referenced)
 
     def enforce_residency(self, save: Callable[[Agent], object],

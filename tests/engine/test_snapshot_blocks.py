@@ -27,6 +27,7 @@ from permeant_tui.engine.errors import SnapshotCorrupt
 from permeant_tui.engine.events import AgentRestored
 from permeant_tui.engine.generation import prefill
 from permeant_tui.engine.snapshot import attach, read_header, read_snapshot, write_snapshot
+from permeant_tui.engine.snapshot_format import WINDOW_BLOCK_TOKENS as WB
 from permeant_tui.engine.usxf.layout import block_hashes
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
@@ -413,16 +414,27 @@ def test_restore_equals_live_and_rebuild(tmp_path, tok, arch):
     cut = (n // B) * B
     with mx.stream(mx.cpu):
         tensors = mx.load(str(path))
-    for i, w in enumerate(windows):  # sliding layers: only the window, in the manifest
+    # sliding layers keep only their window: the positions of it that fill whole window blocks
+    # of WB in blocks of their own, the rest (head and tail, < WB each) in the manifest
+    lo = n - min(n, WINDOW)
+    j0, j1 = -(-lo // WB), n // WB
+    window_names = json.loads(meta["window_blocks"])
+    for i, w in enumerate(windows):
         assert layer_meta[i]["length"] == (min(n, w) if w else n)
-        assert tensors[f"k.{i}"].shape[2] == (min(n, w) if w else n - cut)
+        assert tensors[f"k.{i}"].shape[2] == ((j0 * WB - lo) + (n - j1 * WB) if w else n - cut)
+    sliding = sum(1 for w in windows if w)
+    assert len(window_names) == (j1 - j0 if sliding else 0)
     if arch == "gemma3_text":
-        assert n > 2 * WINDOW and sum(1 for w in windows if w) == 2
-    full_layers = sum(1 for w in windows if not w)
+        assert n > 2 * WINDOW and sliding == 2 and j1 - j0 >= WINDOW // WB - 1
+    full_layers = len(windows) - sliding
     heads, dim = lm.identity.n_kv_heads, lm.identity.head_dim
     name = blocks_of(path)[0]
-    assert os.path.getsize(path.parents[2] / "kv-blocks" / f"{name}.kvb") == \
+    blocks = path.parents[2] / "kv-blocks"
+    assert os.path.getsize(blocks / f"{name}.kvb") == \
         blockstore.HEADER_SIZE + full_layers * 2 * heads * B * dim * 4
+    for name in window_names:
+        assert os.path.getsize(blocks / f"{name}.kvb") == \
+            blockstore.HEADER_SIZE + sliding * 2 * heads * WB * dim * 4
 
     cache = restore(lm, path, ids)
     assert np.array_equal(logits(lm, cache), logits(lm, live.cache))
