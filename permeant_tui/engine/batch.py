@@ -22,7 +22,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
 
-from . import kvcache
+from . import kvcache, kvrewind
 from .agent import Agent, Turn
 from .errors import ContextExhausted, TurnCancelled
 from .events import Event, PrefillProgress, Tokens, TurnResult
@@ -59,7 +59,7 @@ class BatchTurn:
     prompt: list[int] = field(default_factory=list)
     cached: int = 0
     rewind: str | None = None
-    checkpoint: kvcache.Checkpoint | None = None
+    checkpoint: kvrewind.Checkpoint | None = None
     t0: float = 0.0
 
 
@@ -85,7 +85,7 @@ def _begin(model, tokenizer, t: BatchTurn, context_limit: int) -> None:
     if len(t.prompt) + t.params.max_tokens > context_limit:
         raise ContextExhausted(cached, len(t.prompt) - cached, t.params.max_tokens, context_limit)
     t.rewind = trim_to(agent, cached, model)
-    t.checkpoint = kvcache.checkpoint(agent.cache)
+    t.checkpoint = kvrewind.checkpoint(agent.cache)
     t.cached = cached
     todo = t.prompt[cached:]
     if t.on_start:

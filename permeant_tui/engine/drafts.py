@@ -20,7 +20,7 @@ from __future__ import annotations
 import os
 import threading
 
-from . import kvcache
+from . import kvcache, kvrewind
 from .agent import Agent
 from .errors import TurnCancelled
 from .generation import common_prefix, prefill, sync_to_transcript, trim_to
@@ -57,7 +57,7 @@ def prepare(model, tokenizer, agent: Agent, text: str, *, context_limit: int,
     if len(target) >= context_limit or not trimmable_at(agent.cache, len(target)):
         return 0
     keep = common_prefix(agent.cache_ids, target)
-    if not kvcache.can_rewind(agent.cache, len(agent.cache_ids) - keep):
+    if not kvrewind.can_rewind(agent.cache, len(agent.cache_ids) - keep):
         return 0
     todo = target[keep:]
     if not todo and keep == len(agent.cache_ids):

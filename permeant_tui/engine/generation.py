@@ -13,7 +13,7 @@ import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
-from . import kvcache, lookup
+from . import kvcache, kvrewind, lookup
 from .agent import Agent, Turn
 from .errors import ContextExhausted, NothingToDo, TurnCancelled
 from .events import Event, PrefillProgress, Tokens, TurnResult
@@ -61,8 +61,8 @@ def trim_to(agent: Agent, n: int, model=None) -> str | None:
     if extra <= 0:
         del agent.cache_ids[n:]
         return None
-    if kvcache.can_rewind(agent.cache, extra):
-        kvcache.rewind(agent.cache, extra)
+    if kvrewind.can_rewind(agent.cache, extra):
+        kvrewind.rewind(agent.cache, extra)
         del agent.cache_ids[n:]
         return "trim"
     if model is None:
@@ -79,7 +79,7 @@ def rebuild(model, agent: Agent, n: int) -> str:
     return "rebuild"
 
 
-def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str | None:
+def undo_turn(model, agent: Agent, cp: kvrewind.Checkpoint, n: int) -> str | None:
     """Bring the cache back to its first n ids, the state `cp` was taken at (the start of a
     turn): trim when every layer can, else restore the checkpoint (sliding layers past their
     window), else rebuild by prefill. Returns None (nothing to undo) | "trim" | "checkpoint" |
@@ -87,12 +87,12 @@ def undo_turn(model, agent: Agent, cp: kvcache.Checkpoint, n: int) -> str | None
     if cache_offset(agent.cache) == n:
         del agent.cache_ids[n:]
         return None
-    if kvcache.can_rewind(agent.cache, cache_offset(agent.cache) - n):
+    if kvrewind.can_rewind(agent.cache, cache_offset(agent.cache) - n):
         trim_to(agent, n)
         return "trim"
     if cp.offset == n:
         try:
-            kvcache.restore_checkpoint(agent.cache, cp)
+            kvrewind.restore_checkpoint(agent.cache, cp)
             del agent.cache_ids[n:]
             return "checkpoint"
         except kvcache.CacheRewindError:
@@ -184,7 +184,7 @@ class _Decode:
         procs = processors_for(p, self.agent.cache_ids)
         if first_logits is not None:
             gen = self._from_logits(first_logits, procs)
-        elif p.lookup and lookup.enabled() and kvcache.always_trimmable(self.agent.cache):
+        elif p.lookup and lookup.enabled() and kvrewind.always_trimmable(self.agent.cache):
             gen = lookup.lookup_generate_step(
                 feed, self.model, context=list(self.agent.cache_ids), max_tokens=p.max_tokens,
                 sampler=sampler_for(p), logits_processors=procs,
@@ -348,7 +348,7 @@ def run_turn(model, tokenizer, agent: Agent, text: str, params: TurnParams, *,
     if len(prompt) + params.max_tokens > context_limit:
         raise ContextExhausted(cached, len(prompt) - cached, params.max_tokens, context_limit)
     rewind = trim_to(agent, cached, model)  # None in the usual case: the cache is a prefix
-    cp = kvcache.checkpoint(agent.cache)  # what a cancel needs once trimming cannot go back
+    cp = kvrewind.checkpoint(agent.cache)  # what a cancel needs once trimming cannot go back
     todo = prompt[cached:]
     if on_start:
         on_start(cached, len(todo))
@@ -425,7 +425,7 @@ def continue_reply(model, tokenizer, agent: Agent, params: TurnParams, *, contex
     if n + params.max_tokens > context_limit:
         raise ContextExhausted(n - 1, 1, params.max_tokens, context_limit)
     rewind = trim_to(agent, n - 1, model)
-    cp = kvcache.checkpoint(agent.cache)
+    cp = kvrewind.checkpoint(agent.cache)
     if on_start:
         on_start(n - 1, 1)
     dec = _Decode(model, tokenizer, agent, params, turn_id=turn_id, emit=emit, cancel=cancel)

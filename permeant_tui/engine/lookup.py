@@ -61,7 +61,7 @@ def lookup_generate_step(prompt: list[int], model, *, context: list[int], max_to
     each verification."""
     import mlx.core as mx
 
-    from . import kvcache
+    from . import kvrewind
 
     progress = prompt_progress_callback or (lambda *_: None)
     total, done = len(prompt), 0
@@ -105,5 +105,5 @@ def lookup_generate_step(prompt: list[int], model, *, context: list[int], max_to
                 on_draft(len(draft), kept)
         extra = len(draft) - kept
         if extra:
-            kvcache.rewind(prompt_cache, extra)
+            kvrewind.rewind(prompt_cache, extra)
         feed = [tok]

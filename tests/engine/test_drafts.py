@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from support.tiny_models import WINDOW, tiny_model
 
-from permeant_tui.engine import drafts, kvcache
+from permeant_tui.engine import drafts, kvcache, kvrewind
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.generation import TurnParams, prefill, run_turn
 
@@ -42,7 +42,7 @@ def turn(lm, a: Agent, text: str):
 def next_logits(lm, a: Agent) -> np.ndarray:
     """The logits after the cache's last token, on a copy (the agent's cache is unchanged)."""
     cache = kvcache.copy_cache(a.cache)
-    kvcache.rewind(cache, 1) if kvcache.can_rewind(cache, 1) else None
+    kvrewind.rewind(cache, 1) if kvrewind.can_rewind(cache, 1) else None
     out = lm.model(mx.array([[a.cache_ids[-1]]]), cache=cache)
     return np.array(out[0, -1].astype(mx.float32))
 

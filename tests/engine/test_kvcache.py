@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from support.tiny_models import SLIDING, WINDOW, tiny_model
 
-from permeant_tui.engine import kvcache
+from permeant_tui.engine import kvcache, kvrewind
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.errors import SnapshotCorrupt, TurnCancelled
@@ -165,10 +165,10 @@ def test_trim_past_the_window_refuses_or_rebuilds(tok):
     lm = lm_of("gemma3_text", tok)
     agent = conversation(lm)
     n = len(agent.cache_ids)
-    assert not kvcache.can_rewind(agent.cache, 1)
+    assert not kvrewind.can_rewind(agent.cache, 1)
     assert trim_prompt_cache(kvcache.copy_cache(agent.cache), 5) == 0  # mlx-lm: 0, no error
     with pytest.raises(kvcache.CacheRewindError, match="sliding-window"):
-        kvcache.rewind(agent.cache, 5)
+        kvrewind.rewind(agent.cache, 5)
     with pytest.raises(kvcache.CacheRewindError):
         trim_to(agent, n - 5)  # no model to rebuild with
     assert kvcache.offsets(agent.cache) == [n] * 3 and len(agent.cache_ids) == n  # untouched
@@ -177,7 +177,7 @@ def test_trim_past_the_window_refuses_or_rebuilds(tok):
 
     short = conversation(lm, MSGS[:1])  # inside the window: trimming is exact and O(1)
     m = len(short.cache_ids)
-    assert m < WINDOW and kvcache.can_rewind(short.cache, 3)
+    assert m < WINDOW and kvrewind.can_rewind(short.cache, 3)
     assert trim_to(short, m - 3) == "trim"
     assert kvcache.offsets(short.cache) == [m - 3] * 3
 
@@ -186,7 +186,7 @@ def test_undo_uses_the_checkpoint_else_rebuilds(tok):
     lm = lm_of("gemma3_text", tok)
     agent = conversation(lm)
     n, before = len(agent.cache_ids), next_logits(lm, agent)
-    cp = kvcache.checkpoint(agent.cache)
+    cp = kvrewind.checkpoint(agent.cache)
     prefill(lm.model, agent, tok.encode(LONG)[:100])
     assert undo_turn(lm.model, agent, cp, n) == "checkpoint"
     assert kvcache.offsets(agent.cache) == [n] * 3 and len(agent.cache_ids) == n
@@ -299,6 +299,6 @@ def test_quantized_kv_cache_round_trips(real_model, tmp_path):
     restored = Agent("technical", "technical", "Technical", "system")
     restored.cache, restored.cache_ids = snapmod.attach(lm.model, states), got
     assert np.array_equal(next_logits(lm, restored), next_logits(lm, agent))
-    assert kvcache.can_rewind(restored.cache, 4)
-    kvcache.rewind(restored.cache, 4)
+    assert kvrewind.can_rewind(restored.cache, 4)
+    kvrewind.rewind(restored.cache, 4)
     assert kvcache.offsets(restored.cache) == [len(ids) - 4] * len(restored.cache)

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 from support.tiny_models import tiny_model
 
-from permeant_tui.engine import kvcache, lookup
+from permeant_tui.engine import kvcache, kvrewind, lookup
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.errors import TurnCancelled
 from permeant_tui.engine.events import Tokens
@@ -111,7 +111,7 @@ def test_sliding_window_cache_never_drafts(real_model, monkeypatch):
                         lambda *a, **k: pytest.fail("drafted on a sliding-window cache"))
     agent = agent_for(lm)
     r = turn(lm, agent, BRIEF, use_lookup=True, max_tokens=8)
-    assert len(r.generated_ids) == 8 and not kvcache.always_trimmable(agent.cache)
+    assert len(r.generated_ids) == 8 and not kvrewind.always_trimmable(agent.cache)
 
 
 @pytest.mark.parametrize("after", [1, 5, 12])

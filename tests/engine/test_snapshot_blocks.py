@@ -19,7 +19,7 @@ import numpy as np
 import pytest
 from support.tiny_models import WINDOW, tiny_model
 
-from permeant_tui.engine import blockstore, kvcache, snapshot_write
+from permeant_tui.engine import blockstore, kvcache, kvrewind, snapshot_write
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BlockStore
@@ -139,7 +139,7 @@ def test_a_whole_number_of_blocks_leaves_an_empty_tail(saved, tiny_model):
     with mx.stream(mx.cpu):
         assert mx.load(str(path))["k.0"].shape[2] == 0
     live = kvcache.copy_cache(agent.cache)
-    kvcache.rewind(live, len(ids) - n)
+    kvrewind.rewind(live, len(ids) - n)
     cache = restore(tiny_model, path, ids[:n])
     assert np.array_equal(logits(tiny_model, cache), logits(tiny_model, live))
 
@@ -174,7 +174,7 @@ def test_rewind_into_a_block_rewrites_it(saved, tiny_model, tok):
     clean, _ = kvcache.persisted(cache)
     assert clean == (len(ids) // B) * B
     keep = B + 5
-    kvcache.rewind(cache, len(ids) - keep)
+    kvrewind.rewind(cache, len(ids) - keep)
     assert kvcache.persisted(cache)[0] == keep
     other = tok.encode("A different continuation about the database pool. " * 12)
     live = built(tiny_model, ids[:keep] + other)
