@@ -4,11 +4,15 @@ against whole windows in the manifest (format 3), in one run, on a Gemma 3 12B-s
 runs it on Metal), and the restore of each against a plain read of the same bytes.
 
     .venv/bin/python bench/save_sliding.py [--tokens 4096] [--turn 100] [--repeats 5] [--dir DIR]
+    .venv/bin/python bench/save_sliding.py --model gemma3-270m --tokens 2048   # a real model
 
 The cache is mlx-lm's own (KVCache and RotatingKVCache from the model's make_cache, filled by
 update_and_fetch with random K/V: a prompt in 512-token chunks, then the turn one token at a
 time, as decode writes it), so the rings rotate exactly as in a conversation; no forward pass
-is run (the weights of a 12B model are not here, and a save only reads the cache). Each repeat
+is run (the weights of a 12B model are not here, and a save only reads the cache). With
+--model, that model's own cache is built by its forward passes instead (prefill, then the turn
+one token at a time), e.g. the embedded Gemma 3 270M (15 of 18 layers sliding, window 512, one
+KV head of 256, float32 as loaded on the CPU). Each repeat
 saves the agent at `tokens` into a new folder (untimed), then the same `turn` tokens on a copy
 that remembers that save, timed: a synchronous save (write, fsync, rename) as Ctrl+S does it.
 The restore is timed until the cache is ready to decode (format 3 reorders each ring lazily,
@@ -80,6 +84,8 @@ def main() -> int:
     ap.add_argument("--tokens", type=int, default=4096)
     ap.add_argument("--turn", type=int, default=100)
     ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--model", default=None, help="a model to run instead of the Gemma 3 "
+                    "12B-shaped cache (e.g. gemma3-270m)")
     ap.add_argument("--dir", default=None, help="where the snapshots go (default: beside the "
                     "repo, not /tmp, which can be a RAM disk)")
     args = ap.parse_args()
@@ -97,12 +103,30 @@ def main() -> int:
     root = Path(tempfile.mkdtemp(prefix="permeant-bench-sliding-",
                                  dir=args.dir or os.path.join(os.path.dirname(__file__), "..")))
     try:
-        lm = shaped_model(root / "model", load_model(None).tokenizer, GEMMA3_12B)
-        heads, dim = GEMMA3_12B["num_key_value_heads"], GEMMA3_12B["head_dim"]
-        mx.random.seed(0)
-        base = kvcache.new_cache(lm.model)
-        feed(base, args.tokens, heads, dim, 512)
         ids = [1000 + (i * 7919) % 40000 for i in range(args.tokens + args.turn)]
+        if args.model:
+            lm = load_model(args.model)
+            base = kvcache.new_cache(lm.model)
+            for i in range(0, args.tokens, 512):
+                lm.model(mx.array([ids[i:min(i + 512, args.tokens)]]), cache=base)
+                kvcache.eval_cache(base)
+
+            def grow(cache: list) -> None:
+                for t in ids[args.tokens:args.tokens + args.turn]:
+                    lm.model(mx.array([[t]]), cache=cache)
+                    kvcache.eval_cache(cache)
+            shape = f"{lm.identity.name} ({sum(1 for w in lm.identity.layer_windows() if w)} " \
+                    f"of {lm.identity.n_layers} layers sliding, {lm.identity.kv_dtype})"
+        else:
+            lm = shaped_model(root / "model", load_model(None).tokenizer, GEMMA3_12B)
+            heads, dim = GEMMA3_12B["num_key_value_heads"], GEMMA3_12B["head_dim"]
+            mx.random.seed(0)
+            base = kvcache.new_cache(lm.model)
+            feed(base, args.tokens, heads, dim, 512)
+
+            def grow(cache: list) -> None:
+                feed(cache, args.turn, heads, dim, 1)
+            shape = "Gemma 3 12B-shaped KV (40 of 48 layers sliding, window 1,024, bfloat16)"
         real = (snapshot_write.FORMAT, snapshot_write.window_plan, snapshot_write._covered)
 
         def save(kind: str, folder: Path, cache: list, n: int) -> object:
@@ -130,7 +154,7 @@ def main() -> int:
                 turn = kvcache.copy_cache(base)
                 kvcache.set_persisted(turn, *kvcache.persisted(base))
                 mx.random.seed(100 + r)
-                feed(turn, args.turn, heads, dim, 1)
+                grow(turn)
                 t = time.perf_counter()
                 info = save(kind, folder, turn, args.tokens + args.turn)
                 ms[kind].append((time.perf_counter() - t) * 1000)
@@ -152,8 +176,7 @@ def main() -> int:
             loads.append(os.getloadavg()[0])
         med = {k: statistics.median(v) for k, v in ms.items()}
         mb = {k: statistics.median(v) / 1e6 for k, v in written.items()}
-        print(f"Gemma 3 12B-shaped KV (40 of 48 layers sliding, window 1,024, bfloat16), "
-              f"{args.tokens:,} tokens + a {args.turn}-token turn; median of {args.repeats}, "
+        print(f"{shape}, {args.tokens:,} tokens + a {args.turn}-token turn; median of {args.repeats}, "
               f"load average {min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} cores)")
         print(f"{'':16}{'save ms':>9}{'MB written':>12}{'restore ms':>12}{'read ms':>9}"
               f"{'restore/read':>14}  save runs")
