@@ -14,7 +14,6 @@ the real architecture; `--model` adds a row for a real model when it loads.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import sys
 import tempfile
@@ -41,23 +40,11 @@ TEXT = ("Start with the gateway logs: correlate each 502 with the upstream laten
 
 def build(folder: Path, tok, window: int, pattern: int) -> Path:
     """A random-weight gemma3_text directory (pattern 1: every layer full attention)."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-    from support.tiny_models import write_tokenizer
+    from support.tiny_models import write_model_dir
 
     config = {**GEMMA3_270M_SHAPE, "sliding_window": window, "sliding_window_pattern": pattern,
               "vocab_size": len(tok._tokenizer)}
-    model_cls, args_cls = _get_classes(config)
-    mx.random.seed(0)
-    model = model_cls(args_cls.from_dict(config))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, tok)
-    return folder
+    return write_model_dir(folder, config, tok, dtype="bfloat16")
 
 
 def measure(lm, label: str, n: int, folder: Path, repeats: int) -> dict:

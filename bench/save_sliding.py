@@ -23,7 +23,6 @@ read of the same files. Medians; the load average is printed.
 from __future__ import annotations
 
 import argparse
-import json
 import os
 import shutil
 import statistics
@@ -48,22 +47,12 @@ GEMMA3_12B = {  # the KV layout of mlx-community/gemma-3-12b-it-4bit (text confi
 
 def shaped_model(folder: Path, tokenizer, config: dict):
     """An MLX model directory with `config`'s KV layout and random bfloat16 weights, loaded."""
-    import mlx.core as mx
-    from mlx.utils import tree_flatten
-    from mlx_lm.utils import _get_classes
-    from support.tiny_models import write_tokenizer
+    from support.tiny_models import write_model_dir
 
     from permeant_tui.engine.models import load_model
 
-    model_cls, args_cls = _get_classes(config)
-    model = model_cls(args_cls.from_dict(config))
-    model.set_dtype(mx.bfloat16)
-    mx.eval(model.parameters())
-    folder.mkdir(parents=True, exist_ok=True)
-    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
-    (folder / "config.json").write_text(json.dumps(config))
-    write_tokenizer(folder, tokenizer)
-    return load_model(str(folder), weights_mode="as stored")
+    return load_model(str(write_model_dir(folder, config, tokenizer, dtype="bfloat16")),
+                      weights_mode="as stored")
 
 
 def feed(cache: list, n: int, heads: int, dim: int, chunk: int) -> None:

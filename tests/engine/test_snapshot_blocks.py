@@ -17,6 +17,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from support.kv_checks import TEXT, built, greedy, logits
 from support.tiny_models import WINDOW, tiny_model
 
 from permeant_tui.engine import blockstore, kvcache, kvrewind, snapshot_write
@@ -33,32 +34,11 @@ from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
 
 B = snapmod.BLOCK_TOKENS
-TEXT = "The payment API returns 502 on retries; the queue backs up and the workers stall. " * 16
 
 
 @pytest.fixture(scope="module")
 def tok(real_model):
     return real_model.tokenizer
-
-
-def built(lm, ids: list[int]) -> Agent:
-    agent = Agent("technical", "technical", "Technical", "system")
-    prefill(lm.model, agent, ids)
-    return agent
-
-
-def logits(lm, cache) -> np.ndarray:
-    """Next-token logits after `cache`, computed on a copy."""
-    out = lm.model(mx.array([[198]]), cache=kvcache.copy_cache(cache))
-    return np.array(out[0, -1].astype(mx.float32))
-
-
-def greedy(lm, cache, first: int, n: int = 8) -> list[int]:
-    cache, x, out = kvcache.copy_cache(cache), first, []
-    for _ in range(n):
-        x = int(mx.argmax(lm.model(mx.array([[x]]), cache=cache)[0, -1]).item())
-        out.append(x)
-    return out
 
 
 def restore(lm, path: Path, ids: list[int], store: BlockStore | None = None) -> list:
@@ -488,7 +468,6 @@ def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch)
     monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
     exc = refused(tiny_model, path, ids, "block")
     assert exc.path == str(store.path(names[2])) and "short read" in exc.detail
-
 
 
 @pytest.mark.parametrize("readers", [1, 2, 5])

@@ -15,6 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
+from support.kv_checks import TEXT, built, greedy, logits
 from support.tiny_models import WINDOW, tiny_model
 
 from permeant_tui.engine import kvcache, snapshot_format, snapshot_write
@@ -33,7 +34,6 @@ WB = 8
 @pytest.fixture(autouse=True)
 def window_blocks_of_8(monkeypatch):
     monkeypatch.setattr(snapshot_write, "WINDOW_BLOCK_TOKENS", WB)
-TEXT = "The payment API returns 502 on retries; the queue backs up and the workers stall. " * 16
 
 
 @pytest.fixture(scope="module")
@@ -41,29 +41,10 @@ def tok(real_model):
     return real_model.tokenizer
 
 
-def built(lm, ids: list[int]) -> Agent:
-    agent = Agent("technical", "technical", "Technical", "system")
-    prefill(lm.model, agent, ids)
-    return agent
-
-
 def step(lm, agent: Agent, ids: list[int]) -> None:
     """One token at a time, as decode writes them (the ring rotates)."""
     for t in ids:
         prefill(lm.model, agent, [t])
-
-
-def logits(lm, cache) -> np.ndarray:
-    out = lm.model(mx.array([[198]]), cache=kvcache.copy_cache(cache))
-    return np.array(out[0, -1].astype(mx.float32))
-
-
-def greedy(lm, cache, n: int = 8) -> list[int]:
-    cache, x, out = kvcache.copy_cache(cache), 198, []
-    for _ in range(n):
-        x = int(mx.argmax(lm.model(mx.array([[x]]), cache=cache)[0, -1]).item())
-        out.append(x)
-    return out
 
 
 def restore(lm, path: Path, ids: list[int]) -> list:

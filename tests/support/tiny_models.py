@@ -110,6 +110,28 @@ def build_model_dir(folder: Path, arch: str, tokenizer, *, seed: int = 0,
     return folder
 
 
+def write_model_dir(folder: Path, config: dict, tokenizer, *, seed: int = 0,
+                    dtype: str | None = None) -> Path:
+    """A random-weight model directory for any mlx-lm `config` (the benchmarks' model shapes),
+    its weights cast to `dtype` (e.g. "bfloat16") when given. Returns the folder."""
+    import mlx.core as mx
+    from mlx.utils import tree_flatten
+    from mlx_lm.utils import _get_classes
+
+    model_cls, args_cls = _get_classes(config)
+    mx.random.seed(seed)
+    model = model_cls(args_cls.from_dict(config))
+    if dtype:
+        model.set_dtype(getattr(mx, dtype))
+    mx.eval(model.parameters())
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    mx.save_safetensors(str(folder / "model.safetensors"), dict(tree_flatten(model.parameters())))
+    (folder / "config.json").write_text(json.dumps(config))
+    write_tokenizer(folder, tokenizer)
+    return folder
+
+
 _LOADED: dict = {}
 
 
