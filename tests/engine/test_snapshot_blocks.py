@@ -17,14 +17,22 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from support.kv_checks import TEXT, built, greedy, logits
+from support.kv_checks import (
+    TEXT,
+    blocks_of,
+    built,
+    greedy,
+    logits,
+    refused,
+    restore,
+    saved_snapshot,
+)
 from support.tiny_models import WINDOW, tiny_model
 
 from permeant_tui.engine import blockstore, kvcache, kvrewind, snapshot_write
 from permeant_tui.engine import snapshot as snapmod
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BlockStore
-from permeant_tui.engine.errors import SnapshotCorrupt
 from permeant_tui.engine.events import AgentRestored
 from permeant_tui.engine.generation import prefill
 from permeant_tui.engine.snapshot import attach, read_header, read_snapshot, write_snapshot
@@ -41,33 +49,18 @@ def tok(real_model):
     return real_model.tokenizer
 
 
-def restore(lm, path: Path, ids: list[int], store: BlockStore | None = None) -> list:
-    states, got, _ = read_snapshot(path, lm.identity, ids, store)
-    assert got == ids
-    return attach(lm.model, states)
 
 
-def blocks_of(path: Path) -> list[str]:
-    return json.loads(read_header(path)["__metadata__"]["blocks"])
 
 
-def refused(lm, path, ids, check: str, store=None) -> SnapshotCorrupt:
-    with pytest.raises(SnapshotCorrupt) as ei:
-        restore(lm, path, ids, store)
-    assert ei.value.check == check, ei.value
-    assert "\n" not in str(ei.value)  # one line
-    return ei.value
 
 
 @pytest.fixture
 def saved(tmp_path, tiny_model, tok):
     """A 2-layer agent of len(TEXT) tokens saved as a manifest plus blocks."""
-    ids = tok.encode(TEXT)
-    assert len(ids) > 3 * B
-    agent = built(tiny_model, ids)
-    path = tmp_path / "agents/technical/kv.safetensors"
-    info = write_snapshot(path, agent.cache, ids, tiny_model.identity, "technical")
-    return path, ids, agent, info
+    out = saved_snapshot(tmp_path, tiny_model, tok)
+    assert len(out[1]) > 3 * B
+    return out
 
 
 # ---- the format -------------------------------------------------------------------------------
@@ -422,89 +415,3 @@ def test_restore_equals_live_and_rebuild(tmp_path, tok, arch):
     rebuild = built(lm, ids)
     np.testing.assert_allclose(logits(lm, cache), logits(lm, rebuild.cache), atol=1e-4)
     assert greedy(lm, cache, 198) == greedy(lm, rebuild.cache, 198)
-
-
-# ---- the reader that fills MLX's own buffers (engine/blockload.py) ----------------------------
-@pytest.mark.parametrize("dtype", ["float16", "bfloat16", "float32"])
-def test_every_kv_dtype_restores_byte_for_byte(tmp_path, tiny_model, tok, dtype):
-    """Blocks and tail land in buffers mx.load allocates (never zero-filled first): every
-    position equals the live cache's, in each KV dtype, bfloat16 included (numpy has none)."""
-    import dataclasses
-
-    ids = tok.encode(TEXT)[: 3 * B + 17]
-    agent = built(tiny_model, ids)
-    for c in agent.cache:
-        c.keys, c.values = c.keys.astype(getattr(mx, dtype)), c.values.astype(getattr(mx, dtype))
-    identity = dataclasses.replace(tiny_model.identity, kv_dtype=dtype)
-    path = tmp_path / "agents/a/kv.safetensors"
-    write_snapshot(path, agent.cache, ids, identity, "a")
-    states, got_ids, _ = read_snapshot(path, identity, ids)
-    cache = attach(tiny_model.model, states)
-    assert got_ids == ids
-    for live, back in zip(agent.cache, cache, strict=True):
-        assert back.keys.dtype == getattr(mx, dtype) and back.offset == len(ids)
-        for a, b in ((live.keys, back.keys), (live.values, back.values)):
-            n = len(ids)
-            assert mx.array_equal(a[..., :n, :], b[..., :n, :]).item()
-            assert int(b.shape[2]) > n  # room for the next turn, allocated at restore
-            assert not mx.any(b[..., n:, :]).item()  # the room is zeroed, not left as it was
-
-
-def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch):
-    """A block that passes the size check and then loses bytes before it is read (another
-    process truncating it) is a short read: SnapshotCorrupt, never garbage in the cache."""
-    from permeant_tui.engine import blockload
-
-    path, ids, _, _ = saved
-    store = BlockStore(path.parents[2] / "kv-blocks")
-    names = blocks_of(path)
-    real_open = blockload.open_blocks
-
-    def open_then_truncate(*args, **kw):
-        fds = real_open(*args, **kw)
-        os.truncate(store.path(names[2]), blockstore.HEADER_SIZE + 10)
-        return fds
-
-    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
-    exc = refused(tiny_model, path, ids, "block")
-    assert exc.path == str(store.path(names[2])) and "short read" in exc.detail
-
-
-@pytest.mark.parametrize("readers", [1, 2, 5])
-def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
-        saved, tiny_model, monkeypatch, readers):
-    """Blocks are read and hashed by blockload.readers() threads (one per core, 2 to 4): with
-    one, two or more than there are blocks the restore is byte-for-byte the live cache, and a
-    damaged block among them (a bit flipped in the last, a short read in the first, both at
-    once) is refused naming a damaged block, promptly: no reader is left waiting."""
-    import threading
-
-    from permeant_tui.engine import blockload
-
-    monkeypatch.setattr(blockload, "readers", lambda: readers)
-    path, ids, live, _ = saved
-    cache = restore(tiny_model, path, ids)
-    n = len(ids)
-    for a, b in zip(live.cache, cache, strict=True):
-        assert mx.array_equal(a.keys[..., :n, :], b.keys[..., :n, :]).item()
-        assert mx.array_equal(a.values[..., :n, :], b.values[..., :n, :]).item()
-    store = BlockStore(path.parents[2] / "kv-blocks")
-    names = blocks_of(path)
-    assert len(names) >= 3
-    last, first = store.path(names[-1]), store.path(names[0])
-    raw = last.read_bytes()
-    last.write_bytes(raw[:-7] + bytes([raw[-7] ^ 0x01]) + raw[-6:])
-    exc = refused(tiny_model, path, ids, "block")
-    assert exc.path == str(last) and "checksum" in exc.detail
-    real_open = blockload.open_blocks
-
-    def open_then_truncate(*args, **kw):
-        fds = real_open(*args, **kw)
-        os.truncate(first, blockstore.HEADER_SIZE + 3)
-        return fds
-
-    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
-    before = threading.active_count()
-    exc = refused(tiny_model, path, ids, "block")
-    assert exc.path == str(first) and "short read" in exc.detail  # the first failure found
-    assert threading.active_count() == before  # every reader joined

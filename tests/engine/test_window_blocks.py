@@ -15,7 +15,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from support.kv_checks import TEXT, built, greedy, logits
+from support.kv_checks import TEXT, built, greedy, logits, restore
 from support.tiny_models import WINDOW, tiny_model
 
 from permeant_tui.engine import kvcache, snapshot_format, snapshot_write
@@ -23,7 +23,7 @@ from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BlockStore
 from permeant_tui.engine.errors import SnapshotCorrupt
 from permeant_tui.engine.generation import prefill
-from permeant_tui.engine.snapshot import attach, read_header, read_snapshot, write_snapshot
+from permeant_tui.engine.snapshot import read_header, write_snapshot
 
 ARCHS = ["gemma3_text", "llama_swa"]
 # The tiny models' window is 64: window blocks of 8 give it eight, as 32 give Gemma 3's 1,024
@@ -47,10 +47,6 @@ def step(lm, agent: Agent, ids: list[int]) -> None:
         prefill(lm.model, agent, [t])
 
 
-def restore(lm, path: Path, ids: list[int]) -> list:
-    states, got, _ = read_snapshot(path, lm.identity, ids)
-    assert got == ids
-    return attach(lm.model, states)
 
 
 def meta_of(path: Path) -> dict:
