@@ -169,7 +169,7 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
             window = (meta["window_blocks"], meta["window_block_tokens"]) if fmt == FORMAT \
                 else (None, None)
             wnames = json.loads(window[0]) if window[0] is not None else []
-            wtokens = int(window[1]) if window[1] is not None else 1
+            wtokens = int(window[1]) if window[1] is not None else 1  # format 3: unused
             if block_tokens < 1 or wtokens < 1 or not isinstance(names, list) or \
                     not isinstance(wnames, list) or \
                     not all(isinstance(x, str) for x in names + wnames):
@@ -296,19 +296,21 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
     import mlx.core as mx
 
     b, head, tail, length = plan.block_tokens, plan.head, plan.tail(n), n - plan.lo
+    # The rings' rotation (kvcache.layer_from_state's), when every sliding layer has the same
+    # ring index, as layers fed the same tokens do; else each is reordered at attach as in
+    # format 3. A bad index is refused by the layout check.
     idxs = {metas[i].get("idx") for i in plan.layers}
-    (idx,) = idxs if len(idxs) == 1 else (0,)
-    # the ring's rotation: kvcache.layer_from_state's; a bad idx is refused by the layout check
+    idx = idxs.pop() if len(idxs) == 1 else None
     rotate = idx if isinstance(idx, int) and 0 < idx < length else 0
     streams, bf16 = [], []
     for i in plan.layers:
-        kind, length = metas[i].get("kind"), metas[i].get("length")
+        kind, stored = metas[i].get("kind"), metas[i].get("length")
         if kind != kvcache.SLIDING:
             raise SnapshotCorrupt(str(path), "layout", f"layer {i} is {kind}, the model's is "
                                   f"sliding (window {plan.window})")
-        if length != n - plan.lo:
-            raise SnapshotCorrupt(str(path), "layout", f"layer {i} stores {length} tokens; a "
-                                  f"sliding layer after {n} tokens holds {n - plan.lo}")
+        if stored != length:
+            raise SnapshotCorrupt(str(path), "layout", f"layer {i} stores {stored} tokens; a "
+                                  f"sliding layer after {n} tokens holds {length}")
         ks, vs = groups[i]
         for t in ks + vs:
             if t.ndim != 4 or int(t.shape[0]) != 1 or int(t.shape[2]) != head + tail:
@@ -316,7 +318,7 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
                                       f"shape {tuple(t.shape)}, expected {head} + {tail} "
                                       "positions")
             rows = _np(t)
-            streams.append(blockload.Stream(int(t.shape[1]), n - plan.lo, int(t.shape[3]),
+            streams.append(blockload.Stream(int(t.shape[1]), length, int(t.shape[3]),
                                             rows.dtype, rows[:, :, head:], rows[:, :, :head]))
             bf16.append(t.dtype == mx.bfloat16)
     payload = sum(st.heads * b * st.row * st.dtype.itemsize for st in streams)
@@ -334,7 +336,8 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
                                                                           strict=True)]
     for pos, i in enumerate(plan.layers):
         ring = (arrays[2 * pos], arrays[2 * pos + 1])
-        bases[i] = ring
+        if idx is not None:
+            bases[i] = ring
         out[i] = tuple((kvcache.concat([x[..., rotate:, :], x[..., :rotate, :]]) if rotate
                         else x,) for x in ring)
     return out

@@ -146,11 +146,12 @@ def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: Mode
                            tag.full if isinstance(tag, BlockTag) else (), clean, staged)
 
 
-def _window_payload(cache: list, plan: WindowPlan) -> int:
-    """Bytes of one window block's rows: K and V of every sliding layer, B rows a head."""
+def _window_payload(arrays: dict, plan: WindowPlan) -> int:
+    """Bytes of one window block's rows: K and V of every sliding layer, B rows a head (heads,
+    row size and dtype as the layer's manifest tensor has them)."""
     total = 0
     for i in plan.layers:
-        k = cache[i].state[0]
+        k = arrays[f"k.{i}"]
         total += 2 * int(k.shape[1]) * plan.block_tokens * int(k.shape[3]) * k.dtype.size
     return total
 
@@ -226,7 +227,7 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
     blocks = json.dumps(names, separators=(",", ":"))
     window = json.dumps(wnames, separators=(",", ":"))
     block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
-    window_bytes = HEADER_SIZE + _window_payload(cache, plan) if wnames and plan else 0
+    window_bytes = HEADER_SIZE + _window_payload(arrays, plan) if wnames and plan else 0
     meta = {
         "format": FORMAT,
         "agent": agent_id,
