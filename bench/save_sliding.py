@@ -16,8 +16,9 @@ KV head of 256, float32 as loaded on the CPU). Each repeat
 saves the agent at `tokens` into a new folder (untimed), then the same `turn` tokens on a copy
 that remembers that save, timed: a synchronous save (write, fsync, rename) as Ctrl+S does it.
 The restore is timed until the cache is ready to decode (format 3 reorders each ring lazily,
-which the first decode step would otherwise pay), into new memory, against a plain page-cache
-read of the same files. Medians; the load average is printed.
+which the first decode step would otherwise pay): into new memory (a start-up restore), and
+right after the LRU released an agent of the same size ("evicted": its buffers handed back by
+MLX), each against a plain page-cache read of the same files into one reused buffer. Medians; the load average is printed.
 """
 
 from __future__ import annotations
@@ -135,6 +136,7 @@ def main() -> int:
         written: dict[str, list[int]] = {k: [] for k in kinds}
         restore_ms: dict[str, list[float]] = {k: [] for k in kinds}
         read_ms: dict[str, list[float]] = {k: [] for k in kinds}
+        evicted_ms: dict[str, list[float]] = {k: [] for k in kinds}
         loads = []
         for r in range(args.repeats):
             for kind in (kinds if r % 2 == 0 else kinds[::-1]):
@@ -157,6 +159,17 @@ def main() -> int:
                 t = time.perf_counter()
                 mx.eval([layer.state for layer in restore()])  # ready to decode: nothing
                 restore_ms[kind].append((time.perf_counter() - t) * 1000)  # left lazy
+                # after an eviction: the LRU released an agent of this size (its buffers kept
+                # by MLX, runtime.keep_freed_buffers), then this one is restored
+                runtime.keep_freed_buffers(reader.view.nbytes)
+                victim = restore()
+                mx.eval([layer.state for layer in victim])
+                del victim
+                t = time.perf_counter()
+                mx.eval([layer.state for layer in restore()])
+                evicted_ms[kind].append((time.perf_counter() - t) * 1000)
+                mx.set_cache_limit(0), mx.clear_cache(), mx.set_cache_limit(32 << 20)
+                runtime._keep_freed = 0
                 t = time.perf_counter()
                 reader.read(files)
                 read_ms[kind].append((time.perf_counter() - t) * 1000)
@@ -167,12 +180,14 @@ def main() -> int:
         mb = {k: statistics.median(v) / 1e6 for k, v in written.items()}
         print(f"{shape}, {args.tokens:,} tokens + a {args.turn}-token turn; median of {args.repeats}, "
               f"load average {min(loads):.1f}-{max(loads):.1f} ({os.cpu_count()} cores)")
-        print(f"{'':16}{'save ms':>9}{'MB written':>12}{'restore ms':>12}{'read ms':>9}"
-              f"{'restore/read':>14}  save runs")
+        print(f"{'':16}{'save ms':>9}{'MB written':>12}{'restore ms':>12}{'evicted ms':>12}"
+              f"{'read ms':>9}{'restore/read':>14}{'evicted/read':>14}  save runs")
         for k in kinds:
             rs, rd = statistics.median(restore_ms[k]), statistics.median(read_ms[k])
+            ev = statistics.median(evicted_ms[k])
             runs = ", ".join(f"{x:.0f}" for x in ms[k])
-            print(f"{k:16}{med[k]:9.1f}{mb[k]:12.1f}{rs:12.1f}{rd:9.1f}{rs / rd:14.2f}  {runs}")
+            print(f"{k:16}{med[k]:9.1f}{mb[k]:12.1f}{rs:12.1f}{ev:12.1f}{rd:9.1f}"
+                  f"{rs / rd:14.2f}{ev / rd:14.2f}  {runs}")
         print(f"format 3 / window blocks: save x{med['format 3'] / med['window blocks']:.1f}, "
               f"bytes written x{mb['format 3'] / mb['window blocks']:.1f}")
     finally:
