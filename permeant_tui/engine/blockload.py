@@ -295,7 +295,10 @@ class StreamReader:
         for a, b, rows in ((0, self.start, s.head), (self.cut, self.n, s.tail)):
             if b <= a:
                 continue
-            src = np.ascontiguousarray(rows).view(np.uint8).reshape(s.heads, b - a, -1)
+            src = rows[0]  # [heads, rows, row]: copied once, into the buffer (a slice of the
+            if not src.flags.c_contiguous and src.strides[-1] != src.itemsize:  # manifest's
+                src = np.ascontiguousarray(src)  # tensor, contiguous within each row)
+            src = src.view(np.uint8).reshape(s.heads, b - a, -1)
             done = 0
             for x, y in self._spans(a, b):
                 r[:, x:y] = src[:, done:done + y - x]
