@@ -295,6 +295,8 @@ class StreamReader:
         for a, b, rows in ((0, self.start, s.head), (self.cut, self.n, s.tail)):
             if b <= a:
                 continue
+            if rows is None:
+                raise ValueError("a stream with a head has no head rows")
             src = rows[0]  # [heads, rows, row]: copied once, into the buffer (a slice of the
             if not src.flags.c_contiguous and src.strides[-1] != src.itemsize:  # manifest's
                 src = np.ascontiguousarray(src)  # tensor, contiguous within each row)
