@@ -18,7 +18,8 @@ that remembers that save, timed: a synchronous save (write, fsync, rename) as Ct
 The restore is timed until the cache is ready to decode (format 3 reorders each ring lazily,
 which the first decode step would otherwise pay): into new memory (a start-up restore), and
 right after the LRU released an agent of the same size ("evicted": its buffers handed back by
-MLX), each against a plain page-cache read of the same files into one reused buffer. Medians; the load average is printed.
+MLX), each against a plain page-cache read of the same files into one reused buffer. Last, the checkpoint each turn takes on such a
+model, against copying every window as it did before. Medians; the load average is printed.
 """
 
 from __future__ import annotations
@@ -67,6 +68,30 @@ def feed(cache: list, n: int, heads: int, dim: int, chunk: int) -> None:
             layer.update_and_fetch(k, -k)
         mx.eval([layer.state for layer in cache])
         done += m
+
+
+def checkpoints(cache: list, repeats: int) -> None:
+    """The checkpoint taken at every turn's start on a sliding model (what a cancel goes back
+    to): kvrewind's, which holds each ring by reference, against a copy of every window in
+    order (kvcache.layer_state, evaluated: what it took before 2026-12-01)."""
+    import mlx.core as mx
+
+    from permeant_tui.engine import kvcache, kvrewind
+
+    def copied() -> None:
+        states = [kvcache.layer_state(x) for x in cache if type(x).__name__ == "RotatingKVCache"]
+        mx.eval([(st.keys, st.values) for st in states])
+
+    times: dict[str, list[float]] = {"checkpoint": [], "copy of every window": []}
+    for _ in range(repeats):
+        for name, fn in (("checkpoint", lambda: kvrewind.checkpoint(cache)),
+                         ("copy of every window", copied)):
+            t = time.perf_counter()
+            fn()
+            times[name].append((time.perf_counter() - t) * 1000)
+    cp, copy = (statistics.median(v) for v in times.values())
+    print(f"turn-start checkpoint: {cp:.2f} ms; a copy of every window in order (before): "
+          f"{copy:.1f} ms; load average {os.getloadavg()[0]:.1f}")
 
 
 def main() -> int:
@@ -190,6 +215,9 @@ def main() -> int:
                   f"{rs / rd:14.2f}{ev / rd:14.2f}  {runs}")
         print(f"format 3 / window blocks: save x{med['format 3'] / med['window blocks']:.1f}, "
               f"bytes written x{mb['format 3'] / mb['window blocks']:.1f}")
+        after = kvcache.copy_cache(base)  # a cache whose rings have wrapped: after a turn
+        grow(after)
+        checkpoints(after, args.repeats)
     finally:
         shutil.rmtree(root, ignore_errors=True)
     return 0

@@ -354,6 +354,21 @@ def _fresh(a):
     return None if a is None else a[...]
 
 
+def ring_state(layer) -> tuple:
+    """A rotating layer's own state as mlx-lm keeps it (keys, values, offset, keep, max_size,
+    idx), its arrays as new array objects viewing the same memory: no copy. MLX never writes
+    into memory another array still views (the layer's next in-place update copies instead,
+    and a multi-token update makes new arrays anyway), so this holds the layer as it is now."""
+    k, v, *meta = layer.state
+    return (_fresh(k), _fresh(v), *meta)
+
+
+def ring_from_state(state: tuple):
+    """A rotating layer holding `state` (from ring_state), independent of any other."""
+    k, v, *meta = state
+    return _cls().RotatingKVCache.from_state((_fresh(k), _fresh(v), *meta))
+
+
 def layer_from_state(st: LayerState, base: tuple | None = None):
     """An mlx-lm cache object holding `st` exactly (through the class's own from_state). `base`
     (full, quantized): (K, V) buffers holding `st` first, then room: the next update writes in
