@@ -270,13 +270,18 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
     return out, bases
 
 
+def _specs(identity: ModelIdentity) -> list:
+    """Each layer's kvcache.LayerSpec as the loaded model's identity records it."""
+    return [kvcache.LayerSpec(kvcache.SLIDING if x.get("type") == "sliding" else kvcache.FULL,
+                              int(x.get("window") or 0), int(x.get("keep") or 0))
+            for x in identity.layers()]
+
+
 def _window_plan(identity: ModelIdentity, metas: list[dict], n: int,
                  block_tokens: int) -> WindowPlan | None:
     """Where format 4 keeps the windows after n tokens, as the loaded model's own layers say
     (never the file's meta: the layout check holds the file to the model)."""
-    specs = [kvcache.LayerSpec(kvcache.SLIDING if x.get("type") == "sliding" else kvcache.FULL,
-                               int(x.get("window") or 0), int(x.get("keep") or 0))
-             for x in identity.layers()]
+    specs = _specs(identity)
     if len(specs) != len(metas):
         return None  # refused by the layout check
     return window_plan([{"kind": sp.kind, "window": sp.window, "keep": sp.keep,
@@ -359,9 +364,7 @@ def _layout(path: Path, identity: ModelIdentity, metas: list[dict], groups: list
             fmt: str) -> list:
     """The layout check: every layer is what this model holds after n tokens (kind, window,
     offset, stored length, ring index). -> kvcache.LayerState per layer."""
-    specs = [kvcache.LayerSpec(kvcache.SLIDING if x.get("type") == "sliding" else kvcache.FULL,
-                               int(x.get("window") or 0), int(x.get("keep") or 0))
-             for x in identity.layers()]
+    specs = _specs(identity)
     try:
         if len(groups) != identity.n_layers or len(specs) != identity.n_layers:
             raise kvcache.CacheLayoutError(f"{len(groups)} layers, the model has "
