@@ -254,9 +254,13 @@ class Worker:
             self.emit(ModelLoading("settled", 1.0))
 
     def restore(self, agent: Agent) -> RestoreReport:
-        """Make the agent resident, then apply the residency limits (evicting others)."""
+        """Make the agent resident within the residency limits: the least recently used agents
+        it displaces are evicted before it is restored, then the limits are applied again (its
+        cache can come out larger than its snapshot said, e.g. after a prefill)."""
         self.need_model()
         was_resident = agent.resident
+        if not was_resident:  # room first: the limits hold during the restore too
+            self.enforce_residency(keep=agent, incoming=agent)
         r = self.runner.ensure_resident(self.ws, agent,
                                         rebuild=self.rebuild and not was_resident)
         self.enforce_residency(keep=agent)
@@ -266,8 +270,9 @@ class Worker:
                                       r.prefilled))
         return r
 
-    def enforce_residency(self, keep: Agent | None = None) -> list[str]:
-        return self.ws.enforce_residency(self.save_agent, keep)
+    def enforce_residency(self, keep: Agent | None = None,
+                          incoming: Agent | None = None) -> list[str]:
+        return self.ws.enforce_residency(self.save_agent, keep, incoming)
 
     def save_agent(self, agent: Agent) -> float | None:
         """Write the agent's snapshot. A snapshot is a cache of the transcript: when it cannot

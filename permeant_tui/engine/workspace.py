@@ -391,20 +391,29 @@ class Workspace:
             referenced.update(x for names in lists for x in names if isinstance(x, str))
         return self.blocks.collect(referenced)
 
-    def enforce_residency(self, save: Callable[[Agent], object],
-                          keep: Agent | None = None) -> list[str]:
+    def enforce_residency(self, save: Callable[[Agent], object], keep: Agent | None = None,
+                          incoming: Agent | None = None) -> list[str]:
         """Evict least-recently-used agents beyond max_resident or the memory budget, calling
         `save(agent)` first (it writes the snapshot when the agent is dirty). Returns the
-        evicted ids."""
+        evicted ids.
+
+        `incoming`: an agent about to be restored, counted as if it were resident already, at
+        the size of its snapshot (`bytes_on_disk`). Called so before the restore, the agents
+        that make room for it leave first: the restore never holds more than the limits allow,
+        and it lands in the K/V buffers the evicted ones just released (keep_freed_buffers),
+        already in memory."""
         evicted = []
         budget = self.settings.memory_budget_mb * 1024 * 1024
+        extra = incoming is not None and not incoming.resident
         while True:
             resident = sorted((a for a in self.agents.values() if a.resident),
                               key=lambda a: a.last_used)
             total = sum(a.cache_bytes() for a in resident)
-            if len(resident) <= max(1, self.settings.max_resident) and total <= budget:
+            if extra and incoming is not None:
+                total += incoming.bytes_on_disk
+            if len(resident) + extra <= max(1, self.settings.max_resident) and total <= budget:
                 break
-            victims = [a for a in resident if a is not keep]
+            victims = [a for a in resident if a is not keep and a is not incoming]
             if not victims:
                 break
             victim = victims[0]

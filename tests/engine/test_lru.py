@@ -142,3 +142,33 @@ def test_eager_restore_with_one_slot_takes_the_most_recently_used(tmp_path, tiny
     engine.shutdown()
     assert [(e.agent_id, e.source) for e in events if isinstance(e, AgentRestored)] == \
         [(order[-1], "snapshot")]
+
+
+def test_room_is_made_before_the_restore(tmp_path, tiny_model, monkeypatch):
+    """The agents a restore displaces leave before it reads its snapshot: while it runs, the
+    others resident stay within max_resident - 1 and, with the incoming agent's snapshot, within
+    the memory budget (the restore then lands in the buffers they released)."""
+    seen: list[tuple[str, bool, set[str], int, int]] = []
+    real = Workspace.ensure_resident
+
+    def spy(self, agent, loaded, **kw):
+        others = [a for a in self.agents.values() if a.resident and a is not agent]
+        seen.append((agent.agent_id, agent.resident, {a.agent_id for a in others},
+                     sum(a.cache_bytes() for a in others), agent.bytes_on_disk))
+        return real(self, agent, loaded, **kw)
+
+    monkeypatch.setattr(Workspace, "ensure_resident", spy)
+    deep = make_tiny_model(tiny_model.tokenizer, seed=3, layers=16)
+    budget = 2
+    run = talk(tmp_path / "budget", deep, max_resident=2, memory_budget_mb=budget)
+    restores = [(e.agent_id, e.source) for e in run[1] if isinstance(e, AgentRestored)]
+    assert sum(s == "snapshot" for _, s in restores) >= 4  # agents left and came back
+    attaching = [x for x in seen if not x[1]]
+    assert len(attaching) == len(restores)
+    for agent_id, _, others, others_bytes, incoming in attaching:
+        assert len(others) <= 1, (agent_id, others)
+        assert others_bytes + incoming <= budget * 1024 * 1024, (agent_id, others_bytes, incoming)
+    # a snapshot restore is never attached next to the agent it displaced
+    for (agent_id, source), (_, _, others, _, _) in zip(restores, attaching, strict=True):
+        if source == "snapshot":
+            assert agent_id not in others
