@@ -1,4 +1,4 @@
-"""Restore of one 4,096-token agent (format permeant-kv/3, SmolLM2's float32 KV): how the new
+"""Restore of one 4,096-token agent (snapshot blocks, SmolLM2's float32 KV): how the new
 buffers are faulted in, and the block hashes overlapped with the reads, against plain reads of
 the same bytes, all in one run, interleaved.
 
@@ -8,15 +8,23 @@ the same bytes, all in one run, interleaved.
                      one madvise call each (MADV_POPULATE_WRITE, Linux) in another thread while
                      the blocks are read, each block read and then hashed by one of
                      blockload.readers() threads (two here)
-- after eviction     the same restore right after the LRU released an agent of this size
-                     (runtime.keep_freed_buffers, then the agent's cache dropped): MLX hands the
-                     released buffers back, already faulted in
-- evicted, 1 reader  the same with one reading thread (each block read, then hashed)
+- after eviction     the same restore right after the LRU evicted an agent of this size to make
+                     room for it, as the engine does: the blocks are read straight into the
+                     evicted agent's K/V buffers (blockload.Donors, handed over by MLX's
+                     donation), no allocation
+- evicted, MLX cache the same when the evicted buffers do not fit the restore's shapes: they go
+                     to MLX's cache (runtime.keep_freed_buffers), which hands them back through
+                     an allocation, already faulted in
+- evicted, 1 reader  "after eviction" with one reading thread (each block read, then hashed)
 - faulting reads     a restore into new memory with the pages faulted in one by one inside the
                      reads (before 2026-11-30)
 - read               a plain read of the same files into one reused, faulted-in buffer
 - read + hash        that read plus one xxh3-128 pass over the bytes (what verifying costs at
-                     least)
+                     least, on one thread)
+- verified read      the floor of a restore's reading: each file read into one reused buffer and
+                     hashed right after, by blockload.readers() threads, as the restore does
+- allocate           the restore's allocation alone (blockload._allocate: one mx.load of a
+                     file object, each tensor evaluated on its own), right after an eviction
 - fresh read         the same files read into new memory (page faults included)
 
 Medians of --repeats; the order alternates each round so the machine's load drifts equally.
@@ -86,16 +94,33 @@ def main() -> int:
     def product() -> None:
         restore()
 
+    from permeant_tui.engine import kvcache
+    from permeant_tui.engine.snapshot import attach, read_snapshot
+
     def after_eviction(timed: list[float] | None = None) -> None:
-        # the state as an eviction leaves it: an agent's buffers released into MLX's cache
+        # the state as the engine's eviction leaves it: the evicted agent's buffers offered
+        runtime.keep_freed_buffers(size)
+        victim = restore()
+        mx.eval([c.keys for c in victim])
+        donors = blockload.Donors(kvcache.buffers(victim))
+        del victim
+        t = time.perf_counter()
+        states, _, _ = read_snapshot(path, lm.identity, ids, donors=donors)
+        attach(lm.model, states)
+        (evicted if timed is None else timed).append((time.perf_counter() - t) * 1000)
+        assert not donors.arrays  # every buffer was taken
+    evicted: list[float] = []
+
+    def mlx_cache(timed: list[float] | None = None) -> None:
+        # the eviction's buffers released into MLX's cache, handed back by the allocation
         runtime.keep_freed_buffers(size)
         victim = restore()
         mx.eval([c.keys for c in victim])
         del victim
         t = time.perf_counter()
         restore()
-        (evicted if timed is None else timed).append((time.perf_counter() - t) * 1000)
-    evicted: list[float] = []
+        recycled.append((time.perf_counter() - t) * 1000)
+    recycled: list[float] = []
 
     def faulting_reads() -> None:
         blockload.populate = lambda address, nbytes: False
@@ -122,10 +147,52 @@ def main() -> int:
     def new_memory_read() -> None:
         fresh_read(files, size)
 
+    from concurrent.futures import ThreadPoolExecutor
+
+    spans, at = [], 0
+    for p in files:
+        spans.append((p, at, p.stat().st_size))
+        at += spans[-1][2]
+
+    def verified_one(span) -> bytes:
+        p, at, n = span
+        fd = os.open(p, os.O_RDONLY)
+        try:
+            got = os.preadv(fd, [reader.view[at:at + n]], 0)
+        finally:
+            os.close(fd)
+        return xxhash.xxh3_128_digest(reader.view[at:at + got])
+
+    def verified_read() -> None:
+        with ThreadPoolExecutor(readers()) as pool:
+            list(pool.map(verified_one, spans))
+
+    streams: list = []
+    real_allocate = blockload._allocate
+
+    def recorded(s, *args, **kw):
+        streams[:] = s
+        return real_allocate(s, *args, **kw)
+
+    blockload._allocate = recorded
+    restore()
+    blockload._allocate = real_allocate
+
+    def allocate() -> None:
+        runtime.keep_freed_buffers(size)
+        victim = restore()
+        mx.eval([c.keys for c in victim])
+        del victim
+        t = time.perf_counter()
+        out = blockload._allocate(streams)
+        allocated.append((time.perf_counter() - t) * 1000)
+        del out
+    allocated: list[float] = []
+
     kinds = {"restore": product, "after eviction": after_eviction,
-             "evicted, 1 reader": one_reader, "faulting reads": faulting_reads,
-             "read": read, "read + hash": read_hash,
-             "fresh read": new_memory_read}
+             "evicted, MLX cache": mlx_cache, "evicted, 1 reader": one_reader, "faulting reads": faulting_reads,
+             "read": read, "read + hash": read_hash, "verified read": verified_read,
+             "allocate": allocate, "fresh read": new_memory_read}
     for fn in kinds.values():
         fn()  # first calls: imports, caches
     times: dict[str, list[float]] = {k: [] for k in kinds}
@@ -133,7 +200,7 @@ def main() -> int:
     for i in range(args.repeats):
         order = list(kinds.items())
         for name, fn in (order if i % 2 == 0 else reversed(order)):
-            if name not in ("read", "read + hash", "fresh read"):
+            if name not in ("read", "read + hash", "verified read", "fresh read"):
                 new_memory()
             t = time.perf_counter()
             fn()
@@ -142,19 +209,30 @@ def main() -> int:
                 times[name][-1] = evicted[-1]
             if name == "evicted, 1 reader":
                 times[name][-1] = one[-1]
+            if name == "evicted, MLX cache":
+                times[name][-1] = recycled[-1]
+            if name == "allocate":
+                times[name][-1] = allocated[-1]
         loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
     print(f"restore of a {len(ids):,}-token agent: {len(files)} files, {size / 1e6:.1f} MB; "
           f"median of {args.repeats}, load average {min(loads):.1f}-{max(loads):.1f} "
           f"({os.cpu_count()} cores)")
-    print(f"{'':16}{'ms':>8}  {'x restore':>9}  runs")
+    print(f"{'':19}{'ms':>8}  {'x restore':>9}  runs")
     for name, ms in med.items():
         runs = ", ".join(f"{x:.0f}" for x in times[name])
-        print(f"{name:16}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
+        print(f"{name:19}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
     print(f"after eviction / read {med['after eviction'] / med['read']:.2f}x; after eviction "
           f"/ (read + hash) {med['after eviction'] / med['read + hash']:.2f}x; restore / after "
           f"eviction x{med['restore'] / med['after eviction']:.2f}; one reader / "
           f"{readers()} readers x{med['evicted, 1 reader'] / med['after eviction']:.2f}")
+    print(f"evicted into MLX's cache / read {med['evicted, MLX cache'] / med['read']:.2f}x; "
+          f"into the evicted buffers x{med['evicted, MLX cache'] / med['after eviction']:.2f} "
+          "faster")
+    print(f"verified read ({readers()} threads) / read {med['verified read'] / med['read']:.2f}x; "
+          f"allocate / read {med['allocate'] / med['read']:.2f}x; after eviction - verified read "
+          f"= {med['after eviction'] - med['verified read']:.1f} ms (manifest, checks, block opens, "
+          "rows scattered and hashed part by part, tails)")
     print(f"restore / read {med['restore'] / med['read']:.2f}x; restore / (read + hash) "
           f"{med['restore'] / med['read + hash']:.2f}x; restore / fresh read "
           f"{med['restore'] / med['fresh read']:.2f}x; faulting reads / restore "

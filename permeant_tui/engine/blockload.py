@@ -216,19 +216,66 @@ def _libc():
     return libc
 
 
+class Donors:
+    """K/V buffers an evicted agent released, offered to the restore that follows it
+    (Workspace.enforce_residency evicts before a restore). A stream takes a buffer of its dtype,
+    heads and row size whose capacity fits it, up to a quarter larger (a ring: exactly its
+    window); the restore then skips MLX's allocation, which evaluates a file object's tensors
+    one at a time (~100 us each here: 6 ms for SmolLM2's 60 at 4k, bench/restore_populate.py).
+
+    A taken buffer is handed over through MLX's donation: a one-element `slice_update` whose
+    input nothing else holds reuses its buffer, so the result is the restore's alone. Where
+    anything still held it (a view kept elsewhere), MLX copies it instead: slower, never
+    shared. Every byte of it is then written by the restore."""
+
+    def __init__(self, arrays: list) -> None:
+        self.arrays: list = []
+        self._shapes: list[tuple] = []  # per array: (numpy dtype name, heads, row), capacity
+        self.add(arrays)
+
+    def add(self, arrays: list) -> None:
+        for a in arrays:
+            _, heads, cap, row = (int(x) for x in a.shape)
+            self.arrays.append(a)
+            self._shapes.append(((_NP_NAME.get(str(a.dtype)), heads, row), cap))
+
+    def take(self, stream: Stream, exact: bool = False):
+        """The best-fitting buffer for `stream` (removed from the pool), else None."""
+        want, need = (stream.dtype.name, stream.heads, stream.row), stream.capacity
+        fits = [(cap, i) for i, (kind, cap) in enumerate(self._shapes) if kind == want and (
+            cap == need or (not exact and need < cap <= need + need // 4))]
+        if not fits:
+            return None
+        i = min(fits)[1]
+        del self._shapes[i]
+        return self.arrays.pop(i)
+
+    def clear(self) -> None:
+        self.arrays.clear()
+        self._shapes.clear()
+
+
+# a donor's MLX dtype -> the numpy dtype its stream is read as (bfloat16 as uint16)
+_NP_NAME = {"mlx.core.float32": "float32", "mlx.core.float16": "float16",
+            "mlx.core.bfloat16": "uint16"}
+
+
 class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
     straight into the buffers (one preadv per block), and hashes it right after the read."""
 
     def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
-                 block_tokens: int, cut: int, n: int, start: int = 0, rotate: int = 0):
+                 block_tokens: int, cut: int, n: int, start: int = 0, rotate: int = 0,
+                 donors: Donors | None = None, ring: bool = False):
         """Block j fills positions [start + j * B, start + (j + 1) * B) of every stream; the
         streams' heads [0, start), their tails [cut, n), zeros after n. With `rotate` (a
         sliding layer's ring, capacity n): position p goes to row (p + rotate) % n, the layout
-        mlx-lm's RotatingKVCache keeps, so the ring is attached without reordering it."""
+        mlx-lm's RotatingKVCache keeps, so the ring is attached without reordering it.
+        `donors`: buffers to read into where they fit (Donors); `ring`: the streams are sliding
+        layers' rings, whose capacity is their window, never larger."""
         self.streams, self.fds, self.paths = streams, fds, paths
         self.block_tokens, self.cut, self.n, self.start = block_tokens, cut, n, start
-        self.rotate = rotate
+        self.rotate, self.donors, self.ring = rotate, donors, ring or bool(rotate)
         if rotate and any(st.capacity != n for st in streams):
             raise ValueError("a rotated stream has no free room")
         self.digests: list[bytes] = []
@@ -248,19 +295,20 @@ class StreamReader:
         # All at once: allocating a group of streams while another's rows are read made both
         # slower (MLX's load takes the GIL per tensor, the readers between their calls: 50 ms
         # against 34 at 4k).
-        out, rows = _allocate(self.streams)
+        out, rows, donated = _allocate(self.streams, self.donors, exact=self.ring)
         heads = _head_views(rows)
         # Each block is read, then hashed, by one of `readers()` threads: preadv and the hash
         # both release the GIL, so the threads copy and hash side by side, and a block is
         # hashed while it is still in the caches (x1.3 against one thread reading while
         # another hashed the block before).
         # The new buffers are faulted in by another thread meanwhile: one madvise per buffer
-        # (ctypes releases the GIL); a read that reaches a page first faults it in itself.
+        # not in memory yet (ctypes releases the GIL); a read that reaches a page first faults
+        # it in itself. A donor's buffer was in use until the eviction: not checked.
+        spans = [(r.ctypes.data, r.nbytes) for r, d in zip(rows, donated, strict=True) if not d]
         with ThreadPoolExecutor(readers(), thread_name_prefix="permeant-read") as pool, \
                 ThreadPoolExecutor(1, thread_name_prefix="permeant-populate") as pager:
-            for r in rows:
-                if not resident(r.ctypes.data, r.nbytes):
-                    pager.submit(populate, r.ctypes.data, r.nbytes)
+            if spans:
+                pager.submit(_fault_in, spans)
             hashed = [pool.submit(self._block, j, heads) for j in range(len(self.fds))]
             tails: list[Future] = [pool.submit(self._tail, r, s)
                                    for r, s in zip(rows, self.streams, strict=True)]
@@ -324,22 +372,46 @@ class StreamReader:
                                   f"unreadable: {exc.strerror or exc}") from None
 
 
-def _allocate(streams: list[Stream]) -> tuple[list, list]:
-    """New MLX buffers for the streams, untouched (one `mx.load` of a `_TensorFile`) -> (the
-    arrays, their bytes as writable numpy views [heads, capacity, row bytes])."""
+def _fault_in(spans: list[tuple[int, int]]) -> None:
+    """Populate each (address, nbytes) buffer that is not in memory yet."""
+    for address, nbytes in spans:
+        if not resident(address, nbytes):
+            populate(address, nbytes)
+
+
+def _allocate(streams: list[Stream], donors: Donors | None = None,
+              exact: bool = False) -> tuple[list, list, list[bool]]:
+    """MLX buffers for the streams, untouched: a donor's where one fits (its capacity then the
+    stream's), else new ones (one `mx.load` of a `_TensorFile`) -> (the arrays, their bytes as
+    writable numpy views [heads, capacity, row bytes], which were a donor's)."""
     import mlx.core as mx
     import numpy as np
 
-    f = _TensorFile([(_ST_DTYPE[s.dtype.name], [1, s.heads, s.capacity, s.row], s.nbytes)
-                     for s in streams])
-    loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
-    arrays = [loaded[str(i)] for i in range(len(streams))]
+    arrays: list = [None] * len(streams)
+    start, ones = mx.array([0, 0, 0, 0]), dict[object, mx.array]()
+    for i, s in enumerate(streams):
+        d = donors.take(s, exact) if donors is not None else None
+        if d is not None:
+            s.capacity = int(d.shape[2])
+            one = ones.setdefault(d.dtype, mx.zeros((1, 1, 1, 1), dtype=d.dtype))
+            arrays[i] = mx.slice_update(d, one, start, axes=(0, 1, 2, 3))
+            d = None  # the donor's last reference: MLX donates its buffer at the eval
+    new = [i for i, a in enumerate(arrays) if a is None]
+    if new:
+        f = _TensorFile([(_ST_DTYPE[streams[i].dtype.name],
+                          [1, streams[i].heads, streams[i].capacity, streams[i].row],
+                          streams[i].nbytes) for i in new])
+        loaded: dict = mx.load(f, format="safetensors")  # type: ignore[arg-type,assignment]
+        for k, i in enumerate(new):
+            arrays[i] = loaded[str(k)]
+    arrays = [a.view(mx.uint16) if a.dtype == mx.bfloat16 else a for a in arrays]
     mx.eval(arrays)
     rows = [np.array(a, copy=False).view(np.uint8).reshape(s.heads, s.capacity, -1)
             for a, s in zip(arrays, streams, strict=True)]
     if not all(r.flags.writeable and r.base is not None for r in rows):
         raise RuntimeError("an MLX buffer is not writable in place")  # never on CPU/Metal
-    return arrays, rows
+    fresh = set(new)
+    return arrays, rows, [i not in fresh for i in range(len(streams))]
 
 
 def _head_views(rows: list) -> list[tuple[memoryview, int]]:

@@ -261,8 +261,11 @@ class Worker:
         was_resident = agent.resident
         if not was_resident:  # room first: the limits hold during the restore too
             self.enforce_residency(keep=agent, incoming=agent)
-        r = self.runner.ensure_resident(self.ws, agent,
-                                        rebuild=self.rebuild and not was_resident)
+        try:
+            r = self.runner.ensure_resident(self.ws, agent,
+                                            rebuild=self.rebuild and not was_resident)
+        finally:
+            self.ws.donors.clear()  # the evicted buffers it did not read into
         self.enforce_residency(keep=agent)
         self.timings["restore"] = r.ms
         if not was_resident:

@@ -195,6 +195,18 @@ def cache_nbytes(cache: list | None) -> int:
     return sum(int(x.nbytes) for x in cache) if cache else 0
 
 
+def buffers(cache: list | None) -> list:
+    """Each layer's K and V buffers as plain MLX arrays (full and sliding layers; a quantized
+    layer's triples are left out): what an evicted agent offers the restore that follows
+    (blockload.Donors)."""
+    out: list = []
+    for layer in cache or []:
+        for a in (getattr(layer, "keys", None), getattr(layer, "values", None)):
+            if a is not None and not isinstance(a, (tuple, list)) and a.ndim == 4:
+                out.append(a)
+    return out
+
+
 def concat(xs: list):
     import mlx.core as mx
 

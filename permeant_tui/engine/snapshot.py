@@ -124,12 +124,13 @@ def read_header(path: Path) -> dict:
 
 def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] | None,
                   store: BlockStore | None = None, room: int = ROOM_TOKENS,
-                  prefix: bool = False):
+                  prefix: bool = False, donors: blockload.Donors | None = None):
     """Verify and load -> (list of kvcache.LayerState, ids, metadata). Raises SnapshotInvalid.
     Format 3: the blocks come from `store` (default: `default_store(path)`), each verified, and
     every full layer gets at least `room` free positions beyond its tokens (ROOM_STEP).
     `prefix`: a snapshot whose ids are a proper prefix of `expected_ids` (one that is behind the
-    transcript) is loaded too; the caller prefills the rest."""
+    transcript) is loaded too; the caller prefills the rest. `donors`: an evicted agent's K/V
+    buffers, read into where they fit (blockload.Donors)."""
     import mlx.core as mx
 
     path = Path(path)
@@ -199,9 +200,11 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
                               f"({len(wwant)} blocks)")
     _check_expected(path, ids, expected_ids, prefix)  # before reading blocks of a stale one
     store = store if store is not None else BlockStore(default_store(path))
-    groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room)
+    groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room,
+                              donors)
     if plan is not None:
-        groups = _assemble_window(path, store, metas, groups, bases, wnames, plan, len(ids))
+        groups = _assemble_window(path, store, metas, groups, bases, wnames, plan, len(ids),
+                                  donors)
     states = RestoredStates(_layout(path, identity, metas, groups, len(ids), fmt))
     states.bases = bases
     states.persisted = (len(names) * block_tokens,
@@ -224,7 +227,8 @@ def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None,
 
 
 def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, names: list[str],
-              block_tokens: int, n: int, room: int) -> tuple[list, list]:
+              block_tokens: int, n: int, room: int,
+              donors: blockload.Donors | None = None) -> tuple[list, list]:
     """Format 3: every full layer's K/V [1, kv_heads, capacity, head_dim], its first positions
     read from the blocks straight into the arrays (engine/blockload.py), then the manifest's
     tail; every block verified against its content hash.
@@ -250,7 +254,7 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
     fds = blockload.open_blocks(store, names, block_tokens, payload)
     try:
         reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names],
-                                        block_tokens, cut, n)
+                                        block_tokens, cut, n, donors=donors)
         allocs = reader.load()  # SnapshotCorrupt naming the block on a failed or short read
     finally:
         blockload.close_all(fds)
@@ -289,7 +293,8 @@ def _window_plan(identity: ModelIdentity, metas: list[dict], n: int,
 
 
 def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: list,
-                     bases: list, names: list[str], plan: WindowPlan, n: int) -> list:
+                     bases: list, names: list[str], plan: WindowPlan, n: int,
+                     donors: blockload.Donors | None = None) -> list:
     """Format 4: every sliding layer's window, L = min(n, W) positions, its head from the
     manifest, then the window blocks read straight into it, then its tail; every block verified
     against its content hash. The buffer [1, kv_heads, L, head_dim] is laid out as mlx-lm's
@@ -329,7 +334,7 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
     try:
         reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names], b,
                                         head + len(names) * b, length, start=head,
-                                        rotate=rotate)
+                                        rotate=rotate, donors=donors, ring=True)
         allocs = reader.load()
     finally:
         blockload.close_all(fds)

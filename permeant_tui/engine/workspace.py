@@ -23,11 +23,13 @@ from pathlib import Path
 
 from .agent import Agent, Turn
 from .atomic import fsync_dir, write_atomic
+from .blockload import Donors
 from .blockstore import BlockStore
 from .durable import Flusher
 from .errors import PermeantError, SnapshotInvalid, UnknownAgent, WorkspaceError
 from .events import RestoreReport
 from .generation import new_cache, prefill
+from .kvcache import buffers
 from .names import check_agent_name
 from .runtime import keep_freed_buffers
 from .settings import (
@@ -65,6 +67,9 @@ class Workspace:
         # Saves made durable on a thread of their own (engine/durable.py), once the engine
         # asks for it (`background_saves`); otherwise every save is durable when it returns.
         self.flusher: Flusher | None = None
+        # K/V buffers of the agents evicted to make room for a restore, handed to it
+        # (blockload.Donors), then dropped (worker thread only)
+        self.donors = Donors([])
 
     def background_saves(self, on_failed: Callable[[str, BaseException], None] | None = None
                          ) -> Flusher:
@@ -253,6 +258,12 @@ class Workspace:
         """Attach the agent's KV state: memory, else a verified snapshot (or import), else
         rebuild by prefill from the transcript. Never attaches anything unverified. The caller
         then applies the residency limits (`enforce_residency`)."""
+        try:
+            return self._attach(agent, loaded, rebuild, progress)
+        finally:
+            self.donors.clear()  # the evicted buffers the restore did not take go back to MLX
+
+    def _attach(self, agent: Agent, loaded, rebuild: bool, progress) -> RestoreReport:
         t0 = time.perf_counter()
         agent.last_used = time.time()
         if agent.cache is not None and not rebuild:
@@ -278,7 +289,7 @@ class Workspace:
                 else:
                     pairs, ids, meta = read_snapshot(self.snapshot_path(agent.agent_id),
                                                      loaded.identity, expected, self.blocks,
-                                                     prefix=True)
+                                                     prefix=True, donors=self.donors)
                     agent.cache, agent.cache_ids = attach(loaded.model, pairs), ids
                     # an older format is rewritten as blocks at the next save
                     agent.source, agent.dirty = "snapshot", meta.get("format") != FORMAT
@@ -418,7 +429,9 @@ class Workspace:
                 break
             victim = victims[0]
             save(victim)
-            # the restore this usually makes room for reuses the victim's K/V buffers
+            if extra:  # the restore it makes room for reads into the victim's K/V buffers
+                self.donors.add(buffers(victim.cache))
+            # (or, when their shapes do not fit, gets them back from MLX, already in memory)
             keep_freed_buffers(min(victim.cache_bytes(), budget))
             victim.release()
             evicted.append(victim.agent_id)

@@ -172,3 +172,25 @@ def test_room_is_made_before_the_restore(tmp_path, tiny_model, monkeypatch):
     for (agent_id, source), (_, _, others, _, _) in zip(restores, attaching, strict=True):
         if source == "snapshot":
             assert agent_id not in others
+
+
+def test_a_restore_after_an_eviction_reads_into_the_evicted_buffers(tmp_path, tiny_model,
+                                                                     unlimited, monkeypatch):
+    """With one slot, every restore follows an eviction: it takes the evicted agent's K/V
+    buffers (blockload.Donors) and the run equals the one where nothing was evicted."""
+    from permeant_tui.engine import blockload
+
+    taken: list[int] = []
+    real = blockload.Donors.take
+
+    def counted(self, stream, exact=False):
+        got = real(self, stream, exact)
+        taken.append(got is not None)
+        return got
+
+    monkeypatch.setattr(blockload.Donors, "take", counted)
+    run = talk(tmp_path / "one", tiny_model, max_resident=1)
+    restores = [e.source for e in run[1] if isinstance(e, AgentRestored)]
+    assert restores.count("snapshot") == 6
+    assert sum(taken) == len(taken) > 0  # every buffer of every restore was a donor's
+    assert_same_run(run, unlimited)
