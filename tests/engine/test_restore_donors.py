@@ -136,3 +136,36 @@ def test_a_slightly_larger_donor_gives_the_restore_its_capacity(tok, tmp_path):
     again = tmp_path / "again.safetensors"
     write_snapshot(again, cache, ids[:700], lm.identity, "b")
     same_agent(lm, restored(lm, again, ids[:700], None), b.cache)
+
+
+def test_bfloat16_buffers_are_donated_too(tok, tmp_path):
+    """Metal keeps K/V in bfloat16 (the CPU path here runs float32): a bfloat16 cache restored
+    into another's buffers, read as uint16 and viewed back, equals the saved one bit for bit."""
+    from mlx_lm.models.cache import make_prompt_cache
+
+    _, lm = tiny_model("llama", tok)
+    n = 300
+
+    def bf16_cache(seed: int) -> list:
+        mx.random.seed(seed)
+        cache = make_prompt_cache(lm.model)
+        for c in cache:
+            k = mx.random.normal((1, 2, n, 16)).astype(mx.bfloat16)
+            c.update_and_fetch(k, (k * 3).astype(mx.bfloat16))
+        kvcache.eval_cache(cache)
+        return cache
+
+    ids = tok.encode(TEXT * 2)[:n]
+    live = bf16_cache(1)
+    path = tmp_path / "kv.safetensors"
+    write_snapshot(path, live, ids, lm.identity, "b")
+    victim = bf16_cache(2)
+    donors = Donors(kvcache.buffers(victim))
+    offered = {address(x) for x in donors.arrays}
+    victim = None
+    cache = restored(lm, path, ids, donors)
+    assert {address(x) for x in kvcache.buffers(cache)} == offered
+    for c, x in zip(cache, live, strict=True):
+        assert c.keys.dtype == mx.bfloat16
+        assert mx.array_equal(c.keys[..., :n, :], x.keys[..., :n, :]).item()
+        assert mx.array_equal(c.values[..., :n, :], x.values[..., :n, :]).item()
