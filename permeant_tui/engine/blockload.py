@@ -6,10 +6,11 @@ MLX has no "empty" array, and `mx.zeros` writes every page of a 190 MB restore f
 file object allocates the tensor and calls the object's `readinto` with the tensor's own
 buffer. `_TensorFile` is such an object: a safetensors file that exists only in memory, one
 tensor [1, heads, capacity, row] per stream, whose `readinto` leaves the buffers untouched.
-Then each block is read once with one `preadv` scattering its rows into every stream's buffer
-and hashed in a second thread, while a third faults the new buffers in ahead of the reads;
-then the manifest's tail and zeros for the free room. The caller compares each block's content
-hash with the block's name.
+Then each block is opened and checked, read once with one `preadv` scattering its rows into
+every stream's buffer and hashed, by one of two or more reading threads, while another faults
+the new buffers in ahead of the reads; then the manifest's tail. The free room after the last
+token is left as it is: mlx-lm's caches never read a row before a turn writes it (a test
+poisons it with NaN). The caller compares each block's content hash with the block's name.
 """
 
 from __future__ import annotations
@@ -22,7 +23,8 @@ import mmap
 import os
 import stat
 import sys
-from concurrent.futures import Future, ThreadPoolExecutor
+import threading
+from concurrent.futures import Future, ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from .blockstore import (
@@ -62,19 +64,6 @@ class Stream:
         return self.heads * self.capacity * self.row * self.dtype.itemsize
 
 
-def open_blocks(store: BlockStore, names: list[str], block_tokens: int, payload: int) -> list[int]:
-    """Open and check every block file (a regular file of the right size whose header names it)
-    -> file descriptors; SnapshotCorrupt naming the first bad block (check "block")."""
-    fds: list[int] = []
-    try:
-        for name in names:
-            fds.append(_open_block(store, name, block_tokens, payload))
-    except BaseException:
-        close_all(fds)
-        raise
-    return fds
-
-
 def _open_block(store: BlockStore, name: str, block_tokens: int, payload: int) -> int:
     path = store.path(name)
     if not BLOCK_NAME.fullmatch(name):
@@ -105,11 +94,6 @@ def _open_block(store: BlockStore, name: str, block_tokens: int, payload: int) -
         os.close(fd)
         raise
     return fd
-
-
-def close_all(fds: list[int]) -> None:
-    for fd in fds:
-        os.close(fd)
 
 
 class _TensorFile(io.RawIOBase):
@@ -206,6 +190,21 @@ def readers() -> int:
     return min(4, max(2, os.cpu_count() or 1))
 
 
+_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
+_pools_lock = threading.Lock()
+
+
+def _pool(name: str, workers: int) -> ThreadPoolExecutor:
+    """The process's pool of `workers` threads for `name`, started on first use and kept:
+    starting the threads anew for each restore cost 2-3 ms of it (the caller waits for each
+    thread to start, on two busy cores)."""
+    with _pools_lock:
+        pool = _pools.get((name, workers))
+        if pool is None:
+            pool = _pools[(name, workers)] = ThreadPoolExecutor(workers, thread_name_prefix=name)
+        return pool
+
+
 @functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
@@ -229,30 +228,35 @@ class Donors:
     shared. Every byte of it is then written by the restore."""
 
     def __init__(self, arrays: list) -> None:
-        self.arrays: list = []
-        self._shapes: list[tuple] = []  # per array: (numpy dtype name, heads, row), capacity
+        self._pool: dict[tuple, list] = {}  # ((numpy dtype name, heads, row), capacity) -> arrays
         self.add(arrays)
+
+    @property
+    def arrays(self) -> list:
+        """The buffers still offered."""
+        return [a for group in self._pool.values() for a in group]
 
     def add(self, arrays: list) -> None:
         for a in arrays:
             _, heads, cap, row = (int(x) for x in a.shape)
-            self.arrays.append(a)
-            self._shapes.append(((_NP_NAME.get(str(a.dtype)), heads, row), cap))
+            self._pool.setdefault(((_NP_NAME.get(str(a.dtype)), heads, row), cap), []).append(a)
 
     def take(self, stream: Stream, exact: bool = False):
         """The best-fitting buffer for `stream` (removed from the pool), else None."""
         want, need = (stream.dtype.name, stream.heads, stream.row), stream.capacity
-        fits = [(cap, i) for i, (kind, cap) in enumerate(self._shapes) if kind == want and (
+        fits = [cap for kind, cap in self._pool if kind == want and (
             cap == need or (not exact and need < cap <= need + need // 4))]
         if not fits:
             return None
-        i = min(fits)[1]
-        del self._shapes[i]
-        return self.arrays.pop(i)
+        key = (want, min(fits))
+        group = self._pool[key]
+        a = group.pop(0)
+        if not group:
+            del self._pool[key]
+        return a
 
     def clear(self) -> None:
-        self.arrays.clear()
-        self._shapes.clear()
+        self._pool.clear()
 
 
 # a donor's MLX dtype -> the numpy dtype its stream is read as (bfloat16 as uint16)
@@ -264,20 +268,22 @@ class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
     straight into the buffers (one preadv per block), and hashes it right after the read."""
 
-    def __init__(self, streams: list[Stream], fds: list[int], paths: list[str],
+    def __init__(self, streams: list[Stream], store: BlockStore, names: list[str],
                  block_tokens: int, cut: int, n: int, start: int = 0, rotate: int = 0,
                  donors: Donors | None = None, ring: bool = False):
-        """Block j fills positions [start + j * B, start + (j + 1) * B) of every stream; the
-        streams' heads [0, start), their tails [cut, n), zeros after n. With `rotate` (a
-        sliding layer's ring, capacity n): position p goes to row (p + rotate) % n, the layout
-        mlx-lm's RotatingKVCache keeps, so the ring is attached without reordering it.
-        `donors`: buffers to read into where they fit (Donors); `ring`: the streams are sliding
-        layers' rings, whose capacity is their window, never larger."""
-        self.streams, self.fds, self.paths = streams, fds, paths
+        """Block j (`names[j]` in `store`) fills positions [start + j * B, start + (j + 1) * B)
+        of every stream; the streams' heads [0, start) and tails [cut, n) come from the
+        manifest; rows after n are left as they are (free room, never read before a turn
+        writes it). With `rotate` (a sliding layer's ring, capacity n): position p goes to row
+        (p + rotate) % n, the layout mlx-lm's RotatingKVCache keeps, so the ring is attached
+        without reordering it. `donors`: buffers to read into where they fit (Donors); `ring`:
+        the streams are sliding layers' rings, whose capacity is their window, never larger."""
+        self.streams, self.store, self.names = streams, store, names
         self.block_tokens, self.cut, self.n, self.start = block_tokens, cut, n, start
         self.rotate, self.donors, self.ring = rotate, donors, ring or bool(rotate)
         if rotate and any(st.capacity != n for st in streams):
             raise ValueError("a rotated stream has no free room")
+        self.payload = sum(st.heads * block_tokens * st.row * st.dtype.itemsize for st in streams)
         self.digests: list[bytes] = []
 
     def _spans(self, a: int, b: int) -> list[tuple[int, int]]:
@@ -290,36 +296,39 @@ class StreamReader:
 
     def load(self) -> list:
         """-> one MLX array [1, heads, capacity, row] per stream, filled; `digests` holds each
-        block's content hash (the caller compares them with the names). SnapshotCorrupt on a
-        read that fails or comes short."""
+        block's content hash (the caller compares them with the names). SnapshotCorrupt naming
+        the first block (in order) that is missing, not this snapshot's, or reads short."""
         # All at once: allocating a group of streams while another's rows are read made both
         # slower (MLX's load takes the GIL per tensor, the readers between their calls: 50 ms
         # against 34 at 4k).
         out, rows, donated = _allocate(self.streams, self.donors, exact=self.ring)
         heads = _head_views(rows)
-        # Each block is read, then hashed, by one of `readers()` threads: preadv and the hash
-        # both release the GIL, so the threads copy and hash side by side, and a block is
-        # hashed while it is still in the caches (x1.3 against one thread reading while
-        # another hashed the block before).
+        # Each block is opened and checked, read, then hashed, by one of `readers()` threads:
+        # preadv and the hash both release the GIL, so the threads copy and hash side by side,
+        # and a block is hashed while it is still in the caches (x1.3 against one thread
+        # reading while another hashed the block before). The opens and checks (~15 us a
+        # block) run between the reads instead of before them all.
         # The new buffers are faulted in by another thread meanwhile: one madvise per buffer
         # not in memory yet (ctypes releases the GIL); a read that reaches a page first faults
         # it in itself. A donor's buffer was in use until the eviction: not checked.
         spans = [(r.ctypes.data, r.nbytes) for r, d in zip(rows, donated, strict=True) if not d]
-        with ThreadPoolExecutor(readers(), thread_name_prefix="permeant-read") as pool, \
-                ThreadPoolExecutor(1, thread_name_prefix="permeant-populate") as pager:
-            if spans:
-                pager.submit(_fault_in, spans)
-            hashed = [pool.submit(self._block, j, heads) for j in range(len(self.fds))]
-            tails: list[Future] = [pool.submit(self._tail, r, s)
-                                   for r, s in zip(rows, self.streams, strict=True)]
-            try:
-                self.digests = [task.result() for task in hashed]
-                for task in tails:
-                    task.result()
-            except BaseException:
-                for task in hashed + tails:
-                    task.cancel()
-                raise
+        ends = [(r, s) for r, s in zip(rows, self.streams, strict=True)
+                if self.start > 0 or self.n > self.cut]
+        pool, pager = _pool("permeant-read", readers()), _pool("permeant-populate", 1)
+        tasks: list[Future] = [pager.submit(_fault_in, spans)] if spans else []
+        hashed = [pool.submit(self._block, j, heads) for j in range(len(self.names))]
+        tasks += hashed + [pool.submit(self._tail, r, s) for r, s in ends]
+        try:
+            self.digests = [task.result() for task in hashed]
+            for task in tasks:
+                task.result()
+        except BaseException:
+            for task in tasks:
+                task.cancel()
+            raise
+        finally:
+            # none of them touches the buffers once this returns (they are freed on a failure)
+            wait(tasks)
         return out
 
     def _block(self, j: int, heads: list) -> bytes:
@@ -332,12 +341,15 @@ class StreamReader:
             parts = [m[x:y] for m, _ in heads for x, y in cuts]  # a 4k restore)
         else:
             parts = [m[s * x:e * x] for m, x in heads for s, e in spans]
-        self._read(j, self.fds[j], parts, HEADER_SIZE)
+        fd = _open_block(self.store, self.names[j], self.block_tokens, self.payload)
+        try:
+            self._read(j, fd, parts, HEADER_SIZE)
+        finally:
+            os.close(fd)
         return content_hash(parts)
 
     def _tail(self, r, s: Stream) -> None:
-        """The manifest's head and tail rows around the blocks' positions, zeros in the free
-        room."""
+        """The manifest's head and tail rows around the blocks' positions."""
         import numpy as np
 
         for a, b, rows in ((0, self.start, s.head), (self.cut, self.n, s.tail)):
@@ -353,7 +365,6 @@ class StreamReader:
             for x, y in self._spans(a, b):
                 r[:, x:y] = src[:, done:done + y - x]
                 done += y - x
-        r[:, self.n:] = 0  # the free room: never read before it is written, zeroed anyway
 
     def _read(self, j: int, fd: int, parts: list, pos: int) -> None:
         """Block j's rows at `pos` into `parts`, IOV_MAX parts a call; SnapshotCorrupt on an
@@ -366,10 +377,13 @@ class StreamReader:
                     _pread_each(fd, group, pos)
                 pos += n
                 if n != want:
-                    raise SnapshotCorrupt(self.paths[j], "block", "short read: truncated")
+                    raise SnapshotCorrupt(self._path(j), "block", "short read: truncated")
         except OSError as exc:
-            raise SnapshotCorrupt(self.paths[j], "block",
+            raise SnapshotCorrupt(self._path(j), "block",
                                   f"unreadable: {exc.strerror or exc}") from None
+
+    def _path(self, j: int) -> str:
+        return str(self.store.path(self.names[j]))
 
 
 def _fault_in(spans: list[tuple[int, int]]) -> None:

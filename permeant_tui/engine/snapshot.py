@@ -250,14 +250,8 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
                                             tail))
             bf16.append(t.dtype == mx.bfloat16)
         which.append(i)
-    payload = sum(st.heads * block_tokens * st.row * st.dtype.itemsize for st in streams)
-    fds = blockload.open_blocks(store, names, block_tokens, payload)
-    try:
-        reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names],
-                                        block_tokens, cut, n, donors=donors)
-        allocs = reader.load()  # SnapshotCorrupt naming the block on a failed or short read
-    finally:
-        blockload.close_all(fds)
+    reader = blockload.StreamReader(streams, store, names, block_tokens, cut, n, donors=donors)
+    allocs = reader.load()  # SnapshotCorrupt naming the first block missing, bad or short
     _verify(store, names, reader.digests)
     out, bases = list(groups), [None] * len(groups)
     pos = 0
@@ -329,15 +323,9 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
             streams.append(blockload.Stream(int(t.shape[1]), length, int(t.shape[3]),
                                             rows.dtype, rows[:, :, head:], rows[:, :, :head]))
             bf16.append(t.dtype == mx.bfloat16)
-    payload = sum(st.heads * b * st.row * st.dtype.itemsize for st in streams)
-    fds = blockload.open_blocks(store, names, b, payload)
-    try:
-        reader = blockload.StreamReader(streams, fds, [str(store.path(x)) for x in names], b,
-                                        head + len(names) * b, length, start=head,
-                                        rotate=rotate, donors=donors, ring=True)
-        allocs = reader.load()
-    finally:
-        blockload.close_all(fds)
+    reader = blockload.StreamReader(streams, store, names, b, head + len(names) * b, length,
+                                    start=head, rotate=rotate, donors=donors, ring=True)
+    allocs = reader.load()
     _verify(store, names, reader.digests)
     out = list(groups)
     arrays = [a.view(mx.bfloat16) if is_bf16 else a for a, is_bf16 in zip(allocs, bf16,

