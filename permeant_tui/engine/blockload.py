@@ -24,7 +24,7 @@ import os
 import stat
 import sys
 import threading
-from concurrent.futures import Future, ThreadPoolExecutor, wait
+from concurrent.futures import ThreadPoolExecutor, wait
 from typing import TYPE_CHECKING
 
 from .blockstore import (
@@ -314,21 +314,16 @@ class StreamReader:
         spans = [(r.ctypes.data, r.nbytes) for r, d in zip(rows, donated, strict=True) if not d]
         ends = [(r, s) for r, s in zip(rows, self.streams, strict=True)
                 if self.start > 0 or self.n > self.cut]
-        pool, pager = _pool("permeant-read", readers()), _pool("permeant-populate", 1)
-        tasks: list[Future] = [pager.submit(_fault_in, spans)] if spans else []
-        hashed = [pool.submit(self._block, j, heads) for j in range(len(self.names))]
-        tasks += hashed + [pool.submit(self._tail, r, s) for r, s in ends]
+        pager = _pool("permeant-populate", 1)
+        populating = pager.submit(_fault_in, spans) if spans else None
+        jobs: list = [functools.partial(self._block, j, heads) for j in range(len(self.names))]
+        jobs += [functools.partial(self._tail, r, s) for r, s in ends]
         try:
-            self.digests = [task.result() for task in hashed]
-            for task in tasks:
-                task.result()
-        except BaseException:
-            for task in tasks:
-                task.cancel()
-            raise
+            results = run_shared(jobs, readers())
         finally:
-            # none of them touches the buffers once this returns (they are freed on a failure)
-            wait(tasks)
+            if populating is not None:  # never left at work on buffers freed by a failure
+                wait([populating])
+        self.digests = results[:len(self.names)]
         return out
 
     def _block(self, j: int, heads: list) -> bytes:
@@ -384,6 +379,41 @@ class StreamReader:
 
     def _path(self, j: int) -> str:
         return str(self.store.path(self.names[j]))
+
+
+def run_shared(jobs: list, workers: int) -> list:
+    """Run `jobs` (callables) on `workers` threads of the kept pool, each taking the next job
+    in order until none is left -> their results in order. On a failure the threads take no
+    new job; the failure of the first job (in order) that failed is raised once every job
+    taken has finished, so none is still at work when this returns. One task per thread, not
+    one per job: 64 futures a restore cost ~1 ms of the submitting thread, holding the GIL the
+    readers need between their calls."""
+    results: list = [None] * len(jobs)
+    failed: dict[int, BaseException] = {}
+    taken = iter(range(len(jobs)))
+    lock, stop = threading.Lock(), threading.Event()
+
+    def work() -> None:
+        while not stop.is_set():
+            with lock:
+                j = next(taken, None)
+            if j is None:
+                return
+            try:
+                results[j] = jobs[j]()
+            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
+                failed[j] = exc
+                stop.set()
+                return
+
+    n = max(1, min(workers, len(jobs)))
+    tasks = [_pool("permeant-read", workers).submit(work) for _ in range(n)]
+    wait(tasks)
+    for task in tasks:
+        task.result()  # work() itself never raises; a pool shut down at exit would
+    if failed:
+        raise failed[min(failed)]
+    return results
 
 
 def _fault_in(spans: list[tuple[int, int]]) -> None:

@@ -126,3 +126,33 @@ def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
     # the threads are the kept pools' (blockload._pool), not new ones for each restore
     named = [t for t in threading.enumerate() if t.name.startswith("permeant-")]
     assert len(named) <= sum(n for _, n in blockload._pools)
+
+
+@pytest.mark.parametrize("workers", [1, 2, 4])
+def test_shared_jobs_return_in_order_and_fail_on_the_first_failed_job(workers):
+    """blockload.run_shared: results in the jobs' order; when jobs fail, the first one that
+    failed (in order) is raised, only after every job a thread had taken has finished."""
+    import threading
+    import time
+
+    from permeant_tui.engine import blockload
+
+    assert blockload.run_shared([lambda i=i: i * i for i in range(9)], workers) == \
+        [i * i for i in range(9)]
+    done, lock = [], threading.Lock()
+
+    def job(i: int):
+        if i in (3, 6):
+            raise ValueError(f"job {i}")
+        time.sleep(0.02 if i == 2 else 0)  # a slow job taken before the failure
+        with lock:
+            done.append(i)
+        return i
+
+    with pytest.raises(ValueError, match="job 3"):
+        blockload.run_shared([lambda i=i: job(i) for i in range(9)], workers)
+    assert {0, 1, 2} <= set(done)  # every job before the failure ran to its end
+    assert 3 not in done and 6 not in done
+    after = list(done)
+    time.sleep(0.05)
+    assert done == after  # none still running once it raised
