@@ -27,7 +27,8 @@ the same bytes, all in one run, interleaved.
                      file object, each tensor evaluated on its own), right after an eviction
 - fresh read         the same files read into new memory (page faults included)
 
-Medians of --repeats; the order alternates each round so the machine's load drifts equally.
+Medians of --repeats; the order alternates each round so the machine's load drifts equally, and
+the main ratio is also taken within each round (its median printed with its range).
 """
 
 from __future__ import annotations
@@ -222,6 +223,12 @@ def main() -> int:
     for name, ms in med.items():
         runs = ", ".join(f"{x:.0f}" for x in times[name])
         print(f"{name:19}{ms:8.1f}  {ms / med['restore']:9.2f}  {runs}")
+    # the same ratio taken within each round (both kinds a few ms apart), then the median: the
+    # machine's drift between rounds (a shared VM's read varied 21-31 ms within ten minutes)
+    # then cancels out of it
+    paired = sorted(a / b for a, b in zip(times["after eviction"], times["read"], strict=True))
+    print(f"after eviction / read within each round: median {statistics.median(paired):.2f}x "
+          f"(range {paired[0]:.2f}-{paired[-1]:.2f}x, {len(paired)} rounds)")
     print(f"after eviction / read {med['after eviction'] / med['read']:.2f}x; after eviction "
           f"/ (read + hash) {med['after eviction'] / med['read + hash']:.2f}x; restore / after "
           f"eviction x{med['restore'] / med['after eviction']:.2f}; one reader / "
