@@ -194,6 +194,17 @@ _pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
 _pools_lock = threading.Lock()
 
 
+def _forget_pools() -> None:
+    """In a forked child: the parent's threads are not there, so neither are its pools."""
+    global _pools_lock
+    _pools.clear()
+    _pools_lock = threading.Lock()
+
+
+if hasattr(os, "register_at_fork"):
+    os.register_at_fork(after_in_child=_forget_pools)
+
+
 def _pool(name: str, workers: int) -> ThreadPoolExecutor:
     """The process's pool of `workers` threads for `name`, started on first use and kept:
     starting the threads anew for each restore cost 2-3 ms of it (the caller waits for each

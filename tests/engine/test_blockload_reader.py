@@ -156,3 +156,31 @@ def test_shared_jobs_return_in_order_and_fail_on_the_first_failed_job(workers):
     after = list(done)
     time.sleep(0.05)
     assert done == after  # none still running once it raised
+
+
+@pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
+def test_a_forked_child_gets_reading_threads_of_its_own():
+    """The reading threads are kept in the process (blockload._pool); a forked child has none
+    of them and must start its own rather than wait forever on the parent's."""
+    import threading
+    import time
+
+    from permeant_tui.engine import blockload
+
+    both = threading.Barrier(2, timeout=10)  # two jobs at once: both threads exist, then idle
+    assert blockload.run_shared([lambda: both.wait() * 0 + 1, lambda: both.wait() * 0 + 2],
+                                2) == [1, 2]
+    time.sleep(0.05)
+    pid = os.fork()
+    if pid == 0:  # the child: only Python, and never back into pytest
+        code = 1
+        try:
+            import signal
+
+            signal.signal(signal.SIGALRM, lambda *_: os._exit(3))  # waiting forever: exit 3
+            signal.alarm(20)
+            code = 0 if blockload.run_shared([lambda: 3, lambda: 4], 2) == [3, 4] else 2
+        finally:
+            os._exit(code)
+    _, status = os.waitpid(pid, 0)
+    assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
