@@ -419,7 +419,12 @@ def run_shared(jobs: list, workers: int) -> list:
 
     n = max(1, min(workers, len(jobs)))
     tasks = [_pool("permeant-read", workers).submit(work) for _ in range(n)]
-    wait(tasks)
+    try:
+        wait(tasks)
+    except BaseException:  # interrupted while waiting: the jobs taken still finish first
+        stop.set()
+        wait(tasks)
+        raise
     for task in tasks:
         task.result()  # work() itself never raises; a pool shut down at exit would
     if failed:

@@ -184,3 +184,37 @@ def test_a_forked_child_gets_reading_threads_of_its_own():
             os._exit(code)
     _, status = os.waitpid(pid, 0)
     assert os.WIFEXITED(status) and os.WEXITSTATUS(status) == 0, status
+
+
+def test_an_interrupted_wait_still_lets_the_jobs_taken_finish(monkeypatch):
+    """Interrupted while it waits (Ctrl+C in a thread that restores), run_shared lets the jobs
+    already taken finish before the interruption goes on: no reader writes into buffers the
+    caller is about to drop, and no new job is taken."""
+    import threading
+    import time
+
+    from permeant_tui.engine import blockload
+
+    real_wait, calls = blockload.wait, []
+
+    def interrupted(tasks):
+        calls.append(len(tasks))
+        if len(calls) == 1:
+            raise KeyboardInterrupt
+        return real_wait(tasks)
+
+    monkeypatch.setattr(blockload, "wait", interrupted)
+    started, finished, lock = [], [], threading.Lock()
+
+    def job(i: int) -> int:
+        with lock:
+            started.append(i)
+        time.sleep(0.05)
+        with lock:
+            finished.append(i)
+        return i
+
+    with pytest.raises(KeyboardInterrupt):
+        blockload.run_shared([lambda i=i: job(i) for i in range(40)], 2)
+    assert sorted(finished) == sorted(started)  # every job taken ran to its end
+    assert len(started) < 40  # and the others were never taken
