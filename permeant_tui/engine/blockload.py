@@ -23,9 +23,10 @@ import mmap
 import os
 import stat
 import sys
-import threading
-from concurrent.futures import ThreadPoolExecutor, wait
+from concurrent.futures import wait
 from typing import TYPE_CHECKING
+
+import xxhash
 
 from .blockstore import (
     BLOCK_HEADER,
@@ -35,9 +36,9 @@ from .blockstore import (
     MAGIC,
     BlockStore,
     block_name,
-    content_hash,
 )
 from .errors import SnapshotCorrupt
+from .readpool import _pool, readers, run_shared
 
 if TYPE_CHECKING:
     import numpy as np
@@ -183,39 +184,6 @@ def _pages(address: int, nbytes: int) -> tuple[int, int] | None:
     return (start, end - start) if end > start else None
 
 
-def readers() -> int:
-    """Threads that read and hash blocks: one per core, two at least (a read and a hash
-    overlap even on one core: the read waits in the kernel), four at most (past that the
-    memory bus, not the cores, is the limit)."""
-    return min(4, max(2, os.cpu_count() or 1))
-
-
-_pools: dict[tuple[str, int], ThreadPoolExecutor] = {}
-_pools_lock = threading.Lock()
-
-
-def _forget_pools() -> None:
-    """In a forked child: the parent's threads are not there, so neither are its pools."""
-    global _pools_lock
-    _pools.clear()
-    _pools_lock = threading.Lock()
-
-
-if hasattr(os, "register_at_fork"):
-    os.register_at_fork(after_in_child=_forget_pools)
-
-
-def _pool(name: str, workers: int) -> ThreadPoolExecutor:
-    """The process's pool of `workers` threads for `name`, started on first use and kept:
-    starting the threads anew for each restore cost 2-3 ms of it (the caller waits for each
-    thread to start, on two busy cores)."""
-    with _pools_lock:
-        pool = _pools.get((name, workers))
-        if pool is None:
-            pool = _pools[(name, workers)] = ThreadPoolExecutor(workers, thread_name_prefix=name)
-        return pool
-
-
 @functools.cache
 def _libc():
     libc = ctypes.CDLL(None, use_errno=True)
@@ -280,21 +248,25 @@ class StreamReader:
     straight into the buffers (one preadv per block), and hashes it right after the read."""
 
     def __init__(self, streams: list[Stream], store: BlockStore, names: list[str],
-                 block_tokens: int, cut: int, n: int, start: int = 0, rotate: int = 0,
+                 spans: list[int], cut: int, n: int, start: int = 0, rotate: int = 0,
                  donors: Donors | None = None, ring: bool = False):
-        """Block j (`names[j]` in `store`) fills positions [start + j * B, start + (j + 1) * B)
-        of every stream; the streams' heads [0, start) and tails [cut, n) come from the
+        """Block j (`names[j]` in `store`, `spans[j]` tokens) fills the `spans[j]` positions
+        after `start` and the blocks before it, in every stream; the streams' heads [0, start) and tails [cut, n) come from the
         manifest; rows after n are left as they are (free room, never read before a turn
         writes it). With `rotate` (a sliding layer's ring, capacity n): position p goes to row
         (p + rotate) % n, the layout mlx-lm's RotatingKVCache keeps, so the ring is attached
         without reordering it. `donors`: buffers to read into where they fit (Donors); `ring`:
         the streams are sliding layers' rings, whose capacity is their window, never larger."""
-        self.streams, self.store, self.names = streams, store, names
-        self.block_tokens, self.cut, self.n, self.start = block_tokens, cut, n, start
+        self.streams, self.store, self.names, self.spans = streams, store, names, list(spans)
+        self.cut, self.n, self.start = cut, n, start
         self.rotate, self.donors, self.ring = rotate, donors, ring or bool(rotate)
         if rotate and any(st.capacity != n for st in streams):
             raise ValueError("a rotated stream has no free room")
-        self.payload = sum(st.heads * block_tokens * st.row * st.dtype.itemsize for st in streams)
+        if len(self.spans) != len(names) or start + sum(self.spans) != cut:
+            raise ValueError("the blocks do not cover the positions before the tail")
+        self.starts = [start + e - s for s, e in zip(self.spans, _ends(self.spans), strict=True)]
+        # bytes of one position of every stream: block j's payload is spans[j] of them
+        self.token_bytes = sum(st.heads * st.row * st.dtype.itemsize for st in streams)
         self.digests: list[bytes] = []
 
     def _spans(self, a: int, b: int) -> list[tuple[int, int]]:
@@ -339,20 +311,19 @@ class StreamReader:
 
     def _block(self, j: int, heads: list) -> bytes:
         """Block j's rows into their buffers -> its content hash."""
-        a = self.start + j * self.block_tokens
-        spans = self._spans(a, a + self.block_tokens)
+        a, tokens = self.starts[j], self.spans[j]
+        spans = self._spans(a, a + tokens)
         row = heads[0][1] if heads else 0
         if all(x == row for _, x in heads):  # the usual case: the same byte ranges in every
             cuts = [(s * row, e * row) for s, e in spans]  # head (per-part offsets cost ~4 ms
             parts = [m[x:y] for m, _ in heads for x, y in cuts]  # a 4k restore)
         else:
             parts = [m[s * x:e * x] for m, x in heads for s, e in spans]
-        fd = _open_block(self.store, self.names[j], self.block_tokens, self.payload)
+        fd = _open_block(self.store, self.names[j], tokens, tokens * self.token_bytes)
         try:
-            self._read(j, fd, parts, HEADER_SIZE)
+            return self._read(j, fd, parts, HEADER_SIZE)
         finally:
             os.close(fd)
-        return content_hash(parts)
 
     def _tail(self, r, s: Stream) -> None:
         """The manifest's head and tail rows around the blocks' positions."""
@@ -372,64 +343,55 @@ class StreamReader:
                 r[:, x:y] = src[:, done:done + y - x]
                 done += y - x
 
-    def _read(self, j: int, fd: int, parts: list, pos: int) -> None:
-        """Block j's rows at `pos` into `parts`, IOV_MAX parts a call; SnapshotCorrupt on an
-        error or a short read."""
+    def _read(self, j: int, fd: int, parts: list, pos: int) -> bytes:
+        """Block j's rows at `pos` into `parts`, hashed group by group right after each read
+        (a group: at most IOV_MAX parts and READ_GROUP bytes, so a large block is hashed while
+        its bytes are still in the CPU's caches) -> the block's content hash. SnapshotCorrupt
+        on an error or a short read."""
+        h = xxhash.xxh3_128()
         try:
-            for g in range(0, len(parts), IOV_MAX):
-                group = parts[g:g + IOV_MAX]
+            for group in _groups(parts):
                 want = sum(len(p) for p in group)
                 n = os.preadv(fd, group, pos) if hasattr(os, "preadv") else \
                     _pread_each(fd, group, pos)
                 pos += n
                 if n != want:
                     raise SnapshotCorrupt(self._path(j), "block", "short read: truncated")
+                for p in group:
+                    h.update(p)
         except OSError as exc:
             raise SnapshotCorrupt(self._path(j), "block",
                                   f"unreadable: {exc.strerror or exc}") from None
+        return h.digest()
 
     def _path(self, j: int) -> str:
         return str(self.store.path(self.names[j]))
 
 
-def run_shared(jobs: list, workers: int) -> list:
-    """Run `jobs` (callables) on `workers` threads of the kept pool, each taking the next job
-    in order until none is left -> their results in order. On a failure the threads take no
-    new job; the failure of the first job (in order) that failed is raised once every job
-    taken has finished, so none is still at work when this returns. One task per thread, not
-    one per job: 64 futures a restore cost ~1 ms of the submitting thread, holding the GIL the
-    readers need between their calls."""
-    results: list = [None] * len(jobs)
-    failed: dict[int, BaseException] = {}
-    taken = iter(range(len(jobs)))
-    lock, stop = threading.Lock(), threading.Event()
+READ_GROUP = 4 << 20  # bytes a preadv reads before they are hashed (a 64-token block: one)
 
-    def work() -> None:
-        while not stop.is_set():
-            with lock:
-                j = next(taken, None)
-            if j is None:
-                return
-            try:
-                results[j] = jobs[j]()
-            except BaseException as exc:  # noqa: BLE001 - re-raised by the caller below
-                failed[j] = exc
-                stop.set()
-                return
 
-    n = max(1, min(workers, len(jobs)))
-    tasks = [_pool("permeant-read", workers).submit(work) for _ in range(n)]
-    try:
-        wait(tasks)
-    except BaseException:  # interrupted while waiting: the jobs taken still finish first
-        stop.set()
-        wait(tasks)
-        raise
-    for task in tasks:
-        task.result()  # work() itself never raises; a pool shut down at exit would
-    if failed:
-        raise failed[min(failed)]
-    return results
+def _groups(parts: list):
+    """`parts` in runs of at most IOV_MAX parts and about READ_GROUP bytes (a part larger than
+    that is a run of its own)."""
+    group: list = []
+    size = 0
+    for p in parts:
+        if group and (len(group) == IOV_MAX or size + len(p) > READ_GROUP):
+            yield group
+            group, size = [], 0
+        group.append(p)
+        size += len(p)
+    if group:
+        yield group
+
+
+def _ends(spans: list[int]) -> list[int]:
+    out, end = [], 0
+    for s in spans:
+        end += s
+        out.append(end)
+    return out
 
 
 def _fault_in(spans: list[tuple[int, int]]) -> None:

@@ -1,18 +1,21 @@
-"""The workspace's KV block store (format permeant-kv/3): immutable, content-addressed files,
-each holding B consecutive tokens of every full-attention layer's K/V.
+"""The workspace's KV block store (formats permeant-kv/3 to 5): immutable, content-addressed
+files, each holding consecutive tokens of every full-attention layer's K/V (B of them, or a
+whole number of B-token blocks compacted into one: format 5), or of every sliding layer's window.
 
     <workspace>/kv-blocks/<chain>-<content>.kvb
 
 `chain` is USXF's chained block hash of the tokens up to the end of the block (docs/USXF.md 4:
-rooted in the model fingerprint and B, so it names the token prefix under this model);
+the chain of B-token blocks whatever the block's own size, rooted in the model fingerprint and
+B, so it names the token prefix under this model);
 `content` is the xxh3-128 of the block's bytes. A block is found again by its prefix (a fork, a
 shared system prompt, the unchanged history of the next turn) and is stored once; two blocks of
 the same tokens whose bytes differ (computed once by decode and once by a batched prefill, which
 round differently) are two blocks, so a restore always returns the exact bytes that were saved.
 
-A block file: a 64-byte header (magic, header size, B, payload bytes, chain hash, content hash,
-8 zero bytes), then the payload: for each stream (a full layer's K parts then its V parts, layers
-in order), for each KV head, the B rows of that head ([B, head_dim] in the KV dtype), C order.
+A block file: a 64-byte header (magic, header size, its token count L, payload bytes, chain
+hash, content hash, 8 zero bytes), then the payload: for each stream (a full layer's K parts
+then its V parts, layers in order), for each KV head, the L rows of that head ([L, head_dim] in
+the KV dtype), C order.
 Restore reads rows with preadv straight into MLX's own buffers (engine/blockload.py) and
 hashes them there: no extra copy.
 
@@ -81,14 +84,13 @@ def block_name(chain: bytes, content: bytes) -> str:
     return f"{chain.hex()}-{content.hex()}"
 
 
-def block_rows(streams: list, j: int, block_tokens: int) -> list:
-    """Block j's payload as C-contiguous row groups of numpy arrays [1, heads, L, dim]: for each
-    stream, for each KV head, its [B, dim] rows (views, no copy, when the rows are contiguous in
-    the stream; a cache can hold a transposed view, e.g. after one whole-buffer update, and
-    its rows are then copied)."""
+def block_rows(streams: list, a: int, b: int) -> list:
+    """The payload of the block of positions [a, b) as C-contiguous row groups of numpy arrays
+    [1, heads, L, dim]: for each stream, for each KV head, its [b - a, dim] rows (views, no
+    copy, when the rows are contiguous in the stream; a cache can hold a transposed view, e.g.
+    after one whole-buffer update, and its rows are then copied)."""
     import numpy as np
 
-    a, b = j * block_tokens, (j + 1) * block_tokens
     return [np.ascontiguousarray(s[0, h, a:b]) for s in streams for h in range(s.shape[1])]
 
 
@@ -183,20 +185,23 @@ class BlockStore:
         staged.tmp.unlink(missing_ok=True)
         self.pending.discard(staged.name)
 
-    def write_all(self, rows_of: Callable[[int], list], chain: list[bytes], block_tokens: int,
+    def write_all(self, rows_of: Callable[[int], list], chain: list[bytes], spans: list[int],
                   known: tuple = (), clean: int = 0,
                   staged: list[Staged] | None = None) -> tuple[list[str], int, int]:
-        """Name block j of `chain` (its payload: `rows_of(j)`, C-contiguous arrays in order) for
-        every j, and write those the store lacks; `known[j]` is taken without reading the rows
-        when it chains the same prefix, lies within the first `clean` positions and is in the
-        store. Fsyncs the folder when it wrote any. With `staged`, new blocks are only staged
-        (appended there) for the caller to land, and a block another save staged counts as
-        present. -> (names, bytes written, blocks written)."""
+        """Name block j (`spans[j]` tokens, ending where `chain[j]`, the chain hash there, ends;
+        its payload: `rows_of(j)`, C-contiguous arrays in order) for every j, and write those
+        the store lacks; `known[j]` is taken without reading the rows when it chains the same
+        prefix, lies within the first `clean` positions and is in the store. Fsyncs the folder
+        when it wrote any. With `staged`, new blocks are only staged (appended there) for the
+        caller to land, and a block another save staged counts as present.
+        -> (names, bytes written, blocks written)."""
         names, written, new = [], 0, 0
         # a synchronous save commits its manifest now: only landed blocks count for it
         pending = self.pending if staged is not None else set()
+        end = 0
         for j, h in enumerate(chain):
-            old = known[j] if j < len(known) and (j + 1) * block_tokens <= clean else ""
+            end += spans[j]
+            old = known[j] if j < len(known) and end <= clean else ""
             if isinstance(old, str) and old.startswith(h.hex()) and \
                     (old in pending or self.has(old)):
                 names.append(old)
@@ -205,9 +210,9 @@ class BlockStore:
             name = block_name(h, content_hash(rows))
             if not (name in pending or self.has(name)):
                 if staged is None:
-                    written += self.write(name, block_tokens, rows)
+                    written += self.write(name, spans[j], rows)
                 else:
-                    staged.append(self.stage(name, block_tokens, rows))
+                    staged.append(self.stage(name, spans[j], rows))
                     written += staged[-1].nbytes
                 new += 1
             names.append(name)

@@ -1,5 +1,5 @@
 """KV snapshots: a small manifest per agent plus shared K/V blocks, written atomically,
-checksummed and identity-stamped (format permeant-kv/4; docs/RESUME.md has the layout).
+checksummed and identity-stamped (format permeant-kv/5; docs/RESUME.md has the layout).
 
 A snapshot is a cache of an agent's transcript, attached only when every check holds:
   format   the manifest's header parses and the file is exactly as long as the header says
@@ -17,7 +17,11 @@ the tail (per full layer `k.{i}` / `v.{i}`: positions [nB, T) after the n whole 
 tokens; per sliding layer its whole window, as in format 2) and metadata (`blocks`: the block
 names in order, `block_tokens`: B, `layer_meta` as in format 2). The first nB positions of every
 full layer live in blocks (engine/blockstore.py), shared by every manifest that names them.
-Formats permeant-kv/2 (one file, every layer's K/V) and /1 still load; the next save writes /3.
+Format 4 adds window blocks for the sliding layers (`window_blocks`, `window_block_tokens`).
+Format 5 lets a block hold any whole number of B-token blocks (`block_spans`: each block's token
+count; a save compacts each run of COMPACT_TOKENS from the start into one block), named by the
+chain hash at its end. Formats 4, 3, 2 (one file, every layer's K/V) and 1 still load; the next
+save writes 5.
 
 Writes: new blocks first (each fsynced and renamed, then the block folder fsynced), then the
 manifest through engine/atomic.py (temp file, fsync, rename, folder fsync): a crash leaves the
@@ -47,19 +51,25 @@ from .snapshot_format import (  # noqa: F401 - the format's names, from here as 
     BLOCK_FORMATS,
     BLOCK_TOKENS,
     BLOCKS_DIR,
+    COMPACT_TOKENS,
     FORMAT,
     FORMAT_V1,
     FORMAT_V2,
     FORMATS,
+    MAX_SPAN,
     ROOM_STEP,
     ROOM_TOKENS,
+    WINDOW_FORMATS,
     BlockTag,
     WindowPlan,
     _covered,
     _np,
     _tensor_checksum,
+    blocks_on_disk,
+    covered_of,
     default_store,
     ids_digest,
+    span_ends,
     window_chain,
     window_plan,
 )
@@ -165,15 +175,16 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
         if fmt in BLOCK_FORMATS:
             block_tokens = int(meta["block_tokens"])
             names = json.loads(meta["blocks"])
-            window = (meta["window_blocks"], meta["window_block_tokens"]) if fmt == FORMAT \
-                else (None, None)
-            wnames = json.loads(window[0]) if window[0] is not None else []
-            wtokens = int(window[1]) if window[1] is not None else 1  # format 3: unused
+            windowed = fmt in WINDOW_FORMATS
+            wnames = json.loads(meta["window_blocks"]) if windowed else []
+            wtokens = int(meta["window_block_tokens"]) if windowed else 1  # format 3: unused
             if block_tokens < 1 or wtokens < 1 or not isinstance(names, list) or \
                     not isinstance(wnames, list) or \
                     not all(isinstance(x, str) for x in names + wnames):
                 raise ValueError("bad block list")
-            covered = _covered(layer_meta, meta["blocks"], meta["block_tokens"], *window)
+            spans = json.loads(meta["block_spans"]) if fmt == FORMAT else \
+                [block_tokens] * len(names)
+            covered = covered_of(meta)
     except Exception as exc:  # mlx raises RuntimeError/ValueError; a missing key is KeyError
         raise SnapshotCorrupt(str(path), "format", f"unreadable tensors: {exc}") from None
     ordered = [a for ks, vs in groups for a in ks + vs]
@@ -189,10 +200,8 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
         _check_expected(path, ids, expected_ids, prefix)
         return states, ids, meta
     want = chain_hashes(ids, identity.fingerprint, block_tokens)
-    if [x[:32] for x in names] != [h.hex() for h in want]:
-        raise SnapshotCorrupt(str(path), "blocks", f"the {len(names)} block names do not chain "
-                              f"the {len(ids)} token ids under this model ({len(want)} blocks)")
-    plan = _window_plan(identity, metas, len(ids), wtokens) if fmt == FORMAT else None
+    _check_chain(path, names, spans, want, block_tokens, len(ids))
+    plan = _window_plan(identity, metas, len(ids), wtokens) if fmt in WINDOW_FORMATS else None
     wwant = window_chain(ids, identity.fingerprint, wtokens)[plan.j0:plan.j1] if plan else []
     if [x[:32] for x in wnames] != [h.hex() for h in wwant]:
         raise SnapshotCorrupt(str(path), "blocks", f"the {len(wnames)} window block names do "
@@ -200,16 +209,35 @@ def read_snapshot(path: Path, identity: ModelIdentity, expected_ids: list[int] |
                               f"({len(wwant)} blocks)")
     _check_expected(path, ids, expected_ids, prefix)  # before reading blocks of a stale one
     store = store if store is not None else BlockStore(default_store(path))
-    groups, bases = _assemble(path, store, metas, groups, names, block_tokens, len(ids), room,
+    groups, bases = _assemble(path, store, metas, groups, names, spans, len(ids), room,
                               donors)
     if plan is not None:
         groups = _assemble_window(path, store, metas, groups, bases, wnames, plan, len(ids),
                                   donors)
     states = RestoredStates(_layout(path, identity, metas, groups, len(ids), fmt))
     states.bases = bases
-    states.persisted = (len(names) * block_tokens,
-                        BlockTag(tuple(names), plan.j0 if plan else 0, tuple(wnames)))
+    states.persisted = (sum(spans), BlockTag(tuple(names), plan.j0 if plan else 0,
+                                             tuple(wnames), tuple(spans)))
     return states, ids, meta
+
+
+def _check_chain(path: Path, names: list[str], spans: list, want: list[bytes],
+                 block_tokens: int, n: int) -> None:
+    """Block j holds the `spans[j]` positions after the blocks before it (a whole number of
+    B-token blocks, format 5; B each before), and its name starts with the chain hash of the
+    ids up to its end: the names chain every whole B-token block of the ids."""
+    if not isinstance(spans, list) or len(spans) != len(names) or not all(
+            isinstance(s, int) and not isinstance(s, bool) and 0 < s <= MAX_SPAN and
+            s % block_tokens == 0 for s in spans):
+        shown = spans[:8] if isinstance(spans, list) else spans
+        raise SnapshotCorrupt(str(path), "blocks", f"the block token counts {shown!r:.80} are "
+                              f"not {len(names)} whole numbers of {block_tokens}-token blocks")
+    ends = span_ends(spans)
+    if (ends[-1] if ends else 0) != len(want) * block_tokens or \
+            [x[:32] for x in names] != [want[e // block_tokens - 1].hex() for e in ends]:
+        raise SnapshotCorrupt(str(path), "blocks", f"the {len(names)} block names do not chain "
+                              f"the {n} token ids under this model ({len(want)} blocks of "
+                              f"{block_tokens})")
 
 
 def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None,
@@ -227,15 +255,15 @@ def _check_expected(path: Path, ids: list[int], expected_ids: list[int] | None,
 
 
 def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, names: list[str],
-              block_tokens: int, n: int, room: int,
+              spans: list[int], n: int, room: int,
               donors: blockload.Donors | None = None) -> tuple[list, list]:
     """Format 3: every full layer's K/V [1, kv_heads, capacity, head_dim], its first positions
-    read from the blocks straight into the arrays (engine/blockload.py), then the manifest's
-    tail; every block verified against its content hash.
-    -> (per layer (K parts, V parts) of n positions, per layer (K, V) buffers or None)."""
+    read from the blocks (`spans`: each one's token count) straight into the arrays
+    (engine/blockload.py), then the manifest's tail; every block verified against its content
+    hash. -> (per layer (K parts, V parts) of n positions, per layer (K, V) buffers or None)."""
     import mlx.core as mx
 
-    cut = len(names) * block_tokens
+    cut = sum(spans)
     streams, which, bf16 = [], [], []
     for i, (m, (ks, vs)) in enumerate(zip(metas, groups, strict=True)):
         if m.get("kind") == kvcache.SLIDING or not m.get("length"):
@@ -250,7 +278,7 @@ def _assemble(path: Path, store: BlockStore, metas: list[dict], groups: list, na
                                             tail))
             bf16.append(t.dtype == mx.bfloat16)
         which.append(i)
-    reader = blockload.StreamReader(streams, store, names, block_tokens, cut, n, donors=donors)
+    reader = blockload.StreamReader(streams, store, names, spans, cut, n, donors=donors)
     allocs = reader.load()  # SnapshotCorrupt naming the first block missing, bad or short
     _verify(store, names, reader.digests)
     out, bases = list(groups), [None] * len(groups)
@@ -323,7 +351,8 @@ def _assemble_window(path: Path, store: BlockStore, metas: list[dict], groups: l
             streams.append(blockload.Stream(int(t.shape[1]), length, int(t.shape[3]),
                                             rows.dtype, rows[:, :, head:], rows[:, :, :head]))
             bf16.append(t.dtype == mx.bfloat16)
-    reader = blockload.StreamReader(streams, store, names, b, head + len(names) * b, length,
+    reader = blockload.StreamReader(streams, store, names, [b] * len(names),
+                                    head + len(names) * b, length,
                                     start=head, rotate=rotate, donors=donors, ring=True)
     allocs = reader.load()
     _verify(store, names, reader.digests)

@@ -1,4 +1,4 @@
-"""The snapshot writer (format permeant-kv/4; engine/snapshot.py has the format and the reader):
+"""The snapshot writer (format permeant-kv/5; engine/snapshot.py has the format and the reader):
 the blocks the store lacks, then the manifest, committed on the caller's thread or handed to
 the workspace's flusher (engine/durable.py) as a `PendingSave`."""
 
@@ -18,6 +18,7 @@ from .blockstore import HEADER_SIZE, BlockStore, Staged, block_rows, chain_hashe
 from .identity import ModelIdentity
 from .snapshot_format import (
     BLOCK_TOKENS,
+    COMPACT_TOKENS,
     FORMAT,
     WINDOW_BLOCK_TOKENS,
     BlockTag,
@@ -25,8 +26,10 @@ from .snapshot_format import (
     _covered,
     _np,
     _tensor_checksum,
+    block_spans,
     default_store,
     ids_digest,
+    span_ends,
     window_chain,
     window_plan,
 )
@@ -135,15 +138,19 @@ def _head_and_tail(layer, plan: WindowPlan, n: int) -> tuple[tuple, tuple]:
 
 
 def _write_blocks(store: BlockStore, cache: list, ids: list[int], identity: ModelIdentity,
-                  streams: list, block_tokens: int,
+                  streams: list, block_tokens: int, spans: list[int],
                   staged: list[Staged] | None) -> tuple[list[str], int, int]:
-    """Blocks this cache was read from or last saved as, and has not rewound into since, are
-    not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
+    """The full layers' blocks of `spans` tokens each (block_spans), each named by the chain
+    hash at its end. Blocks this cache was read from or last saved as, and has not rewound
+    into since, are not re-read (kvcache.persisted). -> (names, bytes written, blocks written)."""
     clean, tag = kvcache.persisted(cache)
     rows = [_np(s) for s in streams]
-    return store.write_all(lambda j: block_rows(rows, j, block_tokens),
-                           chain_hashes(ids, identity.fingerprint, block_tokens), block_tokens,
-                           tag.full if isinstance(tag, BlockTag) else (), clean, staged)
+    chain = chain_hashes(ids, identity.fingerprint, block_tokens)
+    ends = span_ends(spans)
+    return store.write_all(lambda j: block_rows(rows, ends[j] - spans[j], ends[j]),
+                           [chain[e // block_tokens - 1] for e in ends], spans,
+                           tag.known_full(spans, block_tokens) if isinstance(tag, BlockTag)
+                           else (), clean, staged)
 
 
 def _window_payload(arrays: dict, plan: WindowPlan) -> int:
@@ -175,15 +182,18 @@ def _write_window_blocks(store: BlockStore, cache: list, ids: list[int],
 
     known = tag.known_window(plan.j0, plan.j1) if isinstance(tag, BlockTag) else ()
     return store.write_all(rows_of, window_chain(ids, identity.fingerprint, b)[plan.j0:plan.j1],
-                           b, known, clean - plan.j0 * b, staged)
+                           [b] * (plan.j1 - plan.j0), known, clean - plan.j0 * b, staged)
 
 
 def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
                    agent_id: str, store: BlockStore | None = None,
-                   block_tokens: int = BLOCK_TOKENS, flusher: Flusher | None = None) -> SnapshotInfo:
+                   block_tokens: int = BLOCK_TOKENS, flusher: Flusher | None = None,
+                   compact_tokens: int | None = None) -> SnapshotInfo:
     """Write the state of `cache` after its first len(ids) tokens (normally all of it): the
     blocks `store` lacks, then the manifest at `path`. With `flusher`, the files are written
-    here and made durable on the flusher's thread (`flusher.wait()` returns once they are)."""
+    here and made durable on the flusher's thread (`flusher.wait()` returns once they are).
+    `compact_tokens`: the compacted blocks' size (default COMPACT_TOKENS; 0: B-token blocks
+    only)."""
     import mlx.core as mx
 
     t0 = time.perf_counter()
@@ -200,9 +210,11 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
     arrays = {"token_ids": mx.array(np.asarray(ids, dtype=np.int32)), **named}
     mx.eval(list(arrays.values()) + streams)
     staged: list[Staged] | None = [] if flusher is not None else None
+    spans = block_spans(cut, block_tokens,
+                        COMPACT_TOKENS if compact_tokens is None else compact_tokens)
     try:
         return _write_manifest(path, cache, ids, identity, agent_id, store, block_tokens,
-                               flusher, staged, t0, arrays, metas, ordered, streams, cut, plan)
+                               flusher, staged, t0, arrays, metas, ordered, streams, spans, plan)
     except BaseException:
         for st in staged or ():
             store.discard(st)
@@ -212,13 +224,13 @@ def write_snapshot(path: Path, cache: list, ids: list[int], identity: ModelIdent
 def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIdentity,
                     agent_id: str, store: BlockStore, block_tokens: int, flusher: Flusher | None,
                     staged: list[Staged] | None, t0: float, arrays: dict, metas: list,
-                    ordered: list, streams: list, cut: int,
+                    ordered: list, streams: list, spans: list[int],
                     plan: WindowPlan | None) -> SnapshotInfo:
     import mlx.core as mx
 
-    n = len(ids)
+    n, cut = len(ids), sum(spans)
     names, written, new = _write_blocks(store, cache, ids, identity, streams, block_tokens,
-                                        staged)
+                                        spans, staged)
     wnames: list[str] = []
     if plan is not None:
         wnames, w_written, w_new = _write_window_blocks(store, cache, ids, identity, plan, staged)
@@ -226,7 +238,9 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
     layer_meta = json.dumps(metas, sort_keys=True, separators=(",", ":"))
     blocks = json.dumps(names, separators=(",", ":"))
     window = json.dumps(wnames, separators=(",", ":"))
-    block_bytes = HEADER_SIZE + sum(int(s.nbytes) // max(1, n) for s in streams) * block_tokens
+    block_spans_ = json.dumps(spans, separators=(",", ":"))
+    token_bytes = sum(int(s.nbytes) // max(1, n) for s in streams)  # one position, every stream
+    block_bytes = HEADER_SIZE + token_bytes * block_tokens
     window_bytes = HEADER_SIZE + _window_payload(arrays, plan) if wnames and plan else 0
     meta = {
         "format": FORMAT,
@@ -244,13 +258,14 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
         "layer_meta": layer_meta,
         "block_tokens": str(block_tokens),
         "blocks": blocks,
+        "block_spans": block_spans_,
         "block_bytes": str(block_bytes if names else 0),
         "window_block_tokens": str(plan.block_tokens if plan else WINDOW_BLOCK_TOKENS),
         "window_blocks": window,
         "window_block_bytes": str(window_bytes),
         "checksum": _tensor_checksum(ordered, _covered(
             layer_meta, blocks, str(block_tokens), window,
-            str(plan.block_tokens if plan else WINDOW_BLOCK_TOKENS))),
+            str(plan.block_tokens if plan else WINDOW_BLOCK_TOKENS), block_spans_)),
         "created": f"{time.time():.3f}",
     }
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -269,8 +284,8 @@ def _write_manifest(path: Path, cache: list, ids: list[int], identity: ModelIden
     else:
         flusher.submit(pending)
     kvcache.set_persisted(cache, cut, BlockTag(tuple(names), plan.j0 if plan else 0,
-                                               tuple(wnames)))
-    return SnapshotInfo(path, n, size + len(names) * (block_bytes if names else 0)
+                                               tuple(wnames), tuple(spans)))
+    return SnapshotInfo(path, n, size + len(names) * HEADER_SIZE + cut * token_bytes
                         + len(wnames) * window_bytes, (time.perf_counter() - t0) * 1000,
                         written + size, len(names) + len(wnames), new)
 

@@ -44,6 +44,7 @@ from .snapshot import (
     FORMAT,
     attach,
     attach_payload,
+    blocks_on_disk,
     ids_digest,
     read_header,
     read_snapshot,
@@ -140,10 +141,7 @@ class Workspace:
                 try:
                     meta = read_header(snap).get("__metadata__") or {}
                     agent.tokens_on_disk = int(meta.get("tokens", 0))
-                    agent.bytes_on_disk += len(json.loads(meta.get("blocks", "[]"))) * \
-                        int(meta.get("block_bytes", 0)) + \
-                        len(json.loads(meta.get("window_blocks", "[]"))) * \
-                        int(meta.get("window_block_bytes", 0))
+                    agent.bytes_on_disk += blocks_on_disk(meta)
                 except (SnapshotInvalid, ValueError, TypeError):
                     pass  # reported when the agent is restored
             elif (imported := folder / "agents" / spec.id / IMPORTED).exists():

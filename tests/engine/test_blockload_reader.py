@@ -10,7 +10,7 @@ import mlx.core as mx
 import pytest
 from support.kv_checks import TEXT, blocks_of, built, refused, restore, saved_snapshot
 
-from permeant_tui.engine import blockstore
+from permeant_tui.engine import blockstore, readpool
 from permeant_tui.engine.blockstore import BlockStore
 from permeant_tui.engine.snapshot import attach, read_snapshot, write_snapshot
 from permeant_tui.engine.snapshot_format import BLOCK_TOKENS as B
@@ -123,21 +123,20 @@ def test_any_number_of_reading_threads_restores_the_same_bytes_and_finds_damage(
         exc = refused(tiny_model, path, ids, "block")
         assert exc.path == str(first) and "short read" in exc.detail  # the first failure found
         assert running == []  # no reader still writes into the buffers once the restore fails
-    # the threads are the kept pools' (blockload._pool), not new ones for each restore
+    # the threads are the kept pools' (readpool._pool), not new ones for each restore
     named = [t for t in threading.enumerate() if t.name.startswith("permeant-")]
-    assert len(named) <= sum(n for _, n in blockload._pools)
+    assert len(named) <= sum(n for _, n in readpool._pools)
 
 
 @pytest.mark.parametrize("workers", [1, 2, 4])
 def test_shared_jobs_return_in_order_and_fail_on_the_first_failed_job(workers):
-    """blockload.run_shared: results in the jobs' order; when jobs fail, the first one that
+    """readpool.run_shared: results in the jobs' order; when jobs fail, the first one that
     failed (in order) is raised, only after every job a thread had taken has finished."""
     import threading
     import time
 
-    from permeant_tui.engine import blockload
 
-    assert blockload.run_shared([lambda i=i: i * i for i in range(9)], workers) == \
+    assert readpool.run_shared([lambda i=i: i * i for i in range(9)], workers) == \
         [i * i for i in range(9)]
     done, lock = [], threading.Lock()
 
@@ -150,7 +149,7 @@ def test_shared_jobs_return_in_order_and_fail_on_the_first_failed_job(workers):
         return i
 
     with pytest.raises(ValueError, match="job 3"):
-        blockload.run_shared([lambda i=i: job(i) for i in range(9)], workers)
+        readpool.run_shared([lambda i=i: job(i) for i in range(9)], workers)
     assert {0, 1, 2} <= set(done)  # every job before the failure ran to its end
     assert 3 not in done and 6 not in done
     after = list(done)
@@ -160,15 +159,14 @@ def test_shared_jobs_return_in_order_and_fail_on_the_first_failed_job(workers):
 
 @pytest.mark.skipif(not hasattr(os, "fork"), reason="no fork on this platform")
 def test_a_forked_child_gets_reading_threads_of_its_own():
-    """The reading threads are kept in the process (blockload._pool); a forked child has none
+    """The reading threads are kept in the process (readpool._pool); a forked child has none
     of them and must start its own rather than wait forever on the parent's."""
     import threading
     import time
 
-    from permeant_tui.engine import blockload
 
     both = threading.Barrier(2, timeout=10)  # two jobs at once: both threads exist, then idle
-    assert blockload.run_shared([lambda: both.wait() * 0 + 1, lambda: both.wait() * 0 + 2],
+    assert readpool.run_shared([lambda: both.wait() * 0 + 1, lambda: both.wait() * 0 + 2],
                                 2) == [1, 2]
     time.sleep(0.05)
     pid = os.fork()
@@ -179,7 +177,7 @@ def test_a_forked_child_gets_reading_threads_of_its_own():
 
             signal.signal(signal.SIGALRM, lambda *_: os._exit(3))  # waiting forever: exit 3
             signal.alarm(20)
-            code = 0 if blockload.run_shared([lambda: 3, lambda: 4], 2) == [3, 4] else 2
+            code = 0 if readpool.run_shared([lambda: 3, lambda: 4], 2) == [3, 4] else 2
         finally:
             os._exit(code)
     _, status = os.waitpid(pid, 0)
@@ -193,9 +191,7 @@ def test_an_interrupted_wait_still_lets_the_jobs_taken_finish(monkeypatch):
     import threading
     import time
 
-    from permeant_tui.engine import blockload
-
-    real_wait, calls = blockload.wait, []
+    real_wait, calls = readpool.wait, []
 
     def interrupted(tasks):
         calls.append(len(tasks))
@@ -203,7 +199,7 @@ def test_an_interrupted_wait_still_lets_the_jobs_taken_finish(monkeypatch):
             raise KeyboardInterrupt
         return real_wait(tasks)
 
-    monkeypatch.setattr(blockload, "wait", interrupted)
+    monkeypatch.setattr(readpool, "wait", interrupted)
     started, finished, lock = [], [], threading.Lock()
 
     def job(i: int) -> int:
@@ -215,6 +211,6 @@ def test_an_interrupted_wait_still_lets_the_jobs_taken_finish(monkeypatch):
         return i
 
     with pytest.raises(KeyboardInterrupt):
-        blockload.run_shared([lambda i=i: job(i) for i in range(40)], 2)
+        readpool.run_shared([lambda i=i: job(i) for i in range(40)], 2)
     assert sorted(finished) == sorted(started)  # every job taken ran to its end
     assert len(started) < 40  # and the others were never taken

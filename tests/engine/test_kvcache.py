@@ -222,9 +222,7 @@ def rewrite(path, change) -> None:
     change(arrays, metas)
     meta["layer_meta"] = json.dumps(metas, sort_keys=True, separators=(",", ":"))
     ordered = [arrays[f"{kv}.{i}"] for i in range(len(metas)) for kv in ("k", "v")]
-    meta["checksum"] = snapmod._tensor_checksum(
-        ordered, snapmod._covered(meta["layer_meta"], meta["blocks"], meta["block_tokens"],
-                                  meta.get("window_blocks"), meta.get("window_block_tokens")))
+    meta["checksum"] = snapmod._tensor_checksum(ordered, snapmod.covered_of(meta))
     path.unlink()
     mx.save_safetensors(str(path), arrays, metadata=meta)
 

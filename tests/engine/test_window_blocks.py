@@ -233,10 +233,8 @@ def test_a_damaged_window_block_is_refused(tmp_path, tok, damage):
         assert swapped["window_blocks"] != meta["window_blocks"]
         metas = json.loads(meta["layer_meta"])
         ordered = [arrays[f"{kv}.{i}"] for i in range(len(metas)) for kv in ("k", "v")]
-        covered = snapshot_format._covered(meta["layer_meta"], meta["blocks"],
-                                           meta["block_tokens"], swapped["window_blocks"],
-                                           meta["window_block_tokens"])
-        swapped["checksum"] = snapshot_format._tensor_checksum(ordered, covered)
+        swapped["checksum"] = snapshot_format._tensor_checksum(
+            ordered, snapshot_format.covered_of(swapped))
         path.unlink()
         mx.save_safetensors(str(path), arrays, metadata=swapped)
         check, words = "blocks", "window block names"
