@@ -12,6 +12,9 @@ the same bytes, all in one run, interleaved.
                      room for it, as the engine does: the blocks are read straight into the
                      evicted agent's K/V buffers (blockload.Donors, handed over by MLX's
                      donation), no allocation
+- after eviction, 64 the same from a snapshot of the same agent in 64-token blocks only (the
+                     layout before compaction, format 4), against "read, 64-token files", a
+                     plain read of that snapshot's files
 - evicted, MLX cache the same when the evicted buffers do not fit the restore's shapes: they go
                      to MLX's cache (runtime.keep_freed_buffers), which hands them back through
                      an allocation, already faulted in
@@ -34,7 +37,9 @@ the main ratio is also taken within each round (its median printed with its rang
 from __future__ import annotations
 
 import argparse
+import atexit
 import os
+import shutil
 import statistics
 import sys
 import tempfile
@@ -63,6 +68,7 @@ def main() -> int:
 
     lm, ids, live = prefilled_agent(args.tokens)
     folder = Path(tempfile.mkdtemp(prefix="permeant-bench-populate-"))
+    atexit.register(shutil.rmtree, folder, True)
     path = folder / "agents" / "a" / "kv.safetensors"
     path.parent.mkdir(parents=True)
     fresh(path, live.cache)
@@ -71,6 +77,15 @@ def main() -> int:
     size = sum(p.stat().st_size for p in files)
     reader = PlainReader(size)
     restore = restore_fn(lm, path, ids)
+    # the same agent in 64-token blocks only (format 4's layout, before compaction), in a
+    # workspace of its own
+    folder64 = Path(tempfile.mkdtemp(prefix="permeant-bench-populate64-"))
+    atexit.register(shutil.rmtree, folder64, True)
+    path64 = folder64 / "agents/a/kv.safetensors"
+    path64.parent.mkdir(parents=True)
+    write_snapshot(path64, live.cache, ids, lm.identity, "a", compact_tokens=0)
+    files64 = snapshot_files(path64)
+    restore64 = restore_fn(lm, path64, ids)
     populate, readers = blockload.populate, blockload.readers
 
     import mlx.core as mx
@@ -96,9 +111,9 @@ def main() -> int:
         restore()
 
     from permeant_tui.engine import kvcache
-    from permeant_tui.engine.snapshot import attach, read_snapshot
+    from permeant_tui.engine.snapshot import attach, read_header, read_snapshot
 
-    def after_eviction(timed: list[float] | None = None) -> None:
+    def after_eviction(timed: list[float] | None = None, which: Path = path) -> None:
         # the state as the engine's eviction leaves it: the evicted agent's buffers offered
         runtime.keep_freed_buffers(size)
         victim = restore()
@@ -106,11 +121,16 @@ def main() -> int:
         donors = blockload.Donors(kvcache.buffers(victim))
         del victim
         t = time.perf_counter()
-        states, _, _ = read_snapshot(path, lm.identity, ids, donors=donors)
+        states, _, _ = read_snapshot(which, lm.identity, ids, donors=donors)
         attach(lm.model, states)
         (evicted if timed is None else timed).append((time.perf_counter() - t) * 1000)
         assert not donors.arrays  # every buffer was taken
     evicted: list[float] = []
+
+    def after_eviction64() -> None:
+        after_eviction(evicted64, path64)
+    evicted64: list[float] = []
+    restore64()  # checks it restores
 
     def mlx_cache(timed: list[float] | None = None) -> None:
         # the eviction's buffers released into MLX's cache, handed back by the allocation
@@ -140,6 +160,9 @@ def main() -> int:
 
     def read() -> None:
         reader.read(files)
+
+    def read64() -> None:
+        reader.read(files64)
 
     def read_hash() -> None:
         got = reader.read(files)
@@ -191,6 +214,7 @@ def main() -> int:
     allocated: list[float] = []
 
     kinds = {"restore": product, "after eviction": after_eviction,
+             "after eviction, 64": after_eviction64, "read, 64-token files": read64,
              "evicted, MLX cache": mlx_cache, "evicted, 1 reader": one_reader, "faulting reads": faulting_reads,
              "read": read, "read + hash": read_hash, "verified read": verified_read,
              "allocate": allocate, "fresh read": new_memory_read}
@@ -201,13 +225,16 @@ def main() -> int:
     for i in range(args.repeats):
         order = list(kinds.items())
         for name, fn in (order if i % 2 == 0 else reversed(order)):
-            if name not in ("read", "read + hash", "verified read", "fresh read"):
+            if name not in ("read", "read + hash", "verified read", "fresh read",
+                            "read, 64-token files"):
                 new_memory()
             t = time.perf_counter()
             fn()
             times[name].append((time.perf_counter() - t) * 1000)
             if name == "after eviction":  # only the restore itself is timed
                 times[name][-1] = evicted[-1]
+            if name == "after eviction, 64":
+                times[name][-1] = evicted64[-1]
             if name == "evicted, 1 reader":
                 times[name][-1] = one[-1]
             if name == "evicted, MLX cache":
@@ -216,7 +243,9 @@ def main() -> int:
                 times[name][-1] = allocated[-1]
         loads.append(os.getloadavg()[0])
     med = {k: statistics.median(v) for k, v in times.items()}
-    print(f"restore of a {len(ids):,}-token agent: {len(files)} files, {size / 1e6:.1f} MB; "
+    spans = read_header(path)["__metadata__"]["block_spans"]
+    print(f"restore of a {len(ids):,}-token agent: {len(files)} files (blocks of {spans} "
+          f"tokens; 64-token layout: {len(files64)} files), {size / 1e6:.1f} MB; "
           f"median of {args.repeats}, load average {min(loads):.1f}-{max(loads):.1f} "
           f"({os.cpu_count()} cores)")
     print(f"{'':19}{'ms':>8}  {'x restore':>9}  runs")
@@ -229,6 +258,11 @@ def main() -> int:
     paired = sorted(a / b for a, b in zip(times["after eviction"], times["read"], strict=True))
     print(f"after eviction / read within each round: median {statistics.median(paired):.2f}x "
           f"(range {paired[0]:.2f}-{paired[-1]:.2f}x, {len(paired)} rounds)")
+    paired64 = sorted(a / b for a, b in zip(times["after eviction, 64"],
+                                            times["read, 64-token files"], strict=True))
+    print(f"64-token layout, after eviction / read of its files within each round: median "
+          f"{statistics.median(paired64):.2f}x (range {paired64[0]:.2f}-{paired64[-1]:.2f}x); "
+          f"compacted x{med['after eviction, 64'] / med['after eviction']:.2f} faster")
     print(f"after eviction / read {med['after eviction'] / med['read']:.2f}x; after eviction "
           f"/ (read + hash) {med['after eviction'] / med['read + hash']:.2f}x; restore / after "
           f"eviction x{med['restore'] / med['after eviction']:.2f}; one reader / "

@@ -298,7 +298,10 @@ def build_workspace(folder: Path, lm, ctx: dict) -> None:
             ws.append_turn(a, turn)
         write_snapshot(ws.snapshot_path(a.agent_id), ctx["live"].cache, convo.expected_ids(tok),
                        lm.identity, a.agent_id, ws.blocks)
-    assert len(ws.blocks.names()) == 3 * (n // 64), "blocks shared between the agents"
+    from permeant_tui.engine.snapshot_format import BLOCK_TOKENS, block_spans
+
+    per_agent = len(block_spans(n // BLOCK_TOKENS * BLOCK_TOKENS, BLOCK_TOKENS))
+    assert len(ws.blocks.names()) == 3 * per_agent, "blocks shared between the agents"
 
 
 def cold_start(folder: Path, mode: str, drop: list[Path]) -> dict:

@@ -1,4 +1,4 @@
-"""Incremental snapshots (format permeant-kv/3) against the full rewrite of format 2, on the live
+"""Incremental snapshots (format permeant-kv/5) against the full rewrite of format 2, on the live
 cache bench/resume.py built (the embedded SmolLM2-135M, float32 KV). Run by bench/resume.py.
 
 - save after a turn: a 4,000-token agent gains 20 (then 100) tokens and is saved: blocks plus
@@ -188,17 +188,18 @@ def save_after_turn(lm, cache, ids: list[int], folder: Path, repeats: int, base:
 
 
 def conversation_bytes(lm, cache, ids: list[int], folder: Path, turns: int = 50,
-                       seed: int = 17) -> dict:
+                       seed: int = 17, compact: int | None = None) -> dict:
     """Three agents (distinct system prompts: no block shared between them), `turns` turns in
     rotation, each a user message of 15-60 tokens and a reply of 30-220 tokens, one save after
     each turn. K/V bytes come from the live cache; what differs per agent is its token ids (its
-    own first token), so its blocks' names differ as a real agent's would."""
+    own first token), so its blocks' names differ as a real agent's would. `compact`: the
+    compacted blocks' size (None: the default; 0: 64-token blocks only)."""
     from permeant_tui.engine import kvcache
     from permeant_tui.engine.snapshot import write_snapshot
     from permeant_tui.engine.workspace import Workspace
 
     rng = random.Random(seed)
-    ws = Workspace.open(folder / "conversation")
+    ws = Workspace.open(folder / f"conversation-{compact}")
     agents = list(ws.agents)[:3]
     streams = {a: [1000 + k] + list(ids[1:]) for k, a in enumerate(agents)}
     caches = {a: kvcache.copy_cache(cache) for a in agents}  # views: no K/V copied
@@ -212,7 +213,7 @@ def conversation_bytes(lm, cache, ids: list[int], folder: Path, turns: int = 50,
         n[a] = min(len(ids), n[a] + rng.randint(15, 60) + rng.randint(30, 220))
         t0 = time.perf_counter()
         info = write_snapshot(ws.snapshot_path(a), caches[a], streams[a][:n[a]], lm.identity,
-                              a, ws.blocks)
+                              a, ws.blocks, compact_tokens=compact)
         ws.collect_blocks()
         new_ms.append((time.perf_counter() - t0) * 1000)
         new_total += info.written
@@ -226,34 +227,37 @@ def conversation_bytes(lm, cache, ids: list[int], folder: Path, turns: int = 50,
         sum(ws.snapshot_path(a).stat().st_size for a in agents)
     return {"turns": turns, "tokens": dict(n), "new_mb": new_total / 1e6,
             "old_mb": old_total / 1e6, "median_save_ms": statistics.median(new_ms),
-            "on_disk_mb": disk / 1e6, "load": la}
+            "max_save_ms": max(new_ms), "on_disk_mb": disk / 1e6, "load": la}
 
 
 def block_sizes(lm, cache, ids: list[int], folder: Path, repeats: int,
-                sizes=(16, 32, 64, 128, 256)) -> list[dict]:
-    """For each block size: a save after 20 tokens on a 4,000-token agent, and a warm restore
-    against a plain read of the same bytes (manifest and blocks)."""
+                sizes=(16, 32, 64, 128, 256, (64, 1024))) -> list[dict]:
+    """For each block size (B, or (B, compacted size)): a save after 20 tokens on a 4,000-token
+    agent, and a warm restore against a plain read of the same bytes (manifest and blocks)."""
     from permeant_tui.engine.snapshot import write_snapshot
 
     out = []
-    for b in sizes:
-        path = folder / f"bs{b}/agents/a/kv.safetensors"
+    for size in sizes:
+        b, compact = size if isinstance(size, tuple) else (size, 0)
+        path = folder / f"bs{b}-{compact}/agents/a/kv.safetensors"
 
-        def before(b=b, path=path):
+        def before(b=b, path=path, compact=compact):
             fresh(path, cache)
-            write_snapshot(path, cache, ids[:4000], lm.identity, "a", block_tokens=b)
+            write_snapshot(path, cache, ids[:4000], lm.identity, "a", block_tokens=b,
+                           compact_tokens=compact)
 
         la = load()
-        save_ms = timed(lambda b=b, path=path: write_snapshot(
-            path, cache, ids[:4020], lm.identity, "a", block_tokens=b), repeats, before)
+        save_ms = timed(lambda b=b, path=path, compact=compact: write_snapshot(
+            path, cache, ids[:4020], lm.identity, "a", block_tokens=b, compact_tokens=compact),
+            repeats, before)
         fresh(path, cache)
-        write_snapshot(path, cache, ids, lm.identity, "a", block_tokens=b)
+        write_snapshot(path, cache, ids, lm.identity, "a", block_tokens=b, compact_tokens=compact)
         files = snapshot_files(path)
         reader = PlainReader(sum(p.stat().st_size for p in files))
         restore = restore_fn(lm, path, ids)
         restore()
         r_ms, p_ms = paired(restore, lambda f=files, r=reader: r.read(f), repeats)
-        out.append({"block": b, "files": len(files), "save_ms": save_ms, "restore_ms": r_ms,
+        out.append({"block": f"{b} + {compact:,}" if compact else str(b), "files": len(files), "save_ms": save_ms, "restore_ms": r_ms,
                     "read_ms": p_ms, "load": la})
         shutil.rmtree(path.parents[2], ignore_errors=True)
     return out
@@ -276,7 +280,7 @@ def run(lm, live_cache, ids: list[int], reprefill_ms: float, folder: Path, repea
         out=print) -> dict:
     """All of the above on the live cache of len(ids) (>= 4096) tokens."""
     folder.mkdir(parents=True, exist_ok=True)
-    out("## Incremental snapshots (format permeant-kv/3) against the full rewrite (format 2)\n")
+    out("## Incremental snapshots (format permeant-kv/5) against the full rewrite (format 2)\n")
     turns = [save_after_turn(lm, live_cache, ids, folder, repeats, 4000, 20),
              save_after_turn(lm, live_cache, ids, folder, repeats, 3996, 100)]
     out("| agent | turn | new save ms | MB written | new blocks | full rewrite ms | MB written "
@@ -291,16 +295,20 @@ def run(lm, live_cache, ids: list[int], reprefill_ms: float, folder: Path, repea
         "fsynced, renamed, folder fsynced: the disk's floor for a durable save of that turn.")
 
     conv = conversation_bytes(lm, live_cache, ids, folder)
+    conv64 = conversation_bytes(lm, live_cache, ids, folder, compact=0)
     out(f"\nScripted conversation: {conv['turns']} turns over three agents (one save per turn; "
         f"agents end at {', '.join(str(v) for v in conv['tokens'].values())} tokens), "
         f"load avg {conv['load']}:\n")
-    out("| written by | MB written | per save (median ms) |")
-    out("|---|---:|---:|")
-    out(f"| blocks + manifest (permeant-kv/3) | {conv['new_mb']:.0f} | "
-        f"{conv['median_save_ms']:.1f} |")
-    out(f"| full rewrite (permeant-kv/2) | {conv['old_mb']:.0f} | |")
-    out(f"\nfull rewrite / blocks: **{conv['old_mb'] / conv['new_mb']:.1f}x** the bytes; on disk "
-        f"at the end {conv['on_disk_mb']:.0f} MB (manifests and blocks, after collection)\n")
+    out("| written by | MB written | per save (median ms) | slowest save ms |")
+    out("|---|---:|---:|---:|")
+    out(f"| blocks + manifest, 1,024-token runs compacted (permeant-kv/5) | {conv['new_mb']:.0f} | "
+        f"{conv['median_save_ms']:.1f} | {conv['max_save_ms']:.1f} |")
+    out(f"| blocks + manifest, 64-token blocks only (permeant-kv/3, /4) | {conv64['new_mb']:.0f} | "
+        f"{conv64['median_save_ms']:.1f} | {conv64['max_save_ms']:.1f} |")
+    out(f"| full rewrite (permeant-kv/2) | {conv['old_mb']:.0f} | | |")
+    out(f"\nfull rewrite / blocks: **{conv['old_mb'] / conv['new_mb']:.1f}x** the bytes "
+        f"(64-token blocks only: {conv['old_mb'] / conv64['new_mb']:.1f}x); on disk at the end "
+        f"{conv['on_disk_mb']:.0f} MB (manifests and blocks, after collection)\n")
 
     sizes = block_sizes(lm, live_cache, ids, folder, repeats)
     out(f"Block size (B tokens per block), {len(ids)}-token agent: save after +20 tokens on "
@@ -311,7 +319,7 @@ def run(lm, live_cache, ids: list[int], reprefill_ms: float, folder: Path, repea
         out(f"| {r['block']} | {r['files']} | {r['save_ms']:.1f} | {r['restore_ms']:.1f} | "
             f"{r['read_ms']:.1f} | {r['restore_ms'] / r['read_ms']:.2f}x | {r['load']} |")
 
-    from permeant_tui.engine.snapshot import BLOCK_TOKENS, write_snapshot
+    from permeant_tui.engine.snapshot import BLOCK_TOKENS, COMPACT_TOKENS, write_snapshot
 
     path = folder / "final/agents/a/kv.safetensors"
     fresh(path, live_cache)
@@ -330,7 +338,8 @@ def run(lm, live_cache, ids: list[int], reprefill_ms: float, folder: Path, repea
         xxhash.xxh3_128_digest(reader.view[:got])
 
     r3_ms, h_ms = paired(restore, read_and_hash, repeats)
-    out(f"\nRestore at {len(ids)} tokens (B = {BLOCK_TOKENS}, {len(files)} files, "
+    out(f"\nRestore at {len(ids)} tokens (B = {BLOCK_TOKENS}, runs of {COMPACT_TOKENS:,} "
+        f"compacted, {len(files)} files, "
         f"{size / 1e6:.1f} MB), load avg {la}: restore {r_ms:.1f} ms, plain read of the same "
         f"bytes into a reused buffer {p_ms:.1f} ms (**{r_ms / p_ms:.2f}x**); paired again with a "
         f"plain read into new memory: restore {r2_ms:.1f} ms, read {f_ms:.1f} ms "

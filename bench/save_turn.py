@@ -48,7 +48,7 @@ def main() -> int:
     from resume_incremental import fresh, legacy_save, plain_write
 
     from permeant_tui.engine.durable import Flusher
-    from permeant_tui.engine.snapshot import write_snapshot
+    from permeant_tui.engine.snapshot import COMPACT_TOKENS, write_snapshot
 
     t = time.perf_counter()
     lm, ids, live = prefilled_agent(args.tokens)
@@ -59,9 +59,11 @@ def main() -> int:
     flusher = Flusher()
     rows = []
     try:
-        for base, turn in ((4000, 20), (3996, 100)):
-            path = folder / f"t{turn}" / "agents" / "a" / "kv.safetensors"
-            old = folder / f"t{turn}" / "old.safetensors"
+        # 3996 + 100 completes the fourth 1,024-token run: that save also writes the run as
+        # one compacted block (snapshot_format.COMPACT_TOKENS); 3900 + 100 does not
+        for base, turn in ((4000, 20), (3900, 100), (3996, 100)):
+            path = folder / f"t{base}-{turn}" / "agents" / "a" / "kv.safetensors"
+            old = folder / f"t{base}-{turn}" / "old.safetensors"
             worker, durable, sync, full, floor, written = [], [], [], [], [], []
 
             def before(path=path, base=base):
@@ -112,7 +114,8 @@ def main() -> int:
           "| full / worker | durable / plain | load avg (1 min) |")
     print("|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|---|")
     for base, turn, w, d, s, f, p, mb, la in rows:
-        print(f"| {base} | +{turn} | **{w:.1f}** | {d:.1f} | {s:.1f} | {f:.1f} | {p:.1f} | "
+        run = (base + turn) // COMPACT_TOKENS > base // COMPACT_TOKENS
+        print(f"| {base} | +{turn}{' (completes a run)' if run else ''} | **{w:.1f}** | {d:.1f} | {s:.1f} | {f:.1f} | {p:.1f} | "
               f"{mb:.1f} | {s / w:.1f}x | {f / w:.0f}x | {d / p:.2f}x | {la} |")
     print(f"\nmedians of {args.repeats}; worker = until the save returns (what the next turn "
           "waits); durable = until its blocks and manifest are fsynced and renamed")
