@@ -33,7 +33,7 @@ from pathlib import Path
 import mlx.core as mx
 import numpy as np
 import pytest
-from support.kv_checks import TEXT, blocks_of, built, greedy, logits, refused, restore
+from support.kv_checks import TEXT, blocks_of, built, greedy, logits, refused, restore, session
 from support.tiny_models import WINDOW, tiny_model
 
 from permeant_tui.engine import kvcache, kvrewind, snapshot_format, snapshot_write
@@ -481,18 +481,6 @@ MSGS = ("Our payment API returns 502 errors under load, mostly on retries from t
         "next release goes out to the mobile clients? We also need to tell the support team "
         "what to say to merchants who see failed payments in the meantime.")
 
-
-def session(folder: Path, loaded, msgs, **kw):
-    events: list = []
-    engine = Engine(folder, loaded=loaded, eager_restore=False, on_event=events.append, **kw)
-    engine.start()
-    try:
-        engine.wait_ready(60)
-        results = [engine.submit_future("technical", m, max_tokens=24)[1].result(120)
-                   for m in msgs]
-    finally:
-        engine.shutdown()
-    return results, events
 
 
 def test_engine_compacts_and_a_restart_replies_as_if_it_never_stopped(tmp_path, tiny_model,

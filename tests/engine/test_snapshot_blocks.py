@@ -26,6 +26,7 @@ from support.kv_checks import (
     refused,
     restore,
     saved_snapshot,
+    session,
 )
 from support.tiny_models import WINDOW, tiny_model
 
@@ -281,18 +282,6 @@ MSGS = ("Our payment API returns 502 errors under load, mostly on retries from t
         "clients. Where do we start?", "Which service should we look at first?",
         "What would you log to confirm it?")
 
-
-def session(folder: Path, loaded, msgs, **kw):
-    events: list = []
-    engine = Engine(folder, loaded=loaded, eager_restore=False, on_event=events.append, **kw)
-    engine.start()
-    try:
-        engine.wait_ready(60)
-        results = [engine.submit_future("technical", m, max_tokens=24)[1].result(120)
-                   for m in msgs]
-    finally:
-        engine.shutdown()
-    return results, events
 
 
 @pytest.mark.parametrize("damage", ["missing", "bitflip"])

@@ -70,3 +70,20 @@ def refused(lm, path, ids, check: str, store=None) -> SnapshotCorrupt:
     assert ei.value.check == check, ei.value
     assert "\n" not in str(ei.value)  # one line
     return ei.value
+
+
+def session(folder: Path, loaded, msgs, **kw):
+    """An Engine on `folder` asks technical each of `msgs` (24 tokens each), then shuts down
+    -> (the replies, every event)."""
+    from permeant_tui.engine.worker import Engine
+
+    events: list = []
+    engine = Engine(folder, loaded=loaded, eager_restore=False, on_event=events.append, **kw)
+    engine.start()
+    try:
+        engine.wait_ready(60)
+        results = [engine.submit_future("technical", m, max_tokens=24)[1].result(120)
+                   for m in msgs]
+    finally:
+        engine.shutdown()
+    return results, events
