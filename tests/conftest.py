@@ -79,6 +79,14 @@ def tiny_model(real_model):
     return make_tiny_model(real_model.tokenizer)
 
 
+@pytest.fixture(scope="session")
+def long_ids(real_model) -> list[int]:
+    """Token ids of a conversation long enough for compacted runs of 256 (at least 640)."""
+    from support.compaction import long_ids_of
+
+    return long_ids_of(real_model.tokenizer)
+
+
 def make_tiny_model(tokenizer, seed: int = 0, layers: int = 2):
     from permeant_tui.engine.models import random_llama
 

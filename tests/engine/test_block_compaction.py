@@ -13,97 +13,45 @@ What this file proves, on tiny models with compact runs of 128 or 256 tokens:
               replaces are collected, later turns and a restored cache rewrite nothing of it
   sharing     a fork's big block is stored once and survives the other agent's reset
   rewind      a rewind into a big block never names it again
-  damage      a damaged, truncated, missing or substituted big block is refused in one line
-              naming it; hostile manifests (spans edited, with a valid checksum) are refused
-              by the block check, edits without one by the checksum; spans that are not a
-              list, or not finite, are refused too and never raise anything else (nor break
-              opening the workspace)
   migration   format 4 manifests still load and the next save compacts them
-  crash       a crash between the big block and the manifest leaves the old snapshot, and the
-              orphan is collected
   engine      the product path (Engine, flusher, collector) compacts and restores exactly
+Damage, hostile manifests and a crash mid-save: test_block_compaction_damage.py.
 """
 
 from __future__ import annotations
 
 import json
-import shutil
-from pathlib import Path
 
 import mlx.core as mx
 import numpy as np
 import pytest
-from support.kv_checks import TEXT, blocks_of, built, greedy, logits, refused, restore, session
+from support.compaction import (
+    OTHER,
+    B,
+    C,
+    as_format_4,
+    meta_of,
+    save,
+    spans_of,
+    token_bytes,
+)
+from support.kv_checks import blocks_of, built, greedy, logits, restore, session
 from support.tiny_models import WINDOW, tiny_model
 
-from permeant_tui.engine import kvcache, kvrewind, snapshot_format, snapshot_write
+from permeant_tui.engine import kvcache, kvrewind, snapshot_write
 from permeant_tui.engine.agent import Agent
 from permeant_tui.engine.blockstore import BLOCK_HEADER, HEADER_SIZE, BlockStore
 from permeant_tui.engine.events import AgentRestored
 from permeant_tui.engine.generation import prefill
-from permeant_tui.engine.snapshot import read_header, read_snapshot, write_snapshot
-from permeant_tui.engine.snapshot_format import (
-    BLOCK_TOKENS,
-    FORMAT,
-    FORMAT_V4,
-    MAX_SPAN,
-    block_spans,
-    blocks_on_disk,
-    covered_of,
-)
+from permeant_tui.engine.snapshot import read_snapshot
+from permeant_tui.engine.snapshot_format import FORMAT, block_spans, blocks_on_disk
 from permeant_tui.engine.worker import Engine
 from permeant_tui.engine.workspace import Workspace
-
-B = BLOCK_TOKENS
-C = 256  # compacted block size of most tests here (the product's is 1,024)
-OTHER = "A different continuation about the database pool and its connection limits. " * 12
 
 
 @pytest.fixture(scope="module")
 def tok(real_model):
     return real_model.tokenizer
-
-
-@pytest.fixture(scope="module")
-def long_ids(tok) -> list[int]:
-    ids = tok.encode(TEXT * 2)
-    assert len(ids) >= 640
-    return ids
-
-
-def meta_of(path: Path) -> dict:
-    return read_header(path)["__metadata__"]
-
-
-def spans_of(path: Path) -> list[int]:
-    return json.loads(meta_of(path)["block_spans"])
-
-
-def token_bytes(lm) -> int:
-    """Bytes of one position of every full layer's K and V (float32)."""
-    ident = lm.identity
-    full = sum(1 for w in ident.layer_windows() if not w)
-    return full * 2 * ident.n_kv_heads * ident.head_dim * 4
-
-
-def save(path: Path, cache, ids, lm, store: BlockStore | None = None, agent: str = "technical",
-         compact: int = C):
-    return write_snapshot(path, cache, ids, lm.identity, agent, store, compact_tokens=compact)
-
-
-def rewrite_manifest(path: Path, changes: dict, drop: tuple = (), fix_checksum: bool = True
-                     ) -> None:
-    """Edit the manifest's metadata (tensors unchanged); with `fix_checksum`, recompute its
-    checksum as the writer would, so only the checks after it can refuse the result."""
-    arrays, meta = mx.load(str(path), return_metadata=True)
-    mx.eval(list(arrays.values()))
-    new = {k: v for k, v in {**meta, **changes}.items() if k not in drop}
-    if fix_checksum:
-        n = len(json.loads(meta["layer_meta"]))
-        ordered = [arrays[f"{kv}.{i}"] for i in range(n) for kv in ("k", "v")]
-        new["checksum"] = snapshot_format._tensor_checksum(ordered, covered_of(new))
-    path.unlink()
-    mx.save_safetensors(str(path), arrays, metadata=new)
 
 
 # ---- layout ------------------------------------------------------------------------------------
@@ -290,130 +238,8 @@ def test_rewind_into_a_big_block_writes_it_anew(tmp_path, tiny_model, tok, long_
     assert greedy(lm, back) == greedy(lm, rebuild.cache)
 
 
-# ---- damage ------------------------------------------------------------------------------------------
-@pytest.mark.parametrize("kind,words", [
-    ("bitflip", "checksum"), ("truncated", "truncated"), ("missing", "missing"),
-    ("a 64-token block", "truncated or not this model's"),
-    ("another agent's big block", "header does not describe"),
-])
-def test_a_damaged_big_block_is_refused(tmp_path, tiny_model, tok, long_ids, kind, words):
-    lm = tiny_model
-    ids = long_ids[:600]
-    path = tmp_path / "agents/technical/kv.safetensors"
-    store = BlockStore(tmp_path / "kv-blocks")
-    save(path, built(lm, ids).cache, ids, lm, store)
-    names, spans = blocks_of(path), spans_of(path)
-    assert spans == [256, 256, 64]
-    victim = store.path(names[1])
-    raw = victim.read_bytes()
-    if kind == "bitflip":
-        at = HEADER_SIZE + len(raw) // 2
-        victim.write_bytes(raw[:at] + bytes([raw[at] ^ 0x08]) + raw[at + 1:])
-    elif kind == "truncated":
-        victim.write_bytes(raw[:-1])
-    elif kind == "missing":
-        victim.unlink()
-    elif kind == "a 64-token block":
-        shutil.copyfile(store.path(names[2]), victim)
-    else:
-        other = tok.encode(OTHER * 5)[:600]
-        assert len(other) == 600
-        other_path = tmp_path / "agents/business/kv.safetensors"
-        save(other_path, built(lm, other).cache, other, lm, store, "business")
-        donor = store.path(blocks_of(other_path)[1])
-        assert donor != victim and donor.stat().st_size == len(raw)
-        shutil.copyfile(donor, victim)
-    exc = refused(lm, path, ids, "block", store)
-    assert exc.path == str(victim) and words in exc.detail, exc
-
-
-def test_hostile_spans_with_a_valid_checksum_are_refused(tmp_path, tiny_model, long_ids):
-    lm = tiny_model
-    ids = long_ids[:600]
-    path = tmp_path / "agents/technical/kv.safetensors"
-    store = BlockStore(tmp_path / "kv-blocks")
-    save(path, built(lm, ids).cache, ids, lm, store)
-    good = path.read_bytes()
-    assert spans_of(path) == [256, 256, 64]
-    hostile = {
-        "halved, names unchanged": [128, 128, 128, 128, 64],
-        "same count and sum, names unchanged": [128, 384, 64],
-        "each 128, names unchanged": [128, 128, 128],
-        "not a multiple of 64": [256, 250, 70],
-        "shorter than the names": [256, 256],
-        "longer than the names": [256, 256, 64, 64],
-        "negative": [-64, 576, 64],
-        "zero": [0, 512, 64],
-        "huge": [MAX_SPAN + 64, 256, 64],
-        "sums past the ids": [256, 256, 128],
-        "not whole numbers": [256.0, 256, 64],
-        "booleans": [True, 256, 64],
-    }
-    for what, spans in hostile.items():
-        path.write_bytes(good)
-        rewrite_manifest(path, {"block_spans": json.dumps(spans)})
-        exc = refused(lm, path, ids, "blocks", store)
-        assert str(path) in str(exc), (what, exc)
-    # an edit that leaves the checksum as it was: the checksum covers the spans
-    path.write_bytes(good)
-    rewrite_manifest(path, {"block_spans": "[256,256,64,0]"}, fix_checksum=False)
-    refused(lm, path, ids, "checksum", store)
-    # the original still restores: nothing above touched a block
-    path.write_bytes(good)
-    restore(lm, path, ids, store)
-
-
-@pytest.mark.parametrize("spans", ["null", "5", "{}", '{"a": 1}'])
-def test_spans_that_are_not_a_list_are_refused_not_raised(tmp_path, tiny_model, long_ids,
-                                                          spans):
-    """A manifest whose block_spans is valid JSON but not a list (checksum made to match) must
-    be refused as a snapshot (SnapshotCorrupt, so Workspace._attach rebuilds by prefill), like
-    a `blocks` that is not a list is; any other exception escapes the workspace's restore."""
-    lm = tiny_model
-    ids = long_ids[:600]
-    path = tmp_path / "agents/technical/kv.safetensors"
-    store = BlockStore(tmp_path / "kv-blocks")
-    save(path, built(lm, ids).cache, ids, lm, store)
-    rewrite_manifest(path, {"block_spans": spans})
-    refused(lm, path, ids, "blocks", store)  # SnapshotCorrupt in one line, nothing else
-
-
-def test_a_manifest_with_infinite_spans_does_not_break_workspace_open(tmp_path, tiny_model,
-                                                                      long_ids):
-    """blocks_on_disk gives 0 for metadata it cannot read; Workspace.open relies on it. A span
-    of Infinity (valid for Python's json) must not
-    make opening the workspace raise, and the restore refuses it."""
-    lm = tiny_model
-    ws = Workspace.open(tmp_path / "ws")
-    ids = long_ids[:600]
-    path = ws.snapshot_path("technical")
-    save(path, built(lm, ids).cache, ids, lm, ws.blocks)
-    rewrite_manifest(path, {"block_spans": "[Infinity,256,64]"})
-    refused(lm, path, ids, "blocks", ws.blocks)  # the restore refuses it
-    problems = []
-    try:
-        Workspace.open(tmp_path / "ws")
-    except Exception as exc:  # noqa: BLE001 - any exception is the failure reported
-        problems.append(f"Workspace.open raised {type(exc).__name__}: {exc}")
-    try:
-        size = blocks_on_disk(meta_of(path))
-    except Exception as exc:  # noqa: BLE001
-        problems.append(f"blocks_on_disk raised {type(exc).__name__}: {exc}")
-    else:
-        if size != 0:
-            problems.append(f"blocks_on_disk reported {size} bytes for unreadable spans")
-    assert not problems, "; ".join(problems)
-
 
 # ---- format 4 ----------------------------------------------------------------------------------------
-def as_format_4(path: Path) -> None:
-    """Rewrite a format 5 manifest of 64-token blocks as format 4 wrote it: no block_spans."""
-    assert set(spans_of(path)) <= {B}
-    rewrite_manifest(path, {"format": FORMAT_V4}, drop=("block_spans",))
-    meta = meta_of(path)
-    assert meta["format"] == FORMAT_V4 and "block_spans" not in meta
-
-
 def test_format_4_loads_and_the_next_save_compacts_it(tmp_path, tiny_model, long_ids):
     lm = tiny_model
     ids = long_ids[:600]
@@ -436,37 +262,6 @@ def test_format_4_loads_and_the_next_save_compacts_it(tmp_path, tiny_model, long
     assert np.array_equal(logits(lm, again), logits(lm, live.cache))
     assert greedy(lm, again) == greedy(lm, live.cache)
 
-
-# ---- crash ---------------------------------------------------------------------------------------------
-def test_crash_between_the_big_block_and_the_manifest(tmp_path, tiny_model, long_ids,
-                                                      monkeypatch):
-    lm = tiny_model
-    ws = Workspace.open(tmp_path / "ws")
-    path = ws.snapshot_path("technical")
-    live = built(lm, long_ids[:230])
-    save(path, live.cache, long_ids[:230], lm, ws.blocks)
-    old = blocks_of(path)
-    old_logits = logits(lm, live.cache)
-    prefill(lm.model, live, long_ids[230:300])
-
-    def killed(tmp, target):  # the process dies after the big block, before the rename
-        raise KeyboardInterrupt
-
-    monkeypatch.setattr(snapshot_write, "commit_file", killed)
-    with pytest.raises(KeyboardInterrupt):
-        save(path, live.cache, long_ids[:300], lm, ws.blocks)
-    monkeypatch.undo()
-    assert blocks_of(path) == old and meta_of(path)["tokens"] == "230"
-    orphans = ws.blocks.names() - set(old)
-    assert len(orphans) == 1
-    (orphan,) = orphans
-    assert ws.blocks.size(orphan) == HEADER_SIZE + 256 * token_bytes(lm)  # the big block
-    cache = restore(lm, path, long_ids[:230], ws.blocks)
-    assert np.array_equal(logits(lm, cache), old_logits)
-    assert ws.collect_blocks() == [orphan]
-    assert ws.blocks.names() == set(old)
-    cache = restore(lm, path, long_ids[:230], ws.blocks)
-    assert np.array_equal(logits(lm, cache), old_logits)
 
 
 # ---- through the engine ----------------------------------------------------------------------------
