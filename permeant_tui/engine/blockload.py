@@ -39,6 +39,7 @@ from .blockstore import (
 )
 from .errors import SnapshotCorrupt
 from .readpool import _pool, readers, run_shared
+from .snapshot_format import span_ends
 
 if TYPE_CHECKING:
     import numpy as np
@@ -245,15 +246,16 @@ _NP_NAME = {"mlx.core.float32": "float32", "mlx.core.float16": "float16",
 
 class StreamReader:
     """Allocates every stream's buffer untouched, then reads each block once, scattered
-    straight into the buffers (one preadv per block), and hashes it right after the read."""
+    straight into the buffers (preadv, a few MB a call), and hashes each part right after
+    its read."""
 
     def __init__(self, streams: list[Stream], store: BlockStore, names: list[str],
                  spans: list[int], cut: int, n: int, start: int = 0, rotate: int = 0,
                  donors: Donors | None = None, ring: bool = False):
         """Block j (`names[j]` in `store`, `spans[j]` tokens) fills the `spans[j]` positions
-        after `start` and the blocks before it, in every stream; the streams' heads [0, start) and tails [cut, n) come from the
-        manifest; rows after n are left as they are (free room, never read before a turn
-        writes it). With `rotate` (a sliding layer's ring, capacity n): position p goes to row
+        after `start` and the blocks before it, in every stream; the streams' heads [0, start)
+        and tails [cut, n) come from the manifest; rows after n are left as they are (free
+        room, never read before a turn writes it). With `rotate` (a sliding layer's ring, capacity n): position p goes to row
         (p + rotate) % n, the layout mlx-lm's RotatingKVCache keeps, so the ring is attached
         without reordering it. `donors`: buffers to read into where they fit (Donors); `ring`:
         the streams are sliding layers' rings, whose capacity is their window, never larger."""
@@ -264,7 +266,8 @@ class StreamReader:
             raise ValueError("a rotated stream has no free room")
         if len(self.spans) != len(names) or start + sum(self.spans) != cut:
             raise ValueError("the blocks do not cover the positions before the tail")
-        self.starts = [start + e - s for s, e in zip(self.spans, _ends(self.spans), strict=True)]
+        self.starts = [start + e - s for s, e in zip(self.spans, span_ends(self.spans),
+                                                      strict=True)]
         # bytes of one position of every stream: block j's payload is spans[j] of them
         self.token_bytes = sum(st.heads * st.row * st.dtype.itemsize for st in streams)
         self.digests: list[bytes] = []
@@ -384,14 +387,6 @@ def _groups(parts: list):
         size += len(p)
     if group:
         yield group
-
-
-def _ends(spans: list[int]) -> list[int]:
-    out, end = [], 0
-    for s in spans:
-        end += s
-        out.append(end)
-    return out
 
 
 def _fault_in(spans: list[tuple[int, int]]) -> None:

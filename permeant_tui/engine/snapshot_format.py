@@ -92,8 +92,8 @@ def covered_of(meta: dict) -> str:
 def block_spans(cut: int, block_tokens: int, compact: int = COMPACT_TOKENS) -> list[int]:
     """Token counts of the blocks a save of `cut` block positions writes (format 5): whole runs
     of `compact` tokens from the start, then B-token blocks (`compact` 0, or not a larger
-    multiple of B: B-token blocks only)."""
-    big = compact if compact > block_tokens and compact % block_tokens == 0 else 0
+    multiple of B within MAX_SPAN, which a restore refuses past: B-token blocks only)."""
+    big = compact if block_tokens < compact <= MAX_SPAN and compact % block_tokens == 0 else 0
     n_big = cut // big if big else 0
     return [big] * n_big + [block_tokens] * ((cut - n_big * big) // block_tokens)
 
